@@ -1,0 +1,186 @@
+"""The R-LoRA layer. The method's math (spec sections 1-3) lives here and nowhere else."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from torch.nn import functional as F
+
+from .config import RLoraConfig
+
+MERGE_REFUSAL = (
+    "R-LoRA adapters cannot be merged into the base weights: each token mixes the heads B_i with its own "
+    "router gates g(x) = softmax(W_g x), so the update sum_i g_i(x) B_i A x is not one fixed matrix. "
+    "Run the model with the adapter attached (PeftModel.from_pretrained after `import rlora_plugin`), "
+    "or call unload() to get the unchanged base model back."
+)
+
+
+def layer_seed(init_seed: int, layer_name: str) -> int:
+    """A seed per layer from the config seed and the module name, identical on every rank and run."""
+    digest = hashlib.sha256(f"{init_seed}:{layer_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def initial_weights(
+    config: RLoraConfig, in_features: int, out_features: int, layer_name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw `A (r, d_in)`, `B_cat (d_out, N*r)` and the router `W_g (N, d_in)` in fp32.
+
+    Only the layer's sizes are read, never the base weight: under ZeRO-3 it is an empty partition.
+    """
+    gen = torch.Generator().manual_seed(layer_seed(config.init_seed, layer_name))
+    r, heads = config.r, config.num_heads
+    if config.init == "random":  # spec section 2, scaling from LoRA-GA
+        scale = out_features**0.25 / math.sqrt(config.init_gamma)
+        lora_a = torch.randn(r, in_features, generator=gen) * (scale / math.sqrt(in_features))
+        lora_b = torch.randn(out_features, heads * r, generator=gen) * (scale / math.sqrt(out_features))
+    else:  # HydraLoRA / LoRA
+        lora_a = nn.init.kaiming_uniform_(torch.empty(r, in_features), a=math.sqrt(5), generator=gen)
+        lora_b = torch.zeros(out_features, heads * r)
+    router = torch.zeros(heads, in_features)
+    if config.router_init == "kaiming":
+        nn.init.kaiming_uniform_(router, a=math.sqrt(5), generator=gen)
+    return lora_a, lora_b, router
+
+
+class RLoraLayer(BaseTunerLayer):
+    """Per adapter: a shared down-projection `rlora_A (r, d_in)`, the heads side by side in
+    `rlora_B (d_out, N*r)` (head i is columns `i*r:(i+1)*r`), the router `rlora_router (N, d_in)`, and
+    with `init="random"` the frozen offset path `rlora_offset_A (r, d_in)`, `rlora_offset_B (d_out, r)`
+    that subtracts the initial adapter output (saved with the adapter, so reloads stay exact).
+    """
+
+    adapter_layer_names = ("rlora_A", "rlora_B", "rlora_router")
+    other_param_names = (
+        "rlora_offset_A",
+        "rlora_offset_B",
+        "rlora_dropout",
+        "r",
+        "num_heads",
+        "scaling",
+        "router_temperature",
+        "head_dropout",
+    )
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.num_heads: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.router_temperature: dict[str, float] = {}
+        self.head_dropout: dict[str, str] = {}
+        self.rlora_dropout = nn.ModuleDict({})
+        self.rlora_A = nn.ParameterDict({})
+        self.rlora_B = nn.ParameterDict({})
+        self.rlora_router = nn.ParameterDict({})
+        self.rlora_offset_A = BufferDict({}, persistent=True)
+        self.rlora_offset_B = BufferDict({}, persistent=True)
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def update_layer(self, adapter_name: str, config: RLoraConfig, layer_name: str) -> None:
+        r, heads = config.r, config.num_heads
+        self.r[adapter_name] = r
+        self.num_heads[adapter_name] = heads
+        self.scaling[adapter_name] = config.lora_alpha / (math.sqrt(r) if config.use_rslora else r)
+        self.router_temperature[adapter_name] = config.router_temperature
+        self.head_dropout[adapter_name] = config.head_dropout
+        dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.rlora_dropout[adapter_name] = dropout
+
+        lora_a, lora_b, router = initial_weights(config, self.in_features, self.out_features, layer_name)
+        self.rlora_A[adapter_name] = nn.Parameter(lora_a)
+        self.rlora_B[adapter_name] = nn.Parameter(lora_b)
+        self.rlora_router[adapter_name] = nn.Parameter(router)
+        if config.init == "random":
+            # offset(x) = s * mean_i(B_i^0) A^0 x equals the adapter output at step 0 for a uniform router.
+            self.rlora_offset_A[adapter_name] = lora_a.clone()
+            self.rlora_offset_B[adapter_name] = lora_b.view(self.out_features, heads, r).mean(dim=1)
+
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def routed_update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """`s * sum_i g_i(x) B_i drop_i(A x) - offset(x)` in two matmuls, with no loop over heads."""
+        lora_a = self.rlora_A[adapter]
+        x = self._cast_input_dtype(x, lora_a.dtype)
+        r, heads, scaling = self.r[adapter], self.num_heads[adapter], self.scaling[adapter]
+        has_offset = adapter in self.rlora_offset_A
+
+        # [h ; logits ; h0] = [A ; W_g ; A0] x: the rank-r features, router logits and offset features at once.
+        down = [lora_a, self.rlora_router[adapter]]
+        if has_offset:
+            down.append(self.rlora_offset_A[adapter])
+        projected = F.linear(x, torch.cat(down))
+        features, logits = projected[..., :r], projected[..., r : r + heads]
+        gates = torch.softmax(logits.float() / self.router_temperature[adapter], dim=-1)
+        gates = gates.to(features.dtype) * scaling
+
+        dropout = self.rlora_dropout[adapter]
+        if self.head_dropout[adapter] == "shared":
+            features = dropout(features)
+        mixed = gates.unsqueeze(-1) * features.unsqueeze(-2)  # (..., N, r): s * g_i * h for every head
+        if self.head_dropout[adapter] == "per_head":
+            mixed = dropout(mixed)  # an independent mask for each head
+        mixed = mixed.flatten(-2)
+
+        up = self.rlora_B[adapter]
+        if has_offset:
+            mixed = torch.cat([mixed, projected[..., r + heads :] * -scaling], dim=-1)
+            up = torch.cat([up, self.rlora_offset_B[adapter]], dim=-1)
+        return F.linear(mixed, up)
+
+
+class RLoraLinear(nn.Module, RLoraLayer):
+    """An `nn.Linear` with R-LoRA adapters: `y = W0 x + b + routed_update(x)`."""
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: RLoraConfig, layer_name: str
+    ) -> None:
+        super().__init__()
+        RLoraLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, layer_name)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for adapter in self.active_adapters:
+            if adapter in self.rlora_A:
+                result = result + self.routed_update(x, adapter).to(result.dtype)
+        return result
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise ValueError(MERGE_REFUSAL)
+
+    def unmerge(self) -> None:
+        raise ValueError(MERGE_REFUSAL)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        """Refuse an adapter trained on a base model of other shapes, with a message instead of torch's."""
+        for name in ("rlora_A", "rlora_B", "rlora_router", "rlora_offset_A", "rlora_offset_B"):
+            for adapter, tensor in getattr(self, name).items():
+                saved = state_dict.get(f"{prefix}{name}.{adapter}")
+                if saved is not None and saved.shape != tensor.shape:
+                    raise ValueError(
+                        f"Cannot load R-LoRA adapter '{adapter}' into '{prefix.rstrip('.')}': its `{name}` has "
+                        f"shape {tuple(saved.shape)}, but this base model's layer (in_features="
+                        f"{self.in_features}, out_features={self.out_features}) with r={self.r[adapter]}, "
+                        f"num_heads={self.num_heads[adapter]} needs {tuple(tensor.shape)}. Load the adapter "
+                        "onto the base model it was trained on."
+                    )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "rlora." + super().__repr__()

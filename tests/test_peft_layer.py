@@ -1,0 +1,284 @@
+"""The R-LoRA layer against the spec: exact at init, equal to a per-head reference, dropout, gradients, init."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import (
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from rlora_plugin import RLoraConfig, RLoraLinear
+
+MLP = ["gate_proj", "up_proj", "down_proj"]
+SIZES = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **SIZES)).eval()
+
+
+def tokens(batch: int = 2, length: int = 9, seed: int = 1) -> torch.Tensor:
+    return torch.randint(
+        0, SIZES["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def adapted_layers(model: nn.Module) -> list[RLoraLinear]:
+    return [m for m in model.modules() if isinstance(m, RLoraLinear)]
+
+
+class FixedMask(nn.Module):
+    """Stands in for the layer's dropout module so a test knows the masks."""
+
+    def __init__(self, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.mask = mask
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return t * self.mask
+
+
+def reference_update(layer: RLoraLinear, x: torch.Tensor, head_masks: list[torch.Tensor] | None = None):
+    """The method written out head by head, as in spec section 1."""
+    a = layer.rlora_A["default"]
+    n, r, s = layer.num_heads["default"], layer.r["default"], layer.scaling["default"]
+    heads = layer.rlora_B["default"].view(layer.out_features, n, r)
+    h = x @ a.T
+    gates = torch.softmax((x @ layer.rlora_router["default"].T) / layer.router_temperature["default"], dim=-1)
+    out = torch.zeros(*x.shape[:-1], layer.out_features)
+    for i in range(n):
+        h_i = h if head_masks is None else h * head_masks[i]
+        out = out + gates[..., i : i + 1] * (h_i @ heads[:, i, :].T)
+    out = s * out
+    if "default" in layer.rlora_offset_A:
+        out = out - s * (x @ layer.rlora_offset_A["default"].T) @ layer.rlora_offset_B["default"].T
+    return out
+
+
+def perturb(model: nn.Module, seed: int = 3) -> None:
+    """Move every trainable adapter weight away from its initial value, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+
+
+@pytest.mark.parametrize("init", ["random", "zero"])
+@pytest.mark.parametrize("num_heads", [1, 3, 5])
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_adapted_model_equals_base_at_init(init, num_heads, use_rslora):
+    base = tiny_llama()
+    ids = tokens()
+    expected = base(ids).logits
+    config = RLoraConfig(target_modules=MLP, init=init, num_heads=num_heads, use_rslora=use_rslora, r=4)
+    model = get_peft_model(base, config).eval()
+    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-5)
+    update = adapted_layers(model)[0].routed_update(torch.randn(3, 32), "default")
+    if init == "random":  # the heads are live; only the offset path cancels them
+        assert adapted_layers(model)[0].rlora_B["default"].abs().sum() > 0
+    assert update.abs().max() < 1e-6
+
+
+def test_equal_at_init_with_layers_to_transform():
+    base = tiny_llama()
+    ids = tokens()
+    expected = base(ids).logits
+    config = RLoraConfig(target_modules=MLP, layers_to_transform=[1], layers_pattern="layers")
+    model = get_peft_model(base, config).eval()
+    names = [n for n, m in model.named_modules() if isinstance(m, RLoraLinear)]
+    assert names and all(".layers.1." in n for n in names)
+    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-5)
+
+
+ARCHITECTURES = {
+    "llama": lambda: LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **SIZES)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, **SIZES)),
+    "mistral": lambda: MistralForCausalLM(MistralConfig(num_key_value_heads=2, **SIZES)),
+    "gpt_neox": lambda: GPTNeoXForCausalLM(
+        GPTNeoXConfig(
+            vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_architectures_all_linear(arch):
+    torch.manual_seed(0)
+    base = ARCHITECTURES[arch]().eval()
+    ids = tokens()
+    expected = base(ids).logits
+    model = get_peft_model(base, RLoraConfig(target_modules="all-linear"))
+    layers = adapted_layers(model)
+    linear_count = sum(isinstance(m, nn.Linear) for m in base.modules()) - 1  # all but the output layer
+    assert len(layers) == linear_count
+    model.eval()
+    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-5)
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert all(layer.rlora_B["default"].grad is not None for layer in layers)
+
+
+@pytest.mark.parametrize("head_dropout", ["per_head", "shared"])
+@pytest.mark.parametrize("router_init", ["zero", "kaiming"])
+def test_fused_layer_equals_per_head_reference(head_dropout, router_init):
+    config = RLoraConfig(
+        target_modules=MLP,
+        num_heads=4,
+        r=3,
+        head_dropout=head_dropout,
+        router_init=router_init,
+        router_temperature=0.7,
+        lora_dropout=0.3,
+    )
+    model = get_peft_model(tiny_llama(), config)
+    perturb(model)
+    layer = adapted_layers(model)[0]
+    x = torch.randn(2, 5, layer.in_features)
+    layer.eval()
+    torch.testing.assert_close(layer.routed_update(x, "default"), reference_update(layer, x))
+
+    layer.train()
+    keep = torch.rand(2, 5, 4, 3, generator=torch.Generator().manual_seed(7)) > 0.3
+    masks = keep.float() / 0.7
+    if head_dropout == "shared":
+        masks = masks[..., 0, :]  # one mask of shape (..., r), for all heads
+        layer.rlora_dropout["default"] = FixedMask(masks)
+        head_masks = [masks] * 4
+    else:
+        layer.rlora_dropout["default"] = FixedMask(masks)
+        head_masks = [masks[..., i, :] for i in range(4)]
+    torch.testing.assert_close(layer.routed_update(x, "default"), reference_update(layer, x, head_masks))
+
+
+def dropped_features(layer: RLoraLinear, x: torch.Tensor) -> torch.Tensor:
+    """What the dropout module let through, captured from the real nn.Dropout during a training forward."""
+    seen = []
+    handle = layer.rlora_dropout["default"].register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    layer.train()
+    layer.routed_update(x, "default")
+    handle.remove()
+    return seen[0]
+
+
+def test_per_head_masks_are_independent():
+    model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP, num_heads=4, lora_dropout=0.5))
+    layer = adapted_layers(model)[0]
+    kept = dropped_features(layer, torch.randn(512, layer.in_features)) != 0  # (tokens, heads, r)
+    assert kept.shape == (512, 4, 8)
+    assert abs(kept.float().mean().item() - 0.5) < 0.03
+    for i in range(1, 4):  # independent masks agree on about half the entries, identical ones on all
+        agreement = (kept[:, 0] == kept[:, i]).float().mean().item()
+        assert abs(agreement - 0.5) < 0.03
+
+
+def test_shared_dropout_uses_one_mask():
+    config = RLoraConfig(target_modules=MLP, num_heads=4, lora_dropout=0.5, head_dropout="shared")
+    layer = adapted_layers(get_peft_model(tiny_llama(), config))[0]
+    x = torch.randn(512, layer.in_features)
+    kept = dropped_features(layer, x) != 0
+    assert kept.shape == (512, 8)  # dropout acts on h before the heads: one mask serves all of them
+    assert abs(kept.float().mean().item() - 0.5) < 0.03
+
+
+def test_no_dropout_in_eval_mode():
+    model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP, lora_dropout=0.5))
+    perturb(model)
+    layer = adapted_layers(model)[0].eval()
+    x = torch.randn(4, layer.in_features)
+    torch.testing.assert_close(layer.routed_update(x, "default"), layer.routed_update(x, "default"))
+    torch.testing.assert_close(layer.routed_update(x, "default"), reference_update(layer, x))
+
+
+def test_gradients_reach_adapter_not_base():
+    model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP, num_heads=3))
+    model.train()
+    ids = tokens()
+    model(ids, labels=ids).loss.backward()
+    for layer in adapted_layers(model):
+        grad_b = layer.rlora_B["default"].grad.view(layer.out_features, 3, -1)
+        assert layer.rlora_A["default"].grad.abs().sum() > 0
+        assert all(grad_b[:, i].abs().sum() > 0 for i in range(3))
+        assert layer.rlora_router["default"].grad.abs().sum() > 0
+        assert layer.base_layer.weight.grad is None and not layer.base_layer.weight.requires_grad
+        assert not layer.rlora_offset_A["default"].requires_grad
+    assert all(p.grad is None for n, p in model.named_parameters() if "rlora_" not in n)
+
+
+def head_blocks(layer: RLoraLinear) -> torch.Tensor:
+    return layer.rlora_B["default"].detach().view(layer.out_features, layer.num_heads["default"], -1)
+
+
+def test_init_is_deterministic_per_seed_and_different_across_heads():
+    def build(seed):
+        return adapted_layers(get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP, init_seed=seed)))
+
+    first, again, other = build(0), build(0), build(1)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a.rlora_A["default"], b.rlora_A["default"])
+        assert torch.equal(a.rlora_B["default"], b.rlora_B["default"])
+    assert not torch.equal(first[0].rlora_B["default"], other[0].rlora_B["default"])
+    assert not torch.equal(first[0].rlora_A["default"], first[1].rlora_A["default"])  # per layer, too
+    heads = head_blocks(first[0]).permute(1, 0, 2).flatten(1)
+    cosine = torch.nn.functional.cosine_similarity(heads[:, None], heads[None, :], dim=-1)
+    off_diagonal = cosine[~torch.eye(len(heads), dtype=torch.bool)]
+    assert off_diagonal.abs().max() < 0.3  # independent draws, not copies
+
+
+def test_random_init_scale_follows_spec():
+    config = RLoraConfig(target_modules=["down_proj"], r=16, num_heads=10, init_gamma=16)
+    layer = adapted_layers(get_peft_model(tiny_llama(), config))[0]  # down_proj: 48 -> 32
+    scale = 32**0.25 / 16**0.5
+    assert layer.rlora_A["default"].std().item() == pytest.approx(scale / 48**0.5, rel=0.1)
+    assert layer.rlora_B["default"].std().item() == pytest.approx(scale / 32**0.5, rel=0.1)
+    assert torch.equal(layer.rlora_router["default"], torch.zeros(10, 48))
+
+
+def test_one_zero_head_is_plain_lora():
+    ids = tokens()
+    rlora = get_peft_model(
+        tiny_llama(), RLoraConfig(target_modules=MLP, num_heads=1, init="zero", r=4)
+    ).eval()
+    lora = get_peft_model(tiny_llama(), LoraConfig(target_modules=MLP, r=4, lora_alpha=16)).eval()
+    perturb(rlora)
+    for ours, theirs in zip(
+        adapted_layers(rlora), [m for m in lora.modules() if hasattr(m, "lora_A")], strict=True
+    ):
+        theirs.lora_A["default"].weight.data.copy_(ours.rlora_A["default"])
+        theirs.lora_B["default"].weight.data.copy_(ours.rlora_B["default"])
+    torch.testing.assert_close(rlora(ids).logits, lora(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_router_temperature_sharpens_gates():
+    config = RLoraConfig(target_modules=MLP, router_init="kaiming", router_temperature=0.05)
+    layer = adapted_layers(get_peft_model(tiny_llama(), config))[0].eval()
+    x = torch.randn(4, 32)
+    cold = layer.routed_update(x, "default")
+    torch.testing.assert_close(cold, reference_update(layer, x))
+    layer.router_temperature["default"] = 1.0
+    assert not torch.allclose(cold, layer.routed_update(x, "default"))
+
+
+def test_training_steps_lower_the_loss():
+    model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP, lora_alpha=32))
+    model.train()
+    ids = tokens(batch=4, length=16)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=ids).loss
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < losses[0] - 0.05

@@ -1,0 +1,198 @@
+"""What PEFT users rely on, for the RLORA type: registration, save and reload, adapters, generate, dtypes."""
+
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM, PeftModel, PeftType, get_peft_model
+from safetensors.torch import load_file
+from test_peft_layer import MLP, adapted_layers, perturb, tiny_llama, tokens
+
+import rlora_plugin
+from rlora_plugin import RLoraConfig
+
+
+def trained_model(**config):
+    model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP, **config))
+    perturb(model)
+    return model.eval()
+
+
+def test_registration_is_idempotent():
+    importlib.reload(rlora_plugin.registration).register_rlora()
+    rlora_plugin.registration.register_rlora()
+    assert PeftType("RLORA") is PeftType.RLORA
+    assert list(PeftType).count(PeftType.RLORA) == 1
+    assert PeftType.RLORA == "RLORA"
+
+
+def test_loading_without_import_fails_and_with_import_works(tmp_path):
+    trained_model().save_pretrained(tmp_path)
+    tiny_llama().save_pretrained(tmp_path / "base")
+    script = (
+        "import sys; from transformers import AutoModelForCausalLM; from peft import PeftModel\n"
+        f"base = AutoModelForCausalLM.from_pretrained(r'{tmp_path / 'base'}')\n"
+        "if len(sys.argv) > 1: import rlora_plugin\n"
+        f"PeftModel.from_pretrained(base, r'{tmp_path}')\n"
+    )
+    without = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert without.returncode != 0 and "RLORA" in without.stderr
+    with_import = subprocess.run([sys.executable, "-c", script, "import"], capture_output=True, text=True)
+    assert with_import.returncode == 0, with_import.stderr
+
+
+def test_save_writes_a_normal_peft_adapter(tmp_path):
+    model = trained_model(num_heads=3, r=4, init_seed=11, use_rslora=True)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "RLORA"
+    expected = {
+        "r": 4,
+        "num_heads": 3,
+        "init": "random",
+        "head_dropout": "per_head",
+        "init_gamma": 64.0,
+        "router_init": "zero",
+        "router_temperature": 1.0,
+        "use_rslora": True,
+        "init_seed": 11,
+        "lora_alpha": 16,
+        "lora_dropout": 0.1,
+        "layers_to_transform": None,
+        "modules_to_save": None,
+    }
+    assert {k: config[k] for k in expected} == expected
+    assert sorted(config["target_modules"]) == sorted(MLP)
+    weights = load_file(tmp_path / "adapter_model.safetensors")
+    gate = "base_model.model.model.layers.0.mlp.gate_proj."
+    assert {k.removeprefix(gate): tuple(v.shape) for k, v in weights.items() if k.startswith(gate)} == {
+        "rlora_A": (4, 32),
+        "rlora_B": (48, 12),
+        "rlora_router": (3, 32),
+        "rlora_offset_A": (4, 32),
+        "rlora_offset_B": (48, 4),
+    }
+    assert len(weights) == 2 * 3 * 5
+
+
+def test_reload_reproduces_outputs_bit_for_bit(tmp_path):
+    model = trained_model()
+    ids = tokens()
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    # The offset path must come from the file, not be drawn again from the seed: change the seed.
+    config_file = tmp_path / "adapter_config.json"
+    config_file.write_text(config_file.read_text().replace('"init_seed": 0', '"init_seed": 99'))
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert torch.equal(reloaded(ids).logits, expected)
+    for ours, theirs in zip(adapted_layers(model), adapted_layers(reloaded), strict=True):
+        assert torch.equal(ours.rlora_offset_B["default"], theirs.rlora_offset_B["default"])
+
+
+def test_reload_is_frozen_unless_trainable(tmp_path):
+    trained_model().save_pretrained(tmp_path)
+    frozen = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert not any(p.requires_grad for p in frozen.parameters())
+    trainable = PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    names = {n.split(".")[-2] for n, p in trainable.named_parameters() if p.requires_grad}
+    assert names == {"rlora_A", "rlora_B", "rlora_router"}
+
+
+def test_auto_peft_model_loads_from_the_adapter_dir(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    base = type(tiny_llama()).from_pretrained(tmp_path / "base")
+    model = get_peft_model(base, RLoraConfig(target_modules=MLP))
+    perturb(model)
+    model.eval()
+    ids = tokens()
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+    assert torch.equal(loaded(ids).logits, expected)
+
+
+def test_disable_adapter_gives_the_base_model():
+    ids = tokens()
+    expected = tiny_llama()(ids).logits
+    model = trained_model()
+    assert not torch.allclose(model(ids).logits, expected)
+    with model.disable_adapter():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+    assert not torch.allclose(model(ids).logits, expected)
+
+
+def test_several_named_adapters(tmp_path):
+    ids = tokens()
+    model = trained_model()
+    model.add_adapter("second", RLoraConfig(target_modules=MLP, num_heads=2, init_seed=5))
+    model.eval()  # the new adapter's dropout modules are created in training mode, as in PEFT's LoRA
+    second_params = [n for n, p in model.named_parameters() if ".second" in n]
+    assert second_params and not any(p.requires_grad for n, p in model.named_parameters() if ".second" in n)
+    default_out = model(ids).logits
+    model.set_adapter("second")
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".second" in n)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".default" in n)
+    torch.testing.assert_close(
+        model(ids).logits, tiny_llama()(ids).logits, rtol=0, atol=1e-5
+    )  # still at init
+    model.set_adapter("default")
+    assert torch.equal(model(ids).logits, default_out)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "second" / "adapter_model.safetensors").exists()
+    model.delete_adapter("second")
+    assert not any(".second" in n for n, _ in model.named_parameters())
+
+
+def test_generate():
+    model = trained_model()
+    out = model.generate(input_ids=tokens(batch=1, length=4), max_new_tokens=5, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    def grads(checkpointing: bool):
+        model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP, lora_dropout=0.0))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        ids = tokens()
+        model(ids, labels=ids).loss.backward()
+        return [p.grad for p in model.parameters() if p.requires_grad]
+
+    plain, checkpointed = grads(False), grads(True)
+    for a, b in zip(plain, checkpointed, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_bf16_base_gets_fp32_adapter():
+    base = tiny_llama().to(torch.bfloat16)
+    ids = tokens()
+    expected = base(ids).logits
+    model = get_peft_model(base, RLoraConfig(target_modules=MLP))
+    layer = adapted_layers(model)[0]
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    assert {p.dtype for n, p in model.named_parameters() if "rlora_" in n} == {torch.float32}
+    assert layer.rlora_offset_B["default"].dtype == torch.float32
+    model.eval()
+    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-2)
+    model.train()
+    loss = model(ids, labels=ids).loss
+    assert loss.dtype == torch.float32 or loss.dtype == torch.bfloat16
+    loss.backward()
+    assert layer.rlora_B["default"].grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("call", ["merge_and_unload", "merge_adapter"])
+def test_merge_is_refused_with_the_reason(call):
+    model = trained_model()
+    with pytest.raises(ValueError, match="cannot be merged.*router gates"):
+        getattr(model, call)()
+
+
+def test_unload_returns_the_base_model():
+    ids = tokens()
+    base = trained_model().unload()
+    torch.testing.assert_close(base(ids).logits, tiny_llama()(ids).logits, rtol=0, atol=0)
