@@ -31,9 +31,7 @@ class RLoraConfig(PeftConfig):
         default=0.1,
         metadata={"help": "Dropout rate on the rank-r features A x, in [0, 1). 0 turns dropout off."},
     )
-    num_heads: int = field(
-        default=5, metadata={"help": "Number of up-projection heads B_i mixed by the router."}
-    )
+    num_heads: int = field(default=5, metadata={"help": "Number of up-projection heads B_i mixed by the router."})
     head_dropout: Literal["per_head", "shared"] = field(
         default="per_head",
         metadata={
@@ -51,9 +49,7 @@ class RLoraConfig(PeftConfig):
     )
     init_gamma: float = field(
         default=64.0,
-        metadata={
-            "help": "gamma of the random init: weights scale as d_out^(1/4) / sqrt(gamma). Must be > 0."
-        },
+        metadata={"help": "gamma of the random init: weights scale as d_out^(1/4) / sqrt(gamma). Must be > 0."},
     )
     router_init: Literal["zero", "kaiming"] = field(
         default="zero",
@@ -90,9 +86,7 @@ class RLoraConfig(PeftConfig):
     )
     layers_pattern: list[str] | str | None = field(
         default=None,
-        metadata={
-            "help": "Name of the nn.ModuleList holding the layers (e.g. 'layers'), with layers_to_transform."
-        },
+        metadata={"help": "Name of the nn.ModuleList holding the layers (e.g. 'layers'), with layers_to_transform."},
     )
     modules_to_save: list[str] | None = field(
         default=None,
@@ -130,8 +124,6 @@ class RLoraConfig(PeftConfig):
             if getattr(self, key) not in allowed:
                 refuse(key, f"choose one of {', '.join(repr(a) for a in allowed)}.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            refuse(
-                "layers_to_transform", "it cannot be combined with a regex `target_modules`; list the names."
-            )
+            refuse("layers_to_transform", "it cannot be combined with a regex `target_modules`; list the names.")
         if self.layers_pattern and self.layers_to_transform is None:
             refuse("layers_pattern", "it only applies together with `layers_to_transform`.")

@@ -144,9 +144,7 @@ class RLoraLayer(BaseTunerLayer):
 class RLoraLinear(nn.Module, RLoraLayer):
     """An `nn.Linear` with R-LoRA adapters: `y = W0 x + b + routed_update(x)`."""
 
-    def __init__(
-        self, base_layer: nn.Module, adapter_name: str, config: RLoraConfig, layer_name: str
-    ) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: RLoraConfig, layer_name: str) -> None:
         super().__init__()
         RLoraLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name

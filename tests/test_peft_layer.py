@@ -27,9 +27,7 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 
 
 def tokens(batch: int = 2, length: int = 9, seed: int = 1) -> torch.Tensor:
-    return torch.randint(
-        0, SIZES["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed)
-    )
+    return torch.randint(0, SIZES["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def adapted_layers(model: nn.Module) -> list[RLoraLinear]:
@@ -105,9 +103,7 @@ ARCHITECTURES = {
     "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(num_key_value_heads=2, **SIZES)),
     "mistral": lambda: MistralForCausalLM(MistralConfig(num_key_value_heads=2, **SIZES)),
     "gpt_neox": lambda: GPTNeoXForCausalLM(
-        GPTNeoXConfig(
-            vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4
-        )
+        GPTNeoXConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
     ),
 }
 
@@ -246,14 +242,10 @@ def test_random_init_scale_follows_spec():
 
 def test_one_zero_head_is_plain_lora():
     ids = tokens()
-    rlora = get_peft_model(
-        tiny_llama(), RLoraConfig(target_modules=MLP, num_heads=1, init="zero", r=4)
-    ).eval()
+    rlora = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP, num_heads=1, init="zero", r=4)).eval()
     lora = get_peft_model(tiny_llama(), LoraConfig(target_modules=MLP, r=4, lora_alpha=16)).eval()
     perturb(rlora)
-    for ours, theirs in zip(
-        adapted_layers(rlora), [m for m in lora.modules() if hasattr(m, "lora_A")], strict=True
-    ):
+    for ours, theirs in zip(adapted_layers(rlora), [m for m in lora.modules() if hasattr(m, "lora_A")], strict=True):
         theirs.lora_A["default"].weight.data.copy_(ours.rlora_A["default"])
         theirs.lora_B["default"].weight.data.copy_(ours.rlora_B["default"])
     torch.testing.assert_close(rlora(ids).logits, lora(ids).logits, rtol=1e-6, atol=1e-6)

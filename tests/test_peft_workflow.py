@@ -135,9 +135,7 @@ def test_several_named_adapters(tmp_path):
     model.set_adapter("second")
     assert all(p.requires_grad for n, p in model.named_parameters() if ".second" in n)
     assert not any(p.requires_grad for n, p in model.named_parameters() if ".default" in n)
-    torch.testing.assert_close(
-        model(ids).logits, tiny_llama()(ids).logits, rtol=0, atol=1e-5
-    )  # still at init
+    torch.testing.assert_close(model(ids).logits, tiny_llama()(ids).logits, rtol=0, atol=1e-5)  # still at init
     model.set_adapter("default")
     assert torch.equal(model(ids).logits, default_out)
     model.save_pretrained(tmp_path)

@@ -1,0 +1,1 @@
+"""Axolotl integration: `plugins: [rlora_plugin.RLoraPlugin]` and `adapter: rlora`."""

@@ -1,0 +1,259 @@
+"""Config schema of the R-LoRA Axolotl plugin, merged into Axolotl's config model.
+
+Standard Axolotl keys keep their Axolotl meaning and are not redeclared here: `lora_r`, `lora_alpha`,
+`lora_dropout` (Axolotl's default is 0.0, so set 0.1 for the paper's setting), `lora_target_modules`,
+`lora_target_linear`, `lora_modules_to_save`, `peft_layers_to_transform`, `peft_layers_pattern`,
+`peft_use_rslora` and `lora_model_dir`. Only R-LoRA's own settings live in the nested `rlora:` block.
+
+Everything is checked when Axolotl validates the config (`load_cfg` -> `validate_config`, the first thing
+`axolotl train/preprocess/inference/merge-lora` do), before any dataset or model is loaded: options R-LoRA
+cannot honour are refused, and the values go through `RLoraConfig`'s own validation.
+
+Axolotl's fused LoRA kernels (`lora_mlp_kernel`, `lora_qkv_kernel`, `lora_o_kernel`,
+`lora_embedding_kernel`) are auto-enabled by Axolotl only for `adapter: lora/qlora`, so an rlora run never
+gets them; setting one to true explicitly is refused (they compute plain LoRA and would skip the router).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ADAPTER_NAME = "rlora"
+
+# RLoraConfig field -> the Axolotl config key it comes from (for error messages).
+AXOLOTL_KEY = {
+    "r": "lora_r",
+    "lora_alpha": "lora_alpha",
+    "lora_dropout": "lora_dropout",
+    "use_rslora": "peft_use_rslora",
+    "target_modules": "lora_target_modules",
+    "exclude_modules": "lora_exclude_modules",
+    "layers_to_transform": "peft_layers_to_transform",
+    "layers_pattern": "peft_layers_pattern",
+    "modules_to_save": "lora_modules_to_save",
+    "num_heads": "rlora.num_heads",
+    "init": "rlora.init",
+    "init_gamma": "rlora.init_gamma",
+    "head_dropout": "rlora.head_dropout",
+    "router_init": "rlora.router_init",
+    "router_temperature": "rlora.router_temperature",
+    "init_seed": "rlora.init_seed",
+}
+
+_MERGE_WHY = "R-LoRA's router mixes its heads per token, so the adapter cannot be merged into the base weights"
+_MERGE_FIX = (
+    "remove `merge_lora` (and do not run `axolotl merge-lora` on an R-LoRA adapter); serve it unmerged with "
+    "`axolotl inference` and `lora_model_dir`, or with `import rlora_plugin` + `PeftModel.from_pretrained`"
+)
+_QUANT_WHY = (
+    "Axolotl builds the bitsandbytes quantization config only for `adapter: lora/qlora`, so the base "
+    "model would silently load unquantized"
+)
+
+# key -> (why, fix) for options that are refused when set to a truthy value with `adapter: rlora`.
+REFUSED = {
+    "merge_lora": (_MERGE_WHY, _MERGE_FIX),
+    "load_in_4bit": (_QUANT_WHY, "set `load_in_4bit: false` and train on a full-precision base"),
+    "load_in_8bit": (_QUANT_WHY, "set `load_in_8bit: false` and train on a full-precision base"),
+    "gptq": (
+        "R-LoRA adapts torch.nn.Linear layers only, not GPTQ's quantized linear layers",
+        "set `gptq: false` and use a full-precision base model",
+    ),
+    "relora": (
+        "ReLoRA restarts merge the adapter into the base weights, which R-LoRA's per-token router forbids",
+        "remove `relora` (and the `jagged_restart_*` keys)",
+    ),
+    "peft_use_dora": (
+        "DoRA is a variant of plain LoRA; R-LoRA has no magnitude vector",
+        "remove `peft_use_dora`, or use `adapter: lora`",
+    ),
+    "lora_rank_pattern": (
+        "R-LoRA uses one rank for every adapted layer",
+        "remove `lora_rank_pattern` and set `lora_r`",
+    ),
+    "lora_alpha_pattern": (
+        "R-LoRA uses one alpha for every adapted layer",
+        "remove `lora_alpha_pattern` and set `lora_alpha`",
+    ),
+    "lora_target_parameters": (
+        "R-LoRA adapts nn.Linear modules, not raw (e.g. fused MoE expert) parameters",
+        "remove `lora_target_parameters` and list modules in `lora_target_modules`",
+    ),
+    "peft_init_lora_weights": (
+        "R-LoRA has its own initialization",
+        "remove `peft_init_lora_weights` and use `rlora.init` ('random' or 'zero')",
+    ),
+    "loraplus_lr_ratio": (
+        "Axolotl's LoRA+ optimizer groups parameters by plain-LoRA names and was never checked with R-LoRA",
+        "remove `loraplus_lr_ratio`",
+    ),
+}
+_KERNEL_KEY = re.compile(r"^lora_\w+_kernel$")
+_KERNEL_REFUSAL = (
+    "Axolotl's fused LoRA kernels compute plain LoRA's forward and would bypass R-LoRA's router and heads "
+    "(they are also CUDA-only)",
+    "set `{key}: false` or remove it (Axolotl never auto-enables them for `adapter: rlora`)",
+)
+
+
+def _refusal(key: str, value: Any, why: str, fix: str) -> str:
+    return f"adapter: rlora does not support `{key}: {value!r}`: {why}. Fix: {fix}."
+
+
+def refuse_incompatible(data: dict) -> None:
+    """Raise ValueError for the first option in a raw Axolotl config that R-LoRA cannot honour."""
+    for key, (why, fix) in REFUSED.items():
+        if data.get(key):
+            raise ValueError(_refusal(key, data[key], why, fix))
+    for key in sorted(data):
+        if _KERNEL_KEY.match(key) and data[key]:
+            why, fix = _KERNEL_REFUSAL
+            raise ValueError(_refusal(key, data[key], why, fix.format(key=key)))
+    peft = data.get("peft")
+    loftq = peft.get("loftq_config") if isinstance(peft, dict) else getattr(peft, "loftq_config", None)
+    if loftq:
+        raise ValueError(
+            _refusal(
+                "peft.loftq_config",
+                loftq,
+                "LoftQ initializes plain LoRA from a quantized base",
+                "remove `peft.loftq_config`; R-LoRA's initialization is set by `rlora.init`",
+            )
+        )
+
+
+class RLoraOptions(BaseModel):
+    """R-LoRA's own settings, under the `rlora:` key. Defaults are the paper's (the authors' script)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_heads: int = Field(
+        default=5,
+        description="Number of up-projection heads B_i mixed by the per-token router (paper script: 5).",
+    )
+    init: str = Field(
+        default="random",
+        description=(
+            "'random': A and every head B_i drawn independently (R-LoRA's multi-head random init), with a "
+            "frozen offset path so the model starts equal to the base; 'zero': Kaiming A and zero heads "
+            "(HydraLoRA)."
+        ),
+    )
+    init_gamma: float = Field(
+        default=64.0,
+        description="gamma of the random init: weights scale as d_out^(1/4) / sqrt(gamma). Must be > 0.",
+    )
+    head_dropout: str = Field(
+        default="per_head",
+        description=(
+            "'per_head': an independent dropout mask per head on the rank-r features (R-LoRA's multi-head "
+            "dropout); 'shared': one mask for all heads (HydraLoRA). The rate is `lora_dropout`."
+        ),
+    )
+    router_init: str = Field(
+        default="zero",
+        description=(
+            "'zero': uniform gates at step 0, so the adapted model equals the base model at init; "
+            "'kaiming': the authors' choice, equal to the base only approximately."
+        ),
+    )
+    router_temperature: float = Field(
+        default=1.0, description="Softmax temperature tau of the router: gates = softmax(W_g x / tau)."
+    )
+    init_seed: int | None = Field(
+        default=None,
+        description=(
+            "Seed of the adapter initialization (per layer, from this seed and the layer name, so every "
+            "rank builds the same adapter). Default: the run's `seed`, or 0 if that is unset."
+        ),
+    )
+
+
+class RLoraArgs(BaseModel):
+    """Adds the nested `rlora:` block and R-LoRA's checks to Axolotl's config model."""
+
+    rlora: RLoraOptions | None = Field(
+        default_factory=RLoraOptions,
+        description=(
+            "R-LoRA settings for `adapter: rlora` (needs the plugin `rlora_plugin.RLoraPlugin` in `plugins:`)."
+        ),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def rlora_refuse_incompatible(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("adapter") == ADAPTER_NAME:
+            refuse_incompatible(data)
+        return data
+
+    @model_validator(mode="after")
+    def rlora_check_values(self):
+        if getattr(self, "adapter", None) == ADAPTER_NAME:
+            if self.rlora is None:
+                self.rlora = RLoraOptions()
+            build_rlora_config(self)  # raises a ValueError naming the Axolotl key
+        return self
+
+
+def _get(obj: Any, key: str) -> Any:
+    if obj is None:
+        return None
+    if isinstance(obj, dict):
+        return obj.get(key)
+    return getattr(obj, key, None)
+
+
+def rlora_config_kwargs(cfg: Any, target_modules: Any = None) -> dict[str, Any]:
+    """`RLoraConfig` keyword arguments from an Axolotl config (a DictDefault or the pydantic model)."""
+    block = _get(cfg, "rlora")
+    if block is None:
+        options = RLoraOptions()
+    elif isinstance(block, RLoraOptions):
+        options = block
+    else:
+        options = RLoraOptions.model_validate(dict(block))
+    init_seed = options.init_seed
+    if init_seed is None:
+        init_seed = _get(cfg, "seed") or 0
+    if target_modules is None:
+        target_modules = _get(cfg, "lora_target_modules") or None
+        if _get(cfg, "lora_target_linear"):
+            target_modules = "all-linear"
+    kwargs = {
+        "r": _get(cfg, "lora_r"),
+        "lora_alpha": _get(cfg, "lora_alpha"),
+        "lora_dropout": _get(cfg, "lora_dropout"),
+        "use_rslora": bool(_get(cfg, "peft_use_rslora")),
+        "target_modules": target_modules,
+        "exclude_modules": _get(cfg, "lora_exclude_modules") or None,
+        "layers_to_transform": _get(cfg, "peft_layers_to_transform"),
+        "layers_pattern": _get(cfg, "peft_layers_pattern"),
+        "modules_to_save": _get(cfg, "lora_modules_to_save") or None,
+        "num_heads": options.num_heads,
+        "init": options.init,
+        "init_gamma": options.init_gamma,
+        "head_dropout": options.head_dropout,
+        "router_init": options.router_init,
+        "router_temperature": options.router_temperature,
+        "init_seed": init_seed,
+    }
+    # Unset Axolotl keys fall back to RLoraConfig's defaults.
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def build_rlora_config(cfg: Any, target_modules: Any = None, **extra: Any):
+    """Build an `RLoraConfig` from an Axolotl config; its ValueError is re-raised naming the Axolotl key."""
+    from rlora_plugin.config import RLoraConfig
+
+    kwargs = rlora_config_kwargs(cfg, target_modules)
+    try:
+        return RLoraConfig(**kwargs, **extra)
+    except (ValueError, TypeError) as exc:
+        message = str(exc)
+        match = re.search(r"`(\w+)` = ", message)
+        key = AXOLOTL_KEY.get(match.group(1), match.group(1)) if match else None
+        where = f"config key `{key}`" if key else "the R-LoRA settings"
+        raise ValueError(f"adapter: rlora: invalid {where}: {message}") from exc

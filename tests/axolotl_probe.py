@@ -1,0 +1,41 @@
+"""A test-only Axolotl plugin that records the model's logits on a fixed input, inside the training run.
+
+`post_model_load` saves `probe_init.pt` (adapted and base logits, right after the adapter is built or
+loaded) and `post_train` saves `probe_trained.pt` (logits of the trained in-memory model), both in
+`output_dir`. The CLI tests compare them with a fresh `PeftModel.from_pretrained` reload.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from axolotl.integrations.base import BasePlugin
+
+PROBE_IDS = [[1, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120]]
+
+
+def probe_logits(model) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(PROBE_IDS, device=device)).logits.float().cpu()
+    model.train(was_training)
+    return logits
+
+
+class ProbePlugin(BasePlugin):
+    def post_model_load(self, cfg, model):
+        if cfg.adapter != "rlora" or not hasattr(model, "disable_adapter"):
+            return
+        adapted = probe_logits(model)
+        with model.disable_adapter():
+            base = probe_logits(model)
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        torch.save({"adapted": adapted, "base": base}, Path(cfg.output_dir) / "probe_init.pt")
+
+    def post_train(self, cfg, model):  # called twice by Axolotl: idempotent
+        if cfg.adapter != "rlora":
+            return
+        torch.save({"trained": probe_logits(model)}, Path(cfg.output_dir) / "probe_trained.pt")

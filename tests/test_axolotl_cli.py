@@ -1,0 +1,317 @@
+"""End-to-end runs of the Axolotl CLI with `adapter: rlora` on a tiny local Llama, on CPU (slow: `-m cli`).
+
+Few runs, each combining several features:
+- run 1, `axolotl train`: alpaca + chat_template datasets, sample packing, gradient checkpointing,
+  eval split, `lora_target_linear`, checkpoints every 3 steps;
+- run 2, `accelerate launch -m axolotl.cli.train`: resume run 1 from its step-3 checkpoint;
+- run 3, `accelerate launch -m axolotl.cli.train`: continue from run 1's adapter via `lora_model_dir`,
+  no sample packing;
+- `axolotl inference` with `lora_model_dir`, a prompt on stdin;
+- bad configs (`axolotl merge-lora`, a misspelled `rlora:` key, no plugin) fail before training.
+A test-only plugin (tests/axolotl_probe.py) saves the in-process logits on a fixed input so the tests can
+check that a plain `PeftModel.from_pretrained` reload reproduces the trained model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import axolotl  # noqa: F401  (these tests need it: fail, never skip, without it)
+import pytest
+import yaml
+
+pytestmark = pytest.mark.cli
+
+BIN = Path(sys.executable).parent
+TESTS = Path(__file__).resolve().parent
+PLUGINS = ["rlora_plugin.RLoraPlugin", "axolotl_probe.ProbePlugin"]
+N_HEADS, RANK = 3, 4
+TIMEOUT = 900
+
+
+def _env(work: Path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p),
+        AXOLOTL_DO_NOT_TRACK="1",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HOME=str(work / "hf_home"),  # no user accelerate config, isolated datasets cache
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="disabled",
+    )
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return env
+
+
+class Run:
+    def __init__(self, name: str, cmd: list[str], work: Path, stdin: str | None = None):
+        self.name, self.log = name, work / f"{name}.log"
+        self.start = time.monotonic()
+        self.stdin = stdin
+        self._log_file = open(self.log, "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=work,
+            env=_env(work),
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def wait(self) -> Run:
+        try:
+            self.proc.communicate(self.stdin, timeout=TIMEOUT)
+        finally:
+            self._log_file.close()
+        self.seconds = time.monotonic() - self.start
+        self.returncode = self.proc.returncode
+        self.output = self.log.read_text(errors="replace")
+        print(f"{self.name}: rc={self.returncode} in {self.seconds:.0f}s")
+        return self
+
+    def check(self) -> Run:
+        assert self.returncode == 0, f"{self.name} failed (rc {self.returncode}):\n{self.output[-6000:]}"
+        return self
+
+
+def run(name: str, cmd: list[str], work: Path, stdin: str | None = None) -> Run:
+    return Run(name, cmd, work, stdin).wait()
+
+
+def accelerate_train(cfg_path: Path) -> list[str]:
+    return [
+        str(BIN / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "axolotl.cli.train", str(cfg_path),
+    ]  # fmt: skip
+
+
+def write_cfg(work: Path, name: str, tiny: dict, **overrides) -> Path:
+    cfg = {
+        "base_model": str(tiny["model"]),
+        "plugins": PLUGINS,
+        "adapter": "rlora",
+        "lora_r": RANK,
+        "lora_alpha": 8,
+        "lora_dropout": 0.1,
+        "lora_target_linear": True,
+        "rlora": {"num_heads": N_HEADS},
+        "datasets": [
+            {"path": str(tiny["alpaca"]), "ds_type": "json", "type": "alpaca"},
+            {
+                "path": str(tiny["chat"]),
+                "ds_type": "json",
+                "type": "chat_template",
+                "chat_template": "tokenizer_default",
+                "field_messages": "messages",
+                "roles_to_train": ["assistant"],
+            },
+        ],
+        "dataset_prepared_path": str(work / "prepared"),
+        "val_set_size": 0.1,
+        "output_dir": str(work / name),
+        "sequence_len": 128,
+        "sample_packing": True,
+        "gradient_checkpointing": True,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 6,
+        "learning_rate": 0.01,
+        "optimizer": "adamw_torch",
+        "lr_scheduler": "constant",
+        "logging_steps": 1,
+        "eval_steps": 6,
+        "save_steps": 3,
+        "seed": 7,
+        "bf16": False,
+        "fp16": False,
+        "tf32": False,
+        "dataloader_num_workers": 0,  # a worker process re-imports axolotl: ~10 s per dataloader
+        "dataset_num_proc": 1,
+    }
+    cfg.update(overrides)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    path = work / f"{name}.yml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def train_losses(out: Path) -> dict[int, float]:
+    states = sorted(out.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    history = json.loads(states[-1].read_text())["log_history"]
+    return {rec["step"]: rec["loss"] for rec in history if "loss" in rec}
+
+
+def adapter_tensors(out: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(out / "adapter_model.safetensors")
+
+
+def reload_logits(tiny: dict, adapter_dir: Path):
+    """Logits of a plain PEFT reload (base model + adapter) on the probe input."""
+    import torch
+    from axolotl_probe import probe_logits
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import rlora_plugin  # noqa: F401
+
+    base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
+    return probe_logits(PeftModel.from_pretrained(base, adapter_dir))
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("axolotl_cli")
+
+
+@pytest.fixture(scope="module")
+def run1(tiny, work) -> Path:
+    cfg = write_cfg(work, "run1", tiny)
+    run("run1", [str(BIN / "axolotl"), "train", str(cfg)], work).check()
+    return work / "run1"
+
+
+def test_train_artifacts(run1, tiny):
+    import torch
+
+    config = json.loads((run1 / "adapter_config.json").read_text())
+    assert config["peft_type"] == "RLORA"
+    expected = {"r": RANK, "lora_alpha": 8, "lora_dropout": 0.1, "num_heads": N_HEADS, "init": "random"}
+    expected |= {"init_gamma": 64.0, "head_dropout": "per_head", "router_init": "zero", "init_seed": 7}
+    assert {k: config[k] for k in expected} == expected
+
+    tensors = adapter_tensors(run1)
+    modules = {k.rsplit(".rlora_", 1)[0] for k in tensors}
+    assert len(modules) == 14, sorted(modules)  # lora_target_linear: q,k,v,o,gate,up,down x 2 layers
+    assert not any("lm_head" in m for m in modules)
+    d_in = {
+        "q_proj": 64,
+        "k_proj": 64,
+        "v_proj": 64,
+        "o_proj": 64,
+        "gate_proj": 64,
+        "up_proj": 64,
+        "down_proj": 128,
+    }
+    d_out = {
+        "q_proj": 64,
+        "k_proj": 32,
+        "v_proj": 32,
+        "o_proj": 64,
+        "gate_proj": 128,
+        "up_proj": 128,
+        "down_proj": 64,
+    }
+    for module in modules:
+        kind = module.rsplit(".", 1)[1]
+        i, o = d_in[kind], d_out[kind]
+        shapes = {k.rsplit(".rlora_", 1)[1]: tuple(v.shape) for k, v in tensors.items() if k.startswith(module + ".")}
+        assert shapes == {
+            "A": (RANK, i),
+            "B": (o, N_HEADS * RANK),
+            "router": (N_HEADS, i),
+            "offset_A": (RANK, i),
+            "offset_B": (o, RANK),
+        }, module
+    router = next(v for k, v in tensors.items() if k.endswith("rlora_router"))
+    assert router.abs().sum() > 0  # trained away from its zero init
+
+    for step in (3, 6):
+        assert (run1 / f"checkpoint-{step}" / "adapter_model.safetensors").exists()
+    losses = train_losses(run1)
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    assert losses[6] < losses[1], losses
+    history = json.loads((run1 / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    assert any("eval_loss" in rec for rec in history)
+
+    # at init the adapted model equals the base model; the saved adapter reproduces the trained model
+    init = torch.load(run1 / "probe_init.pt")
+    torch.testing.assert_close(init["adapted"], init["base"], atol=1e-5, rtol=1e-5)
+    trained = torch.load(run1 / "probe_trained.pt")["trained"]
+    assert (trained - init["base"]).abs().max() > 1e-3
+    torch.testing.assert_close(reload_logits(tiny, run1), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_from_checkpoint(run1, tiny, work):
+    cfg = write_cfg(work, "run2", tiny, resume_from_checkpoint=str(run1 / "checkpoint-3"))
+    run("run2", accelerate_train(cfg), work).check()
+    out = work / "run2"
+    resumed, original = train_losses(out), train_losses(run1)
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    assert [resumed[s] for s in (1, 2, 3)] == [original[s] for s in (1, 2, 3)]  # restored trainer state
+    # steps 4-6 continue from the checkpoint's adapter: close to run 1's (dropout masks and packing
+    # order are not bit-identical after a resume), far below a fresh adapter's first loss
+    for step in (4, 5, 6):
+        assert resumed[step] == pytest.approx(original[step], abs=0.05), (resumed, original)
+    assert resumed[4] < original[1] - 0.15, (resumed, original)
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "RLORA"
+
+
+def test_continue_from_lora_model_dir(run1, tiny, work):
+    import torch
+
+    cfg = write_cfg(
+        work,
+        "run3",
+        tiny,
+        lora_model_dir=str(run1),
+        rlora={"num_heads": 5},  # disagrees with the saved adapter: the saved one governs, with a warning
+        datasets=[{"path": str(tiny["alpaca"]), "ds_type": "json", "type": "alpaca"}],
+        sample_packing=False,
+        gradient_checkpointing=False,
+        val_set_size=0,
+        eval_steps=None,
+        max_steps=2,
+        save_steps=2,
+    )
+    result = run("run3", accelerate_train(cfg), work).check()
+    assert "governs these settings" in result.output
+    out = work / "run3"
+    # the adapter Axolotl loaded from lora_model_dir is run 1's trained adapter
+    init = torch.load(out / "probe_init.pt")["adapted"]
+    torch.testing.assert_close(init, torch.load(run1 / "probe_trained.pt")["trained"], atol=1e-5, rtol=1e-5)
+    assert json.loads((out / "adapter_config.json").read_text())["num_heads"] == N_HEADS
+    before, after = adapter_tensors(run1), adapter_tensors(out)
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("rlora_B"))  # it trained on
+    assert sorted(train_losses(out)) == [1, 2]
+
+
+def test_inference_with_lora_model_dir(run1, tiny, work):
+    cfg = write_cfg(work, "infer", tiny, lora_model_dir=str(run1))
+    result = run("infer", [str(BIN / "axolotl"), "inference", str(cfg)], work, stdin="What color is the cat?\n")
+    result.check()
+    assert f"R-LoRA: loading the adapter in {run1}" in result.output
+    assert "color is the cat" in result.output  # the decoded prompt + generation
+
+
+def test_bad_configs_fail_before_training(run1, tiny, work):
+    merge_cfg = write_cfg(work, "merge", tiny, lora_model_dir=str(run1))
+    typo_cfg = write_cfg(work, "typo", tiny, rlora={"num_head": 3})
+    noplugin_cfg = write_cfg(work, "noplugin", tiny, plugins=None)
+    runs = [  # started together, then awaited: each only pays Axolotl's import time
+        Run("merge", [str(BIN / "axolotl"), "merge-lora", str(merge_cfg)], work),
+        Run("typo", [str(BIN / "axolotl"), "train", str(typo_cfg)], work),
+        Run("noplugin", [str(BIN / "axolotl"), "preprocess", str(noplugin_cfg)], work),
+    ]
+    merge, typo, noplugin = (r.wait() for r in runs)
+    for result in (merge, typo, noplugin):
+        assert result.returncode != 0, result.output[-3000:]
+        assert result.seconds < 180, (result.name, result.seconds)
+        assert "Starting trainer" not in result.output
+    assert "adapter: rlora does not support `merge_lora: True`" in merge.output
+    assert not (run1 / "merged").exists()
+    assert "rlora.num_head" in typo.output and "Extra inputs are not permitted" in typo.output
+    assert not (work / "typo").exists()
+    assert "Adapter 'rlora' is not built in and was not registered by a plugin" in noplugin.output
+    assert not (work / "noplugin").exists()  # not even the debug log: it failed at validation

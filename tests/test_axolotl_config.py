@@ -1,0 +1,271 @@
+"""Fast checks of the R-LoRA Axolotl plugin: config validation and the adapter hook, without training."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+
+import torch  # noqa: E402
+from axolotl.cli.config import gpu_capabilities  # noqa: E402
+from axolotl.integrations.base import PluginManager  # noqa: E402
+from axolotl.utils.config import prepare_plugins, validate_config  # noqa: E402
+from axolotl.utils.dict import DictDefault  # noqa: E402
+from peft import PeftModel  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from rlora_plugin import RLoraConfig  # noqa: E402
+from rlora_plugin.axolotl_plugin.args import RLoraArgs, RLoraOptions, build_rlora_config  # noqa: E402
+from rlora_plugin.axolotl_plugin.plugin import RLoraPlugin  # noqa: E402
+
+PLUGIN = "rlora_plugin.RLoraPlugin"
+
+
+def make_cfg(tiny, **overrides) -> dict:
+    cfg = {
+        "base_model": str(tiny["model"]),
+        "plugins": [PLUGIN],
+        "adapter": "rlora",
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.1,
+        "lora_target_linear": True,
+        "datasets": [{"path": str(tiny["alpaca"]), "ds_type": "json", "type": "alpaca"}],
+        "sequence_len": 64,
+        "micro_batch_size": 1,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-3,
+        "output_dir": "/tmp/rlora-unused-output",
+        "bf16": False,
+        "fp16": False,
+    }
+    cfg.update(overrides)
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def validate(cfg: dict) -> DictDefault:
+    """What `axolotl.cli.config.load_cfg` does up to validation: register plugins, then validate."""
+    cfg = DictDefault(cfg)
+    prepare_plugins(cfg)
+    capabilities, env_capabilities = gpu_capabilities()
+    return validate_config(cfg, capabilities=capabilities, env_capabilities=env_capabilities)
+
+
+def refused(cfg: dict) -> str:
+    with pytest.raises((ValidationError, ValueError)) as info:
+        validate(cfg)
+    return str(info.value)
+
+
+def test_schema_adds_only_the_rlora_block():
+    assert set(RLoraArgs.model_fields) == {"rlora"}  # Axolotl's lora_* / peft_* keys are not redeclared
+    assert RLoraOptions.model_config["extra"] == "forbid"
+    defaults = RLoraOptions()
+    assert (defaults.num_heads, defaults.init, defaults.init_gamma) == (5, "random", 64.0)
+    assert (defaults.head_dropout, defaults.router_init, defaults.router_temperature) == (
+        "per_head",
+        "zero",
+        1.0,
+    )
+    assert defaults.init_seed is None
+    for name, field in RLoraOptions.model_fields.items():
+        assert field.description, name
+
+
+def test_valid_config_defaults_and_no_lora_kernels(tiny):
+    cfg = validate(make_cfg(tiny, seed=11))
+    assert cfg.adapter == "rlora"
+    assert cfg.rlora["num_heads"] == 5 and cfg.rlora["init"] == "random"
+    # Axolotl auto-enables its fused LoRA kernels only for adapter lora/qlora: never for rlora.
+    for key in ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel"):
+        assert not cfg.get(key), key
+    peft_cfg = build_rlora_config(cfg)
+    assert isinstance(peft_cfg, RLoraConfig)
+    assert (peft_cfg.r, peft_cfg.lora_alpha, peft_cfg.lora_dropout, peft_cfg.num_heads) == (4, 8, 0.1, 5)
+    assert peft_cfg.target_modules == "all-linear"
+    assert peft_cfg.init_seed == 11  # defaults to the run's seed
+
+
+def test_rlora_block_values_reach_the_peft_config(tiny):
+    block = {
+        "num_heads": 3,
+        "init": "zero",
+        "init_gamma": 16,
+        "head_dropout": "shared",
+        "router_init": "kaiming",
+        "router_temperature": 2.0,
+        "init_seed": 5,
+    }
+    cfg = validate(
+        make_cfg(
+            tiny,
+            rlora=block,
+            seed=11,
+            lora_target_linear=None,
+            lora_target_modules=["q_proj", "v_proj"],
+            peft_layers_to_transform=[1],
+            peft_use_rslora=True,
+            lora_modules_to_save=["lm_head"],
+        )
+    )
+    peft_cfg = build_rlora_config(cfg)
+    for key, value in block.items():
+        assert getattr(peft_cfg, key) == value, key
+    assert peft_cfg.target_modules == {"q_proj", "v_proj"}
+    assert peft_cfg.layers_to_transform == [1] and peft_cfg.use_rslora is True
+    assert set(peft_cfg.modules_to_save) == {"lm_head"}
+    assert build_rlora_config(validate(make_cfg(tiny))).init_seed == 0  # no seed at all
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        ({"merge_lora": True}, "merge_lora"),
+        ({"load_in_4bit": True}, "load_in_4bit"),
+        ({"load_in_8bit": True}, "load_in_8bit"),
+        ({"gptq": True}, "gptq"),
+        ({"lora_mlp_kernel": True}, "lora_mlp_kernel"),
+        ({"lora_qkv_kernel": True}, "lora_qkv_kernel"),
+        ({"lora_o_kernel": True}, "lora_o_kernel"),
+        ({"lora_embedding_kernel": True}, "lora_embedding_kernel"),
+        ({"relora": True, "jagged_restart_steps": 10}, "relora"),
+        ({"peft_use_dora": True}, "peft_use_dora"),
+        ({"lora_rank_pattern": {"q_proj": 8}}, "lora_rank_pattern"),
+        ({"lora_target_parameters": ["experts.gate_up_proj"], "lora_dropout": 0.0}, "lora_target_parameters"),
+    ],
+)
+def test_incompatible_options_are_refused(tiny, overrides, key):
+    message = refused(make_cfg(tiny, **overrides))
+    assert f"adapter: rlora does not support `{key}: " in message
+    assert "Fix:" in message
+
+
+def test_merge_refusal_explains_why(tiny):
+    message = refused(make_cfg(tiny, merge_lora=True))
+    assert "`merge_lora: True`" in message and "router" in message and "axolotl merge-lora" in message
+
+
+def test_kernels_explicitly_off_are_fine(tiny):
+    validate(make_cfg(tiny, lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False))
+
+
+@pytest.mark.parametrize(
+    "overrides, key, value",
+    [
+        ({"rlora": {"num_heads": 0}}, "rlora.num_heads", "0"),
+        ({"rlora": {"init": "gaussian"}}, "rlora.init", "'gaussian'"),
+        ({"rlora": {"head_dropout": "all"}}, "rlora.head_dropout", "'all'"),
+        ({"rlora": {"router_init": "xavier"}}, "rlora.router_init", "'xavier'"),
+        ({"rlora": {"init_gamma": 0}}, "rlora.init_gamma", "0.0"),
+        ({"rlora": {"router_temperature": -1}}, "rlora.router_temperature", "-1.0"),
+        ({"lora_r": 0}, "lora_r", "0"),
+        ({"lora_dropout": 1.5}, "lora_dropout", "1.5"),
+        (
+            {"lora_target_linear": None, "lora_target_modules": ".*proj", "peft_layers_to_transform": [0]},
+            "peft_layers_to_transform",
+            "[0]",
+        ),
+    ],
+)
+def test_bad_values_use_rlora_config_validation(tiny, overrides, key, value):
+    message = refused(make_cfg(tiny, **overrides))
+    assert f"adapter: rlora: invalid config key `{key}`" in message
+    assert f"= {value} is invalid" in message  # RLoraConfig's own message, with the value
+
+
+def test_misspelled_rlora_key_is_an_error(tiny):
+    message = refused(make_cfg(tiny, rlora={"num_head": 3}))
+    assert "rlora.num_head" in message and "Extra inputs are not permitted" in message
+
+
+def test_wrong_type_in_rlora_block(tiny):
+    message = refused(make_cfg(tiny, rlora={"num_heads": "five"}))
+    assert "rlora.num_heads" in message
+
+
+def test_missing_plugin_fails_clearly(tiny):
+    manager = PluginManager.get_instance()
+    saved = dict(manager.plugins)
+    manager.plugins.clear()  # a fresh process: nothing registered yet
+    try:
+        message = refused(make_cfg(tiny, plugins=None))
+    finally:
+        manager.plugins.update(saved)
+    assert "Adapter 'rlora' is not built in and was not registered by a plugin" in message
+    assert "plugins:" in message
+
+
+def test_other_adapters_are_untouched(tiny):
+    # merge_lora etc. stay legal for adapter: lora even with the plugin listed
+    cfg = validate(make_cfg(tiny, adapter="lora", merge_lora=True, rlora={"num_heads": 0}))
+    assert cfg.adapter == "lora"
+    plugin = RLoraPlugin()
+    assert plugin.load_adapter(torch.nn.Linear(2, 2), cfg) is None
+    assert plugin.pre_model_load(cfg) is None
+    caps = plugin.get_adapter_capabilities()
+    assert [(c.name, c.lora_like, c.relora) for c in caps] == [("rlora", False, False)]
+
+
+@pytest.fixture()
+def base_model(tiny):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny["model"])
+
+
+def test_load_adapter_fresh_and_config_only(tiny, base_model):
+    cfg = validate(make_cfg(tiny, rlora={"num_heads": 3}, seed=3))
+    plugin = RLoraPlugin()
+    none, only_config = plugin.load_adapter(base_model, cfg, config_only=True)
+    assert none is None and isinstance(only_config, RLoraConfig)
+    model, peft_cfg = plugin.load_adapter(base_model, cfg)
+    assert isinstance(model, PeftModel) and peft_cfg.peft_type == "RLORA"
+    assert peft_cfg.task_type == "CAUSAL_LM" and peft_cfg.init_seed == 3
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    adapted = {n.split(".rlora_")[0] for n in trainable}
+    assert len(adapted) == 14  # all 7 linear layers x 2 decoder layers; not lm_head
+    assert all(".rlora_A." in n or ".rlora_B." in n or ".rlora_router." in n for n in trainable)
+    ids = torch.tensor([[1, 5, 9, 13]])
+    model.eval()
+    with torch.no_grad():
+        adapted_out = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base_out = model(input_ids=ids).logits
+    torch.testing.assert_close(adapted_out, base_out, atol=1e-5, rtol=1e-5)  # init equals the base
+
+
+def test_target_linear_plus_modules_is_the_union(tiny, base_model):
+    cfg = validate(make_cfg(tiny, lora_target_modules=["lm_head"]))
+    _, peft_cfg = RLoraPlugin().load_adapter(base_model, cfg)
+    assert "lm_head" in peft_cfg.target_modules and "q_proj" in peft_cfg.target_modules
+
+
+def test_load_adapter_from_lora_model_dir(tiny, base_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = validate(make_cfg(tiny, rlora={"num_heads": 2}))
+    model, _ = RLoraPlugin().load_adapter(base_model, cfg)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "rlora_router" in name:
+                param.normal_()  # make the saved adapter differ from a fresh one
+    model.save_pretrained(tmp_path / "adapter")
+    ids = torch.tensor([[1, 5, 9, 13]])
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+
+    # the config disagrees with the saved adapter: the saved one wins (with a warning)
+    cfg = validate(make_cfg(tiny, rlora={"num_heads": 4}, lora_model_dir=str(tmp_path / "adapter")))
+    fresh_base = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    loaded, peft_cfg = RLoraPlugin().load_adapter(fresh_base, cfg)
+    assert peft_cfg.num_heads == 2
+    assert any(p.requires_grad for n, p in loaded.named_parameters() if "rlora_B" in n)  # trainable
+    loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
+
+    frozen, _ = RLoraPlugin().load_adapter(AutoModelForCausalLM.from_pretrained(tiny["model"]), cfg, inference=True)
+    assert not any(p.requires_grad for p in frozen.parameters())
