@@ -1,0 +1,51 @@
+"""Exact-match accuracy per task on the held-out items, for the base model and with a trained adapter.
+
+python examples/evaluate.py BASE_MODEL_DIR ADAPTER_DIR TEST_JSONL
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type)
+
+
+@torch.no_grad()
+def accuracy(model, tokenizer, items: list[dict]) -> dict[str, float]:
+    correct: dict[str, list[bool]] = defaultdict(list)
+    for item in items:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": item["prompt"]}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+        out = model.generate(input_ids=ids, max_new_tokens=16, do_sample=False)
+        reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        correct[item["task"]].append(reply == item["answer"])
+    scores = {task: sum(hits) / len(hits) for task, hits in correct.items()}
+    scores["average"] = sum(scores.values()) / len(scores)
+    return scores
+
+
+def main(base_dir: str, adapter_dir: str, test_file: str) -> None:
+    items = [json.loads(line) for line in open(test_file)]
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    base = accuracy(model, tokenizer, items)
+    model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    adapted = accuracy(model, tokenizer, items)
+    print(f"\nexact match on {len(items)} held-out items")
+    print(f"{'task':<16} {'base':>6} {'R-LoRA':>7}")
+    for task in base:
+        print(f"{task:<16} {base[task]:>6.2f} {adapted[task]:>7.2f}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
