@@ -17,18 +17,23 @@ import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type)
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, items: list[dict]) -> dict[str, float]:
+def accuracy(model, tokenizer, items: list[dict], batch_size: int = 16) -> dict[str, float]:
+    """Greedy-decode every prompt (left-padded batches) and score the reply by exact match."""
+    tokenizer.padding_side = "left"
     correct: dict[str, list[bool]] = defaultdict(list)
-    for item in items:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": item["prompt"]}],
-            add_generation_prompt=True,
-            return_tensors="pt",
-            return_dict=True,
-        )["input_ids"]
-        out = model.generate(input_ids=ids, max_new_tokens=16, do_sample=False)
-        reply = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
-        correct[item["task"]].append(reply == item["answer"])
+    for start in range(0, len(items), batch_size):
+        batch = items[start : start + batch_size]
+        prompts = [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": item["prompt"]}], add_generation_prompt=True, tokenize=False
+            )
+            for item in batch
+        ]
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+        replies = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        for item, reply in zip(batch, replies, strict=True):
+            correct[item["task"]].append(reply.strip() == item["answer"])
     scores = {task: sum(hits) / len(hits) for task, hits in correct.items()}
     scores["average"] = sum(scores.values()) / len(scores)
     return scores
