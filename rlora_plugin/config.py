@@ -61,6 +61,21 @@ class RLoraConfig(PeftConfig):
     router_temperature: float = field(
         default=1.0, metadata={"help": "Softmax temperature tau of the router: gates = softmax(W_g x / tau)."}
     )
+    router_top_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "Sparse routing: keep each token's k largest gates, renormalized to sum to 1, and zero the "
+            "others. None or 0: dense routing over all heads (the method's default)."
+        },
+    )
+    router_aux_loss_coef: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the Switch/Mixtral load-balancing loss N * sum_i f_i P_i (averaged over layers) "
+            "added to the training loss by the Axolotl plugin (or by you, through "
+            "rlora_plugin.metrics.RouterAuxLoss). 0 turns it off."
+        },
+    )
     use_rslora: bool = field(
         default=False, metadata={"help": "Scale by lora_alpha / sqrt(r) (rsLoRA) instead of lora_alpha / r."}
     )
@@ -116,6 +131,12 @@ class RLoraConfig(PeftConfig):
             refuse("init_gamma", "gamma must be > 0 (the paper uses 64).")
         if not self.router_temperature > 0:
             refuse("router_temperature", "the softmax temperature must be > 0 (default 1.0).")
+        if self.router_top_k is not None and (
+            not isinstance(self.router_top_k, int) or not 0 <= self.router_top_k <= self.num_heads
+        ):
+            refuse("router_top_k", f"use an integer in [1, num_heads={self.num_heads}], or 0 / None for dense routing.")
+        if not (isinstance(self.router_aux_loss_coef, (int, float)) and self.router_aux_loss_coef >= 0):
+            refuse("router_aux_loss_coef", "the loss weight must be a number >= 0 (0 turns it off; e.g. 0.01).")
         for key, allowed in (
             ("init", INIT_MODES),
             ("head_dropout", HEAD_DROPOUT_MODES),

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import RLoraConfig
+from .metrics import load_balancing_loss
 
 MERGE_REFUSAL = (
     "R-LoRA adapters cannot be merged into the base weights: each token mixes the heads B_i with its own "
@@ -67,6 +68,7 @@ class RLoraLayer(BaseTunerLayer):
         "scaling",
         "router_temperature",
         "head_dropout",
+        "router_top_k",
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -76,6 +78,10 @@ class RLoraLayer(BaseTunerLayer):
         self.scaling: dict[str, float] = {}
         self.router_temperature: dict[str, float] = {}
         self.head_dropout: dict[str, str] = {}
+        self.router_top_k: dict[str, int | None] = {}
+        # Set by rlora_plugin.metrics: gate statistics (only in training) and the open aux-loss list.
+        self._rlora_gate_stats = None
+        self._rlora_aux_losses: list | None = None
         self.rlora_dropout = nn.ModuleDict({})
         self.rlora_A = nn.ParameterDict({})
         self.rlora_B = nn.ParameterDict({})
@@ -95,6 +101,7 @@ class RLoraLayer(BaseTunerLayer):
         self.scaling[adapter_name] = config.lora_alpha / (math.sqrt(r) if config.use_rslora else r)
         self.router_temperature[adapter_name] = config.router_temperature
         self.head_dropout[adapter_name] = config.head_dropout
+        self.router_top_k[adapter_name] = getattr(config, "router_top_k", None) or None
         dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.rlora_dropout[adapter_name] = dropout
 
@@ -121,9 +128,11 @@ class RLoraLayer(BaseTunerLayer):
         down = [lora_a, self.rlora_router[adapter]]
         if has_offset:
             down.append(self.rlora_offset_A[adapter])
-        projected = F.linear(x, torch.cat(down))
-        features, logits = projected[..., :r], projected[..., r : r + heads]
-        gates = torch.softmax(logits.float() / self.router_temperature[adapter], dim=-1)
+        # One split, not three slices: the backward of a slice allocates, fills and adds a tensor of the full size.
+        parts = F.linear(x, torch.cat(down)).split([r, heads, r][: len(down)], dim=-1)
+        features, logits = parts[0], parts[1].float()
+        tau = self.router_temperature[adapter]
+        gates = self.route(torch.softmax(logits if tau == 1.0 else logits / tau, dim=-1), adapter)
         gates = gates.to(features.dtype) * scaling
 
         dropout = self.rlora_dropout[adapter]
@@ -136,9 +145,26 @@ class RLoraLayer(BaseTunerLayer):
 
         up = self.rlora_B[adapter]
         if has_offset:
-            mixed = torch.cat([mixed, projected[..., r + heads :] * -scaling], dim=-1)
+            mixed = torch.cat([mixed, parts[2] * -scaling], dim=-1)
             up = torch.cat([up, self.rlora_offset_B[adapter]], dim=-1)
         return F.linear(mixed, up)
+
+    def route(self, probs: torch.Tensor, adapter: str) -> torch.Tensor:
+        """The gates applied to the heads from the router's softmax `probs (..., N)` (fp32): dense, or the
+        top-k renormalized over the kept k. In training, also feeds the metrics collector and the
+        load-balancing loss when `rlora_plugin.metrics` has switched them on (both off otherwise)."""
+        top_k = self.router_top_k.get(adapter)
+        chosen = None
+        gates = probs
+        if top_k and top_k < probs.shape[-1]:
+            kept, chosen = probs.topk(top_k, dim=-1)
+            gates = torch.zeros_like(probs).scatter(-1, chosen, kept / kept.sum(-1, keepdim=True))
+        if self.training:
+            if self._rlora_gate_stats is not None:
+                self._rlora_gate_stats.update(gates.detach())
+            if self._rlora_aux_losses is not None and torch.is_grad_enabled():
+                self._rlora_aux_losses.append(load_balancing_loss(probs, chosen))
+        return gates
 
 
 class RLoraLinear(nn.Module, RLoraLayer):

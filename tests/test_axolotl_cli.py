@@ -7,6 +7,7 @@ Few runs, each combining several features:
 - run 3, `accelerate launch -m axolotl.cli.train`: continue from run 1's adapter via `lora_model_dir`,
   no sample packing;
 - `axolotl inference` with `lora_model_dir`, a prompt on stdin;
+- `axolotl rlora-report` on run 1's adapter;
 - bad configs (`axolotl merge-lora`, a misspelled `rlora:` key, no plugin) fail before training.
 A test-only plugin (tests/axolotl_probe.py) saves the in-process logits on a fixed input so the tests can
 check that a plain `PeftModel.from_pretrained` reload reproduces the trained model.
@@ -103,7 +104,7 @@ def write_cfg(work: Path, name: str, tiny: dict, **overrides) -> Path:
         "lora_alpha": 8,
         "lora_dropout": 0.1,
         "lora_target_linear": True,
-        "rlora": {"num_heads": N_HEADS},
+        "rlora": {"num_heads": N_HEADS, "router_aux_loss_coef": 0.01},
         "datasets": [
             {"path": str(tiny["alpaca"]), "ds_type": "json", "type": "alpaca"},
             {
@@ -233,6 +234,18 @@ def test_train_artifacts(run1, tiny):
     assert losses[6] < losses[1], losses
     history = json.loads((run1 / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
     assert any("eval_loss" in rec for rec in history)
+    # router / head metrics and the load-balancing loss, in every train record (logging_steps: 1)
+    records = {rec["step"]: rec for rec in history if "loss" in rec}
+    for step, rec in records.items():
+        for key in ("router_entropy", "head_load_max", "head_load_ratio", "head_cos_B", "head_cos_BA", "aux_loss"):
+            assert f"rlora/{key}" in rec, (step, key, sorted(rec))
+        assert 0 <= rec["rlora/router_entropy"] <= 1 and rec["rlora/head_load_ratio"] >= 1
+        assert rec["rlora/aux_loss"] >= 1 - 1e-4  # N * sum f_i P_i >= 1
+        assert "rlora/router_entropy/down_proj" in rec and "rlora/head_cos_BA/q_proj" in rec
+    assert records[1]["rlora/router_entropy"] == pytest.approx(1.0, abs=1e-4)  # zero router at step 1
+    assert records[1]["rlora/head_load_ratio"] == pytest.approx(1.0, abs=1e-4)
+    assert records[6]["rlora/router_entropy"] < 1.0  # the router has learned something
+    assert not any(k.startswith("rlora/") for rec in history if "eval_loss" in rec for k in rec)
 
     # at init the adapted model equals the base model; the saved adapter reproduces the trained model
     init = torch.load(run1 / "probe_init.pt")
@@ -293,6 +306,14 @@ def test_inference_with_lora_model_dir(run1, tiny, work):
     result.check()
     assert f"R-LoRA: loading the adapter in {run1}" in result.output
     assert "color is the cat" in result.output  # the decoded prompt + generation
+
+
+def test_report_command(run1, work):
+    png = work / "report.png"
+    result = run("report", [str(BIN / "axolotl"), "rlora-report", str(run1), "--out", str(png)], work).check()
+    assert "base_model.model.model.layers.0.mlp.down_proj" in result.output
+    assert "cos(B_i A)" in result.output
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bad_configs_fail_before_training(run1, tiny, work):

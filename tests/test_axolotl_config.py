@@ -70,6 +70,7 @@ def test_schema_adds_only_the_rlora_block():
         1.0,
     )
     assert defaults.init_seed is None
+    assert (defaults.router_top_k, defaults.router_aux_loss_coef, defaults.metrics) == (None, 0.0, True)
     for name, field in RLoraOptions.model_fields.items():
         assert field.description, name
 
@@ -97,6 +98,8 @@ def test_rlora_block_values_reach_the_peft_config(tiny):
         "router_init": "kaiming",
         "router_temperature": 2.0,
         "init_seed": 5,
+        "router_top_k": 2,
+        "router_aux_loss_coef": 0.01,
     }
     cfg = validate(
         make_cfg(
@@ -123,8 +126,6 @@ def test_rlora_block_values_reach_the_peft_config(tiny):
     "overrides, key",
     [
         ({"merge_lora": True}, "merge_lora"),
-        ({"load_in_4bit": True}, "load_in_4bit"),
-        ({"load_in_8bit": True}, "load_in_8bit"),
         ({"gptq": True}, "gptq"),
         ({"lora_mlp_kernel": True}, "lora_mlp_kernel"),
         ({"lora_qkv_kernel": True}, "lora_qkv_kernel"),
@@ -160,6 +161,8 @@ def test_kernels_explicitly_off_are_fine(tiny):
         ({"rlora": {"router_init": "xavier"}}, "rlora.router_init", "'xavier'"),
         ({"rlora": {"init_gamma": 0}}, "rlora.init_gamma", "0.0"),
         ({"rlora": {"router_temperature": -1}}, "rlora.router_temperature", "-1.0"),
+        ({"rlora": {"num_heads": 3, "router_top_k": 4}}, "rlora.router_top_k", "4"),
+        ({"rlora": {"router_aux_loss_coef": -0.1}}, "rlora.router_aux_loss_coef", "-0.1"),
         ({"lora_r": 0}, "lora_r", "0"),
         ({"lora_dropout": 1.5}, "lora_dropout", "1.5"),
         (
@@ -173,6 +176,29 @@ def test_bad_values_use_rlora_config_validation(tiny, overrides, key, value):
     message = refused(make_cfg(tiny, **overrides))
     assert f"adapter: rlora: invalid config key `{key}`" in message
     assert f"= {value} is invalid" in message  # RLoraConfig's own message, with the value
+
+
+def test_metrics_switch_and_routing_defaults(tiny):
+    from rlora_plugin.axolotl_plugin.args import rlora_options
+
+    assert rlora_options(validate(make_cfg(tiny, rlora={"metrics": False}))).metrics is False
+    peft_cfg = build_rlora_config(validate(make_cfg(tiny, rlora={"router_top_k": 0})))
+    assert peft_cfg.router_top_k is None and peft_cfg.router_aux_loss_coef == 0.0  # 0 means dense
+
+
+def test_aux_loss_with_reentrant_checkpointing_is_refused(tiny):
+    message = refused(
+        make_cfg(
+            tiny,
+            rlora={"router_aux_loss_coef": 0.01},
+            gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": True},
+        )
+    )
+    assert "rlora.router_aux_loss_coef" in message and "use_reentrant: false" in message
+    # unset: non-reentrant is asked for (Axolotl 0.19 would default to reentrant)
+    cfg = validate(make_cfg(tiny, rlora={"router_aux_loss_coef": 0.01}, gradient_checkpointing=True))
+    assert cfg.gradient_checkpointing_kwargs == {"use_reentrant": False}
 
 
 def test_misspelled_rlora_key_is_an_error(tiny):
@@ -269,3 +295,58 @@ def test_load_adapter_from_lora_model_dir(tiny, base_model, tmp_path):
 
     frozen, _ = RLoraPlugin().load_adapter(AutoModelForCausalLM.from_pretrained(tiny["model"]), cfg, inference=True)
     assert not any(p.requires_grad for p in frozen.parameters())
+
+
+class FakeTrainer:
+    """What the plugin's callback and loss wrapper use of an AxolotlTrainer."""
+
+    def __init__(self, model, gradient_accumulation_steps=1):
+        from types import SimpleNamespace
+
+        self.model = model
+        self.args = SimpleNamespace(gradient_accumulation_steps=gradient_accumulation_steps)
+        self.model_accepts_loss_kwargs = True
+        self.stored = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def store_metrics(self, metrics, train_eval="train"):
+        self.stored.append((dict(metrics), train_eval))
+
+
+def test_plugin_callback_and_aux_loss_wrapper(tiny, base_model):
+    from types import SimpleNamespace
+
+    block = {"num_heads": 3, "router_init": "kaiming", "router_aux_loss_coef": 0.5}
+    cfg = validate(make_cfg(tiny, rlora=block, lora_dropout=0.0))  # no dropout: repeated forwards agree
+    plugin = RLoraPlugin()
+    model, _ = plugin.load_adapter(base_model, cfg)
+    model.train()
+    ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
+    inputs = {"input_ids": ids, "labels": ids}
+    plain = FakeTrainer(model).compute_loss(model, inputs)
+    trainer = FakeTrainer(model, gradient_accumulation_steps=4)
+    (callback,) = plugin.add_callbacks_post_trainer(cfg, trainer)
+    callback.on_train_begin(None, None, None)
+    loss, outputs = trainer.compute_loss(model, inputs, return_outputs=True)
+    assert float(outputs.loss.detach()) == pytest.approx(float(plain.detach()), abs=1e-6)
+    aux = float(loss.detach() - plain.detach()) / 0.5
+    assert aux == pytest.approx(float(callback.aux.total), abs=1e-5) and aux >= 1.0  # N * sum f_i P_i >= 1
+    loss = trainer.compute_loss(model, inputs, num_items_in_batch=6)  # normalized over 4 micro-batches
+    assert float(loss.detach() - plain.detach()) == pytest.approx(0.5 * aux / 4, abs=1e-5)
+
+    callback.on_step_end(None, None, SimpleNamespace(should_log=False))
+    assert trainer.stored == []
+    callback.on_step_end(None, None, SimpleNamespace(should_log=True))
+    ((metrics, bucket),) = trainer.stored
+    assert bucket == "train" and metrics["rlora/aux_loss"] == pytest.approx(aux, abs=1e-5)
+    for key in ("router_entropy", "head_load_ratio", "head_load_max", "head_cos_B", "head_cos_BA"):
+        assert 0 <= metrics[f"rlora/{key}"] < 1e6, key
+    assert 0 < metrics["rlora/router_entropy"] < 1  # a Kaiming router is not uniform
+    callback.on_train_end(None, None, None)
+
+    off = validate(make_cfg(tiny, rlora={"metrics": False}))
+    assert plugin.add_callbacks_post_trainer(off, FakeTrainer(model)) == []
+    assert plugin.add_callbacks_post_trainer(validate(make_cfg(tiny, adapter="lora")), FakeTrainer(model)) == []

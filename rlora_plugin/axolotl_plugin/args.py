@@ -41,6 +41,8 @@ AXOLOTL_KEY = {
     "router_init": "rlora.router_init",
     "router_temperature": "rlora.router_temperature",
     "init_seed": "rlora.init_seed",
+    "router_top_k": "rlora.router_top_k",
+    "router_aux_loss_coef": "rlora.router_aux_loss_coef",
 }
 
 _MERGE_WHY = "R-LoRA's router mixes its heads per token, so the adapter cannot be merged into the base weights"
@@ -48,16 +50,10 @@ _MERGE_FIX = (
     "remove `merge_lora` (and do not run `axolotl merge-lora` on an R-LoRA adapter); serve it unmerged with "
     "`axolotl inference` and `lora_model_dir`, or with `import rlora_plugin` + `PeftModel.from_pretrained`"
 )
-_QUANT_WHY = (
-    "Axolotl builds the bitsandbytes quantization config only for `adapter: lora/qlora`, so the base "
-    "model would silently load unquantized"
-)
 
 # key -> (why, fix) for options that are refused when set to a truthy value with `adapter: rlora`.
 REFUSED = {
     "merge_lora": (_MERGE_WHY, _MERGE_FIX),
-    "load_in_4bit": (_QUANT_WHY, "set `load_in_4bit: false` and train on a full-precision base"),
-    "load_in_8bit": (_QUANT_WHY, "set `load_in_8bit: false` and train on a full-precision base"),
     "gptq": (
         "R-LoRA adapts torch.nn.Linear layers only, not GPTQ's quantized linear layers",
         "set `gptq: false` and use a full-precision base model",
@@ -163,6 +159,27 @@ class RLoraOptions(BaseModel):
     router_temperature: float = Field(
         default=1.0, description="Softmax temperature tau of the router: gates = softmax(W_g x / tau)."
     )
+    router_top_k: int | None = Field(
+        default=None,
+        description=(
+            "Sparse routing: each token keeps its k largest gates, renormalized over the kept k. "
+            "Unset or 0: dense routing over all heads (the method's default)."
+        ),
+    )
+    router_aux_loss_coef: float = Field(
+        default=0.0,
+        description=(
+            "Weight of a Switch/Mixtral load-balancing loss N * sum_i f_i P_i (averaged over layers) added to "
+            "the training loss and logged as `rlora/aux_loss`. 0 (default) turns it off; e.g. 0.01."
+        ),
+    )
+    metrics: bool = Field(
+        default=True,
+        description=(
+            "Log router and head-diversity metrics (`rlora/...`: router entropy, head load, head cosine "
+            "similarities) every `logging_steps`. false turns them off."
+        ),
+    )
     init_seed: int | None = Field(
         default=None,
         description=(
@@ -195,7 +212,26 @@ class RLoraArgs(BaseModel):
             if self.rlora is None:
                 self.rlora = RLoraOptions()
             build_rlora_config(self)  # raises a ValueError naming the Axolotl key
+            if self.rlora.router_aux_loss_coef > 0 and getattr(self, "gradient_checkpointing", None):
+                self._rlora_non_reentrant_checkpointing()
         return self
+
+    def _rlora_non_reentrant_checkpointing(self) -> None:
+        """The load-balancing loss is computed inside the checkpointed decoder layers; a reentrant checkpoint
+        runs them without gradients, so the loss would silently not train the router. Axolotl 0.19 defaults
+        to reentrant when `gradient_checkpointing_kwargs` is unset: ask for non-reentrant instead."""
+        gc_kwargs = getattr(self, "gradient_checkpointing_kwargs", None)
+        if gc_kwargs is None:
+            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        elif gc_kwargs.get("use_reentrant"):
+            raise ValueError(
+                "adapter: rlora: `rlora.router_aux_loss_coef` > 0 does not work with "
+                "`gradient_checkpointing_kwargs.use_reentrant: true` (a reentrant checkpoint runs the router "
+                "without gradients, so the loss would silently not train it). Fix: set `use_reentrant: false` "
+                "(or remove `gradient_checkpointing_kwargs`), or `rlora.router_aux_loss_coef: 0`."
+            )
+        elif "use_reentrant" not in gc_kwargs:
+            self.gradient_checkpointing_kwargs = {**gc_kwargs, "use_reentrant": False}
 
 
 def _get(obj: Any, key: str) -> Any:
@@ -206,15 +242,19 @@ def _get(obj: Any, key: str) -> Any:
     return getattr(obj, key, None)
 
 
-def rlora_config_kwargs(cfg: Any, target_modules: Any = None) -> dict[str, Any]:
-    """`RLoraConfig` keyword arguments from an Axolotl config (a DictDefault or the pydantic model)."""
+def rlora_options(cfg: Any) -> RLoraOptions:
+    """The `rlora:` block of an Axolotl config (a DictDefault or the pydantic model), with defaults."""
     block = _get(cfg, "rlora")
     if block is None:
-        options = RLoraOptions()
-    elif isinstance(block, RLoraOptions):
-        options = block
-    else:
-        options = RLoraOptions.model_validate(dict(block))
+        return RLoraOptions()
+    if isinstance(block, RLoraOptions):
+        return block
+    return RLoraOptions.model_validate(dict(block))
+
+
+def rlora_config_kwargs(cfg: Any, target_modules: Any = None) -> dict[str, Any]:
+    """`RLoraConfig` keyword arguments from an Axolotl config (a DictDefault or the pydantic model)."""
+    options = rlora_options(cfg)
     init_seed = options.init_seed
     if init_seed is None:
         init_seed = _get(cfg, "seed") or 0
@@ -238,6 +278,8 @@ def rlora_config_kwargs(cfg: Any, target_modules: Any = None) -> dict[str, Any]:
         "head_dropout": options.head_dropout,
         "router_init": options.router_init,
         "router_temperature": options.router_temperature,
+        "router_top_k": options.router_top_k or None,
+        "router_aux_loss_coef": options.router_aux_loss_coef,
         "init_seed": init_seed,
     }
     # Unset Axolotl keys fall back to RLoraConfig's defaults.

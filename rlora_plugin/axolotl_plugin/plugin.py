@@ -22,16 +22,28 @@ from typing import Any
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.logging import get_logger
 from peft import PeftModel, get_peft_model
+from transformers import TrainerCallback
 
 import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type, needed to build and to load)
+from rlora_plugin.metrics import MetricsCollector, RouterAuxLoss
 
-from .args import ADAPTER_NAME, build_rlora_config
+from . import cpu_distributed, quantization
+from .args import ADAPTER_NAME, build_rlora_config, rlora_options
 
 # Under "axolotl." so that Axolotl's log filter shows INFO records (it keeps only WARNING+ of other loggers).
 LOG = get_logger("axolotl.integrations.rlora_plugin")
 
 # Settings that are fixed by an adapter saved in `lora_model_dir`; a config that disagrees is warned about.
-_SAVED_FIELDS = ("r", "lora_alpha", "num_heads", "init", "head_dropout", "router_init", "use_rslora")
+_SAVED_FIELDS = (
+    "r",
+    "lora_alpha",
+    "num_heads",
+    "init",
+    "head_dropout",
+    "router_init",
+    "use_rslora",
+    "router_top_k",
+)
 
 
 def _task_type(model: Any) -> str:
@@ -57,6 +69,89 @@ def _target_modules(model: Any, cfg: Any) -> Any:
     return sorted(set(modules) | set(find_all_linear_names(model)))
 
 
+class RLoraMetricsCallback(TrainerCallback):
+    """Logs the `rlora/...` metrics through the trainer's own logging, every `logging_steps`.
+
+    Gate statistics are summed by the layers during the training forwards that happen anyway (see
+    `rlora_plugin.metrics.MetricsCollector`); head similarities are computed from the weights only at
+    logging steps. On a step where the trainer is about to log (`control.should_log`, set by the
+    DefaultFlowCallback that runs before this one), the values go to `AxolotlTrainer.store_metrics`, which
+    `log()` folds into the record every reporter receives (and `trainer_state.json`'s `log_history`).
+    """
+
+    def __init__(self, trainer: Any, metrics: bool, aux: RouterAuxLoss | None = None) -> None:
+        self.trainer = trainer
+        self.collector = MetricsCollector(trainer.model) if metrics else None
+        self.aux = aux
+        self._pending: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.collector is not None:
+            self.collector.enable()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.collector is not None:
+            self.collector.disable()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not control.should_log:
+            return
+        values = self.collector.compute() if self.collector is not None else {}
+        if self.aux is not None and (aux := self.aux.pop_mean()) is not None:
+            values["rlora/aux_loss"] = aux
+        if not values:
+            return
+        if hasattr(self.trainer, "store_metrics"):
+            self.trainer.store_metrics(values, train_eval="train")
+        else:  # not an Axolotl trainer: add them to the next train record the callbacks see
+            self._pending = values
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._pending and logs is not None and "loss" in logs:
+            logs.update(self._pending)
+            self._pending = {}
+
+
+def install_aux_loss(trainer: Any, coef: float) -> RouterAuxLoss:
+    """Wrap `trainer.compute_loss` so that training losses include `coef * ` the routers' load-balancing
+    loss (mean over layers), scaled like the trainer scales the main loss under gradient accumulation."""
+    aux = RouterAuxLoss(trainer.model)
+    original = trainer.compute_loss
+    warned = []
+
+    def compute_loss(model, inputs, *args, **kwargs):
+        if not model.training:
+            return original(model, inputs, *args, **kwargs)
+        aux.start()
+        try:
+            out = original(model, inputs, *args, **kwargs)
+        finally:
+            value = aux.stop()
+        if value is None:
+            if not warned:
+                warned.append(True)
+                LOG.warning(
+                    "R-LoRA: rlora.router_aux_loss_coef is set, but no load-balancing loss was recorded in a "
+                    "training forward with gradients (a reentrant gradient checkpoint?): the router is not "
+                    "balanced. Use `gradient_checkpointing_kwargs: {use_reentrant: false}`."
+                )
+            return out
+        loss = out[0] if isinstance(out, tuple) else out
+        items = kwargs.get("num_items_in_batch", args[1] if len(args) > 1 else None)
+        # HF Trainer divides the loss by the accumulation steps unless compute_loss already normalized it
+        # over the whole accumulated batch (model_accepts_loss_kwargs with num_items_in_batch).
+        prenormalized = (getattr(trainer, "model_accepts_loss_kwargs", False) and items is not None) or getattr(
+            trainer, "compute_loss_func", None
+        ) is not None
+        steps = getattr(trainer, "current_gradient_accumulation_steps", None)
+        steps = steps or trainer.args.gradient_accumulation_steps
+        loss = loss + (coef / (steps if prenormalized else 1)) * value.to(loss.device, loss.dtype)
+        return (loss, *out[1:]) if isinstance(out, tuple) else loss
+
+    trainer.compute_loss = compute_loss
+    return aux
+
+
 class RLoraPlugin(BasePlugin):
     """Axolotl plugin for `adapter: rlora` (R-LoRA: randomized multi-head LoRA)."""
 
@@ -66,6 +161,23 @@ class RLoraPlugin(BasePlugin):
     def get_adapter_capabilities(self) -> list[AdapterCapabilities]:
         # Not lora_like: Axolotl's LoRA builder must not handle it; no ReLoRA (restarts merge).
         return [AdapterCapabilities(name=ADAPTER_NAME, lora_like=False, relora=False)]
+
+    def register(self, cfg):
+        # Every rank, before Axolotl creates accelerate's first PartialState: on a CPU-only host a
+        # multi-process launch (DDP or DeepSpeed) needs the gloo backend (see cpu_distributed.py).
+        if (cfg or {}).get("adapter") == ADAPTER_NAME and cpu_distributed.cpu_multiprocess():
+            cpu_distributed.patch_cpu_backend()
+            LOG.info("R-LoRA: CPU-only multi-process run: accelerate will use the gloo backend")
+        if quantization.wants_kbit(cfg):
+            # Axolotl builds the bitsandbytes config (and the kbit preparation) only for lora/qlora.
+            quantization.patch_model_loader()
+
+    def load_datasets(self, cfg, preprocess: bool = False):
+        # The first hook after normalize_config, before the model loads: Axolotl's per-rank device_map
+        # {"": LOCAL_RANK} names an accelerator that a CPU-only host does not have.
+        if cfg.adapter == ADAPTER_NAME and cpu_distributed.cpu_multiprocess():
+            cpu_distributed.cpu_device_map(cfg)
+        return None  # Axolotl loads the datasets itself
 
     def pre_model_load(self, cfg):
         if cfg.adapter != ADAPTER_NAME:
@@ -105,3 +217,16 @@ class RLoraPlugin(BasePlugin):
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             model.print_trainable_parameters()
         return model, peft_config
+
+    def add_callbacks_post_trainer(self, cfg, trainer):
+        """The metrics callback and, with `rlora.router_aux_loss_coef > 0`, the load-balancing loss."""
+        if cfg.adapter != ADAPTER_NAME:
+            return []
+        options = rlora_options(cfg)
+        aux = None
+        if options.router_aux_loss_coef > 0:
+            aux = install_aux_loss(trainer, options.router_aux_loss_coef)
+            LOG.info("R-LoRA: router load-balancing loss with coefficient %s", options.router_aux_loss_coef)
+        if not options.metrics and aux is None:
+            return []
+        return [RLoraMetricsCallback(trainer, metrics=options.metrics, aux=aux)]

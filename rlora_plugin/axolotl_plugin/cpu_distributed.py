@@ -1,0 +1,71 @@
+"""Multi-process training on a host without an accelerator (CPU only): DDP and DeepSpeed ZeRO through Axolotl.
+
+Launched with `torchrun --nproc_per_node N` (or `accelerate launch --multi_gpu --num_processes N`, or the
+`deepspeed` launcher), Axolotl on a CPU-only host otherwise fails or, worse, silently trains N independent
+copies:
+
+1. Axolotl's `normalize_config` sets `device_map = {"": LOCAL_RANK}` whenever WORLD_SIZE > 1; transformers
+   reads an integer device as an accelerator and the model load fails ("Cannot access accelerator device
+   when none is available"). Fixed by `cpu_device_map(cfg)`, called from the plugin's `load_datasets` hook
+   (the first hook that runs after `normalize_config`, before the model is loaded, on every rank).
+2. accelerate's `PartialState` picks a process-group backend only for accelerators (or for `cpu=True`, which
+   turns DeepSpeed off); with none it reports `num_processes == 1`. Axolotl has no `use_cpu`/`ddp_backend`
+   key, and it (and `TrainingArguments`, and the trainer's `Accelerator`) rebuild that state several times.
+   Without DeepSpeed every rank then trains alone on the whole dataset; with DeepSpeed,
+   `deepspeed.initialize` fails: "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step
+   * world_size". Fixed by `patch_cpu_backend()`, installed from the plugin's `register` hook (which runs
+   on every rank before Axolotl creates the first `PartialState`): when accelerate found no backend in a
+   launched multi-process run, it gets `gloo`, exactly what `cpu=True` would give, but DeepSpeed stays on.
+
+Both act only when no CUDA device is visible and WORLD_SIZE > 1; on GPU hosts nothing changes.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+_MARK = "_rlora_cpu_gloo"
+
+
+def cpu_multiprocess() -> bool:
+    """A launched multi-process run (WORLD_SIZE > 1) on a host where torch sees no CUDA device."""
+    import torch
+
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def patch_cpu_backend() -> bool:
+    """Make accelerate's `PartialState` use `gloo` where it would otherwise find no backend in a multi-process
+    launch (no accelerator). Idempotent; returns True if the patch is (now) installed."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    original = PartialState._prepare_backend
+    if getattr(original, _MARK, False):
+        return True
+
+    def _prepare_backend(self, cpu: bool = False, sagemaker_dp: bool = False, backend: str | None = None):
+        found, distributed_type = original(self, cpu, sagemaker_dp, backend)
+        if (
+            found is None
+            and distributed_type == DistributedType.NO
+            and int(os.environ.get("LOCAL_RANK", "-1")) != -1
+            and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        ):
+            if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+                # PartialState initializes deepspeed.comm with this backend, then switches to DEEPSPEED
+                return "gloo", DistributedType.NO
+            return "gloo", DistributedType.MULTI_CPU
+        return found, distributed_type
+
+    setattr(_prepare_backend, _MARK, True)
+    PartialState._prepare_backend = _prepare_backend
+    return True
+
+
+def cpu_device_map(cfg: Any) -> None:
+    """Replace Axolotl's per-rank `device_map = {"": LOCAL_RANK}` (an accelerator index) by the CPU."""
+    device_map = cfg.device_map
+    if isinstance(device_map, dict) and any(isinstance(v, int) for v in device_map.values()):
+        cfg.device_map = {k: ("cpu" if isinstance(v, int) else v) for k, v in device_map.items()}

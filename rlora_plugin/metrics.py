@@ -1,0 +1,286 @@
+"""What the heads learn: router statistics, head similarities and the load-balancing loss.
+
+Pure functions on tensors, plus two small stateful helpers that switch on recording in every
+`RLoraLayer` of a model:
+
+- `MetricsCollector`: while it is enabled, every adapted layer adds its training-mode gates to running
+  sums (detached; a few element-wise ops on a `(tokens, N)` tensor, no device sync). `compute()` turns
+  the sums into metrics, adds the head similarities (computed from the weights, only when asked) and
+  resets the sums.
+- `RouterAuxLoss`: between `start()` and `stop()`, every adapted layer records its load-balancing loss
+  (with gradient); `stop()` returns their mean over layers.
+
+Metric keys (all floats, averaged over adapted layers unless the key says otherwise):
+    rlora/router_entropy            mean over tokens of H(g(x)) / log N, in [0, 1] (1: uniform gates)
+    rlora/router_entropy/<kind>     the same for one module kind (e.g. q_proj), averaged over depth
+    rlora/head_load_max             largest mean gate of a head (1/N when balanced)
+    rlora/head_load_ratio           max / min mean gate per head (1 when balanced)
+    rlora/head_load_ratio_worst     the largest such ratio over layers
+    rlora/head_cos_B                mean pairwise cosine similarity between the heads' B_i
+    rlora/head_cos_BA               the same between the effective updates B_i A
+    rlora/head_cos_BA/<kind>        the same for one module kind
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+PREFIX = "rlora/"
+_EPS = 1e-12
+_RATIO_CAP = 1e6  # a head that never gets a gate (top-k) would make the ratio infinite
+
+
+# ---------------------------------------------------------------------------- pure functions
+def split_heads(lora_b: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """`B_cat (d_out, N*r)` -> `(N, d_out, r)`: head i is columns `i*r:(i+1)*r`."""
+    d_out = lora_b.shape[0]
+    return lora_b.reshape(d_out, num_heads, -1).permute(1, 0, 2)
+
+
+def _cosine_from_gram(gram: torch.Tensor) -> torch.Tensor:
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    return gram / (norms[:, None] * norms[None, :]).clamp_min(_EPS)
+
+
+def head_cosine_B(lora_b: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """`(N, N)` cosine similarities between the flattened heads B_i."""
+    heads = split_heads(lora_b.detach().float(), num_heads).flatten(1)
+    return _cosine_from_gram(heads @ heads.T)
+
+
+def head_cosine_BA(lora_a: torch.Tensor, lora_b: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """`(N, N)` cosine similarities between the effective updates B_i A, without forming any
+    `d_out x d_in` matrix: <B_i A, B_j A>_F = tr(A^T B_i^T B_j A) = tr((B_i^T B_j)(A A^T)).
+    Cost O(N^2 d_out r + r^2 d_in)."""
+    a = lora_a.detach().float()
+    heads = split_heads(lora_b.detach().float(), num_heads)  # (N, d_out, r)
+    gram_a = a @ a.T  # (r, r)
+    mixed = heads @ gram_a  # B_j (A A^T), (N, d_out, r)
+    gram = heads.flatten(1) @ mixed.flatten(1).T  # sum_{o,k} B_i[o,k] (B_j A A^T)[o,k] = tr(B_i^T B_j A A^T)
+    return _cosine_from_gram(gram)
+
+
+def mean_off_diagonal(matrix: torch.Tensor) -> float:
+    """Mean of the off-diagonal entries of a square matrix (the mean pairwise similarity); 1.0 if N = 1."""
+    n = matrix.shape[0]
+    if n < 2:
+        return 1.0
+    return float((matrix.sum() - matrix.diagonal().sum()) / (n * (n - 1)))
+
+
+def normalized_entropy(gates: torch.Tensor) -> torch.Tensor:
+    """Per-token entropy of the gates `(..., N)` divided by log N, in [0, 1] (0 for N = 1)."""
+    n = gates.shape[-1]
+    if n < 2:
+        return torch.zeros(gates.shape[:-1], device=gates.device)
+    g = gates.float()
+    return -(g * g.clamp_min(_EPS).log()).sum(-1) / math.log(n)
+
+
+def load_ratio(load: torch.Tensor) -> float:
+    """max / min of the mean gate per head (1 when balanced), capped at 1e6."""
+    return float(min(load.max() / load.min().clamp_min(_EPS), _RATIO_CAP))
+
+
+def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch/Mixtral load-balancing loss `N * sum_i f_i P_i` for the router softmax `probs (..., N)`.
+
+    `f_i` is the fraction of tokens routed to head i (its top-1 choice, or with `chosen (..., k)` its
+    top-k choices, each counting 1/k), `P_i` the mean gate probability of head i. `f` carries no gradient,
+    so the gradient pushes `P` toward balance. The minimum, 1, is reached by balanced routing.
+    """
+    n = probs.shape[-1]
+    flat = probs.reshape(-1, n).float()
+    if chosen is None:
+        chosen = flat.argmax(-1, keepdim=True)
+    chosen = chosen.reshape(flat.shape[0], -1)
+    counts = torch.zeros_like(flat).scatter_add_(-1, chosen, torch.ones_like(chosen, dtype=flat.dtype))
+    fraction = counts.mean(0) / chosen.shape[-1]
+    return n * (fraction.detach() * flat.mean(0)).sum()
+
+
+# ---------------------------------------------------------------------------- recording in the layers
+class GateStats:
+    """Running sums of one layer's gates: per-head gate sums, normalized-entropy sum and token count."""
+
+    __slots__ = ("gate_sum", "entropy_sum", "tokens")
+
+    def __init__(self) -> None:
+        self.gate_sum: torch.Tensor | None = None
+        self.entropy_sum: torch.Tensor | None = None
+        self.tokens = 0
+
+    @torch.no_grad()
+    def update(self, gates: torch.Tensor) -> None:
+        flat = gates.reshape(-1, gates.shape[-1]).float()
+        gate_sum, entropy_sum = flat.sum(0), normalized_entropy(flat).sum()
+        if self.gate_sum is None:
+            self.gate_sum, self.entropy_sum = gate_sum, entropy_sum
+        else:
+            self.gate_sum += gate_sum
+            self.entropy_sum += entropy_sum
+        self.tokens += flat.shape[0]
+
+
+def module_kind(name: str) -> str:
+    """The last non-numeric part of a module name: `...layers.3.mlp.down_proj` -> `down_proj`."""
+    parts = [p for p in name.split(".") if not p.isdigit()]
+    return parts[-1] if parts else name
+
+
+def rlora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from .layer import RLoraLayer
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, RLoraLayer)]
+
+
+def _active_adapter(layer: nn.Module) -> str | None:
+    for adapter in layer.active_adapters:
+        if adapter in layer.rlora_A:
+            return adapter
+    return None
+
+
+def similarity_metrics(model: nn.Module, per_kind: bool = True) -> dict[str, float]:
+    """`rlora/head_cos_B`, `rlora/head_cos_BA` (and per module kind) from the adapter weights."""
+    cos_b, cos_ba, by_kind = [], [], defaultdict(list)
+    for name, layer in rlora_layers(model):
+        adapter = _active_adapter(layer)
+        if adapter is None or layer.num_heads[adapter] < 2:
+            continue
+        heads = layer.num_heads[adapter]
+        lora_b = layer.rlora_B[adapter]
+        if lora_b.dim() != 2 or lora_b.numel() == 0:  # a ZeRO-3 / FSDP partition, not the full weight
+            continue
+        cos_b.append(mean_off_diagonal(head_cosine_B(layer.rlora_B[adapter], heads)))
+        value = mean_off_diagonal(head_cosine_BA(layer.rlora_A[adapter], layer.rlora_B[adapter], heads))
+        cos_ba.append(value)
+        by_kind[module_kind(name)].append(value)
+    if not cos_b:
+        return {}
+    out = {f"{PREFIX}head_cos_B": sum(cos_b) / len(cos_b), f"{PREFIX}head_cos_BA": sum(cos_ba) / len(cos_ba)}
+    if per_kind and len(by_kind) > 1:
+        out |= {f"{PREFIX}head_cos_BA/{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())}
+    return out
+
+
+class MetricsCollector:
+    """Switches gate recording on in every R-LoRA layer of `model` and turns it into metrics.
+
+    Only training-mode forwards are recorded (not evaluation or generation). With gradient
+    checkpointing a recomputed forward is recorded twice, which leaves the averages unchanged.
+    """
+
+    def __init__(self, model: nn.Module, per_kind: bool = True) -> None:
+        self.layers = rlora_layers(model)
+        self.model = model
+        self.per_kind = per_kind
+        self.enabled = False
+
+    def enable(self) -> MetricsCollector:
+        for _, layer in self.layers:
+            layer._rlora_gate_stats = GateStats()
+        self.enabled = True
+        return self
+
+    def disable(self) -> None:
+        for _, layer in self.layers:
+            layer._rlora_gate_stats = None
+        self.enabled = False
+
+    def gate_metrics(self, reset: bool = True) -> dict[str, float]:
+        entropies, ratios, load_max, by_kind = [], [], [], defaultdict(list)
+        for name, layer in self.layers:
+            stats = layer._rlora_gate_stats
+            if stats is None or not stats.tokens:
+                continue
+            load = stats.gate_sum / stats.tokens
+            entropy = float(stats.entropy_sum) / stats.tokens
+            entropies.append(entropy)
+            by_kind[module_kind(name)].append(entropy)
+            ratios.append(load_ratio(load))
+            load_max.append(float(load.max()))
+            if reset:
+                layer._rlora_gate_stats = GateStats()
+        if not entropies:
+            return {}
+        out = {
+            f"{PREFIX}router_entropy": sum(entropies) / len(entropies),
+            f"{PREFIX}head_load_max": sum(load_max) / len(load_max),
+            f"{PREFIX}head_load_ratio": sum(ratios) / len(ratios),
+            f"{PREFIX}head_load_ratio_worst": max(ratios),
+        }
+        if self.per_kind and len(by_kind) > 1:
+            out |= {f"{PREFIX}router_entropy/{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())}
+        return out
+
+    def compute(self, similarities: bool = True, reset: bool = True) -> dict[str, float]:
+        """Gate metrics since the last call (empty before any training forward) and head similarities."""
+        out = self.gate_metrics(reset=reset)
+        if similarities:
+            out |= similarity_metrics(self.model, self.per_kind)
+        return out
+
+
+class _Discard(list):
+    """Stands in for the open list between stop() and the next start(): the layers keep computing their
+    loss (a non-reentrant gradient checkpoint must recompute exactly the ops of the original forward),
+    but nothing is kept."""
+
+    def append(self, item) -> None:  # noqa: ANN001
+        pass
+
+
+_DISCARD = _Discard()
+
+
+class RouterAuxLoss:
+    """Collects the layers' load-balancing losses of one forward pass.
+
+        aux = RouterAuxLoss(model)
+        aux.start()
+        loss = model(**batch).loss
+        loss = loss + coef * aux.stop()   # stop() returns None if nothing was recorded
+
+    Only forwards in training mode with gradients enabled record a loss, and only between start() and
+    stop(): a forward recomputed by gradient checkpointing during backward records nothing. After the first
+    start() the layers compute the loss in every training forward (so that a recomputed forward matches the
+    original one); close() switches that off.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [layer for _, layer in rlora_layers(model)]
+        self.total = 0.0  # detached running sum of the values returned by stop(), for logging
+        self.count = 0
+
+    def start(self) -> None:
+        for layer in self.layers:
+            layer._rlora_aux_losses = []
+
+    def stop(self) -> torch.Tensor | None:
+        losses = []
+        for layer in self.layers:
+            losses.extend(layer._rlora_aux_losses or [])
+            layer._rlora_aux_losses = _DISCARD
+        if not losses:
+            return None
+        loss = torch.stack([t.to(losses[0].device) for t in losses]).mean()
+        self.total = self.total + loss.detach()
+        self.count += 1
+        return loss
+
+    def close(self) -> None:
+        for layer in self.layers:
+            layer._rlora_aux_losses = None
+
+    def pop_mean(self) -> float | None:
+        """Mean of the losses returned by stop() since the last call (None if none), and reset."""
+        if not self.count:
+            return None
+        value = float(self.total) / self.count
+        self.total, self.count = 0.0, 0
+        return value

@@ -1,0 +1,185 @@
+"""Router and head-diversity metrics, sparse top-k routing and the load-balancing loss, with known answers."""
+
+import math
+
+import pytest
+import torch
+from peft import get_peft_model
+from test_peft_layer import MLP, adapted_layers, tiny_llama, tokens
+
+from rlora_plugin import RLoraConfig
+from rlora_plugin.metrics import (
+    MetricsCollector,
+    RouterAuxLoss,
+    head_cosine_B,
+    head_cosine_BA,
+    load_balancing_loss,
+    mean_off_diagonal,
+    normalized_entropy,
+    similarity_metrics,
+    split_heads,
+)
+
+
+def model_with(**kwargs):
+    config = dict(target_modules=MLP, r=4, num_heads=3, lora_dropout=0.0) | kwargs
+    return get_peft_model(tiny_llama(), RLoraConfig(**config))
+
+
+def test_identical_heads_have_similarity_one():
+    head = torch.randn(16, 4)
+    lora_b = torch.cat([head, head, head], dim=1)
+    lora_a = torch.randn(4, 24)
+    torch.testing.assert_close(head_cosine_B(lora_b, 3), torch.ones(3, 3))
+    torch.testing.assert_close(head_cosine_BA(lora_a, lora_b, 3), torch.ones(3, 3))
+    assert mean_off_diagonal(head_cosine_BA(lora_a, lora_b, 3)) == pytest.approx(1.0)
+    # opposite heads: -1; a head and its scaled copy: 1
+    lora_b = torch.cat([head, -head, 2 * head], dim=1)
+    cos = head_cosine_BA(lora_a, lora_b, 3)
+    assert cos[0, 1] == pytest.approx(-1.0, abs=1e-5) and cos[0, 2] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_trace_form_equals_explicit_products():
+    gen = torch.Generator().manual_seed(0)
+    lora_a, lora_b = torch.randn(4, 24, generator=gen), torch.randn(16, 5 * 4, generator=gen)
+    full = torch.stack([(h @ lora_a).flatten() for h in split_heads(lora_b, 5)])
+    full = torch.nn.functional.normalize(full, dim=1)
+    torch.testing.assert_close(head_cosine_BA(lora_a, lora_b, 5), full @ full.T, atol=1e-5, rtol=1e-5)
+    flat = torch.nn.functional.normalize(split_heads(lora_b, 5).flatten(1), dim=1)
+    torch.testing.assert_close(head_cosine_B(lora_b, 5), flat @ flat.T, atol=1e-5, rtol=1e-5)
+
+
+def test_entropy_and_load_balancing_known_values():
+    uniform = torch.full((7, 4), 0.25)
+    torch.testing.assert_close(normalized_entropy(uniform), torch.ones(7))
+    one_hot = torch.eye(4)
+    torch.testing.assert_close(normalized_entropy(one_hot), torch.zeros(4))
+    assert float(load_balancing_loss(uniform)) == pytest.approx(1.0)
+    collapsed = torch.tensor([[1.0, 0, 0, 0]] * 5)
+    assert float(load_balancing_loss(collapsed)) == pytest.approx(4.0)  # N when every token picks one head
+
+
+def test_zero_router_gives_entropy_one_and_load_ratio_one():
+    model = model_with().train()
+    collector = MetricsCollector(model).enable()
+    model(tokens())
+    metrics = collector.compute()
+    assert metrics["rlora/router_entropy"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["rlora/head_load_ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["rlora/head_load_ratio_worst"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["rlora/head_load_max"] == pytest.approx(1 / 3, abs=1e-6)
+    assert set(k for k in metrics if k.startswith("rlora/router_entropy/")) == {
+        f"rlora/router_entropy/{kind}" for kind in MLP
+    }
+    # random init: distinct heads, similarity well below 1
+    assert abs(metrics["rlora/head_cos_B"]) < 0.5 and abs(metrics["rlora/head_cos_BA"]) < 0.5
+    assert collector.compute(similarities=False) == {}  # reset after compute; nothing recorded since
+
+
+def test_only_training_forwards_are_recorded_and_disable_stops_it():
+    model = model_with()
+    collector = MetricsCollector(model).enable()
+    model.eval()
+    model(tokens())
+    assert collector.gate_metrics() == {}
+    collector.disable()
+    model.train()
+    model(tokens())
+    assert all(layer._rlora_gate_stats is None for layer in adapted_layers(model))
+
+
+def test_zero_init_heads_are_identical_for_hydralora():
+    metrics = similarity_metrics(model_with(init="zero"))  # B_i = 0: cosine undefined -> 0, not NaN
+    assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_top1_gives_one_hot_gates_and_changes_the_output():
+    dense, sparse = model_with(router_init="kaiming"), model_with(router_init="kaiming", router_top_k=1)
+    layer = adapted_layers(sparse)[0]
+    probs = torch.softmax(torch.randn(6, 3), dim=-1)
+    gates = layer.route(probs, "default")
+    assert ((gates == 0) | (gates == 1)).all() and (gates.sum(-1) == 1).all()
+    assert torch.equal(gates.argmax(-1), probs.argmax(-1))
+    top2 = model_with(router_top_k=2)
+    gates = adapted_layers(top2)[0].route(probs, "default")
+    assert ((gates > 0).sum(-1) == 2).all()
+    torch.testing.assert_close(gates.sum(-1), torch.ones(6))
+    # the same weights with top-1 routing give another output
+    sparse.load_state_dict(dense.state_dict())
+    ids = tokens()
+    assert not torch.allclose(dense.eval()(ids).logits, sparse.eval()(ids).logits)
+    # top-1 gates: entropy 0
+    collector = MetricsCollector(sparse.train()).enable()
+    sparse(ids)
+    assert collector.compute()["rlora/router_entropy"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_aux_loss_changes_router_gradients():
+    def router_grads(coef):
+        model = model_with(router_init="kaiming").train()
+        aux = RouterAuxLoss(model)
+        aux.start()
+        loss = model(tokens(), labels=tokens()).loss
+        value = aux.stop()
+        assert value is not None and value.requires_grad
+        assert 1.0 <= float(value.detach()) <= 3.0  # between balanced (1) and collapsed (N)
+        (loss + coef * value).backward()
+        return torch.cat([layer.rlora_router["default"].grad.flatten() for layer in adapted_layers(model)])
+
+    without, with_aux = router_grads(0.0), router_grads(1.0)
+    assert not torch.allclose(without, with_aux)
+    # nothing is recorded outside start()/stop(), nor in eval mode
+    model = model_with()
+    model.train()(tokens())
+    assert all(layer._rlora_aux_losses is None for layer in adapted_layers(model))
+    aux = RouterAuxLoss(model)
+    aux.start()
+    model.eval()(tokens())
+    assert aux.stop() is None
+    model.train()(tokens())  # after stop(): computed (checkpoint recomputation must match) but not kept
+    aux.start()
+    assert aux.stop() is None
+    aux.close()
+    assert all(layer._rlora_aux_losses is None for layer in adapted_layers(model))
+
+
+def test_aux_loss_under_non_reentrant_gradient_checkpointing():
+    model = model_with(router_init="kaiming")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.train()
+    aux = RouterAuxLoss(model)
+    for _ in range(2):  # the second step's forward follows a stop(): recomputation must match the forward
+        aux.start()
+        loss = model(tokens(), labels=tokens()).loss
+        value = aux.stop()
+        (loss + 0.1 * value).backward()
+    assert all(layer.rlora_router["default"].grad is not None for layer in adapted_layers(model))
+
+
+def test_config_validation_of_routing_options():
+    with pytest.raises(ValueError, match=r"`router_top_k` = 4 is invalid"):
+        RLoraConfig(num_heads=3, router_top_k=4)
+    with pytest.raises(ValueError, match=r"`router_aux_loss_coef` = -1 is invalid"):
+        RLoraConfig(router_aux_loss_coef=-1)
+    assert RLoraConfig(router_top_k=0).router_top_k == 0  # dense, like None
+
+
+def test_report_on_a_saved_adapter(tmp_path):
+    from rlora_plugin.report import main, report
+
+    model = model_with(num_heads=4)
+    layer = adapted_layers(model)[0]
+    with torch.no_grad():  # make the first layer's heads identical: similarity 1 in the report
+        b = layer.rlora_B["default"]
+        b.copy_(b[:, :4].repeat(1, 4))
+    model.save_pretrained(tmp_path / "adapter")
+    text = report(tmp_path / "adapter", tmp_path / "heads.png")
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.startswith("base_model.")}
+    assert len(rows) == 2 * len(MLP)
+    first = rows["base_model.model.model.layers.0.mlp.gate_proj"]
+    assert float(first[0]) == pytest.approx(1.0) and float(first[1]) == pytest.approx(1.0)
+    assert all(abs(float(v[1])) < 0.9 for k, v in rows.items() if "layers.0.mlp.gate_proj" not in k)
+    assert all(float(v[2]) == 0 and float(v[3]) > 0 for v in rows.values())  # zero router, live offset
+    assert (tmp_path / "heads.png").read_bytes()[:4] == b"\x89PNG"
+    assert main([str(tmp_path / "missing")]) == 2
