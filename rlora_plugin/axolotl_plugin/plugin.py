@@ -22,13 +22,12 @@ from typing import Any
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from axolotl.utils.logging import get_logger
 from peft import PeftModel, get_peft_model
-from transformers import TrainerCallback
 
 import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type, needed to build and to load)
-from rlora_plugin.metrics import MetricsCollector, RouterAuxLoss
 
 from . import cpu_distributed, quantization
 from .args import ADAPTER_NAME, build_rlora_config, rlora_options
+from .training import RLoraMetricsCallback, install_aux_loss
 
 # Under "axolotl." so that Axolotl's log filter shows INFO records (it keeps only WARNING+ of other loggers).
 LOG = get_logger("axolotl.integrations.rlora_plugin")
@@ -67,89 +66,6 @@ def _target_modules(model: Any, cfg: Any) -> Any:
 
     modules = modules if isinstance(modules, list) else [modules]
     return sorted(set(modules) | set(find_all_linear_names(model)))
-
-
-class RLoraMetricsCallback(TrainerCallback):
-    """Logs the `rlora/...` metrics through the trainer's own logging, every `logging_steps`.
-
-    Gate statistics are summed by the layers during the training forwards that happen anyway (see
-    `rlora_plugin.metrics.MetricsCollector`); head similarities are computed from the weights only at
-    logging steps. On a step where the trainer is about to log (`control.should_log`, set by the
-    DefaultFlowCallback that runs before this one), the values go to `AxolotlTrainer.store_metrics`, which
-    `log()` folds into the record every reporter receives (and `trainer_state.json`'s `log_history`).
-    """
-
-    def __init__(self, trainer: Any, metrics: bool, aux: RouterAuxLoss | None = None) -> None:
-        self.trainer = trainer
-        self.collector = MetricsCollector(trainer.model) if metrics else None
-        self.aux = aux
-        self._pending: dict[str, float] = {}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.collector is not None:
-            self.collector.enable()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.collector is not None:
-            self.collector.disable()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if not control.should_log:
-            return
-        values = self.collector.compute() if self.collector is not None else {}
-        if self.aux is not None and (aux := self.aux.pop_mean()) is not None:
-            values["rlora/aux_loss"] = aux
-        if not values:
-            return
-        if hasattr(self.trainer, "store_metrics"):
-            self.trainer.store_metrics(values, train_eval="train")
-        else:  # not an Axolotl trainer: add them to the next train record the callbacks see
-            self._pending = values
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._pending and logs is not None and "loss" in logs:
-            logs.update(self._pending)
-            self._pending = {}
-
-
-def install_aux_loss(trainer: Any, coef: float) -> RouterAuxLoss:
-    """Wrap `trainer.compute_loss` so that training losses include `coef * ` the routers' load-balancing
-    loss (mean over layers), scaled like the trainer scales the main loss under gradient accumulation."""
-    aux = RouterAuxLoss(trainer.model)
-    original = trainer.compute_loss
-    warned = []
-
-    def compute_loss(model, inputs, *args, **kwargs):
-        if not model.training:
-            return original(model, inputs, *args, **kwargs)
-        aux.start()
-        try:
-            out = original(model, inputs, *args, **kwargs)
-        finally:
-            value = aux.stop()
-        if value is None:
-            if not warned:
-                warned.append(True)
-                LOG.warning(
-                    "R-LoRA: rlora.router_aux_loss_coef is set, but no load-balancing loss was recorded in a "
-                    "training forward with gradients (a reentrant gradient checkpoint?): the router is not "
-                    "balanced. Use `gradient_checkpointing_kwargs: {use_reentrant: false}`."
-                )
-            return out
-        loss = out[0] if isinstance(out, tuple) else out
-        items = kwargs.get("num_items_in_batch", args[1] if len(args) > 1 else None)
-        # HF Trainer divides the loss by the accumulation steps unless compute_loss already normalized it
-        # over the whole accumulated batch (model_accepts_loss_kwargs with num_items_in_batch).
-        prenormalized = (getattr(trainer, "model_accepts_loss_kwargs", False) and items is not None) or getattr(
-            trainer, "compute_loss_func", None
-        ) is not None
-        steps = getattr(trainer, "current_gradient_accumulation_steps", None)
-        steps = steps or trainer.args.gradient_accumulation_steps
-        loss = loss + (coef / (steps if prenormalized else 1)) * value.to(loss.device, loss.dtype)
-        return (loss, *out[1:]) if isinstance(out, tuple) else loss
-
-    trainer.compute_loss = compute_loss
-    return aux
 
 
 class RLoraPlugin(BasePlugin):
