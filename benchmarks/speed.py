@@ -242,6 +242,48 @@ class OneLayer(nn.Module):
         return self.proj(x)
 
 
+def adapt(base: nn.Module, key: str, r: int, heads: int, eq: int, targets: list[str]) -> nn.Module:
+    """The variant `key` of a frozen `base`: itself, PEFT LoRA (same rank or equal parameters), rlora or the loop."""
+    if key == "base":
+        return base
+    if key in ("lora_r", "lora_eq"):
+        rank = r if key == "lora_r" else eq
+        return get_peft_model(base, LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=targets))
+    if key == "rlora":
+        config = RLoraConfig(
+            r=r,
+            num_heads=heads,
+            lora_alpha=ALPHA,
+            lora_dropout=DROPOUT,
+            head_dropout="per_head",
+            init="random",
+            target_modules=targets,
+        )
+        return get_peft_model(base, config)
+    return attach_loop(base, targets, r, heads)
+
+
+def measure(
+    name: str, kind: str, variants: list[Variant], rlora_expected: int, tokens: int, heads: int, r: int, eq: int,
+    warmup: int, repeats: int,
+) -> CaseResult:  # fmt: skip
+    """Check rlora's parameter count against the shapes, time the variants and summarize them."""
+    rl = next((v for v in variants if v.key == "rlora"), None)
+    if rl is not None:
+        assert rl.trainable == rlora_expected, (name, rl.trainable, rlora_expected)
+    peak = run_case(variants, warmup, repeats)
+    return CaseResult(
+        name=name,
+        kind=kind,
+        tokens=tokens,
+        heads=heads,
+        r=r,
+        eq_rank=eq,
+        variants={v.key: summarize(v, tokens, peak) for v in variants},
+        peak_gflops=peak,
+    )
+
+
 def layer_case(
     d_in: int, d_out: int, tokens: int, heads: int, r: int, keys: list[str], warmup: int, repeats: int
 ) -> CaseResult:
@@ -251,26 +293,9 @@ def layer_case(
     grad_out = torch.randn(1, tokens, d_out)
     variants = []
     for key in keys:
-        base = OneLayer(d_in, d_out).requires_grad_(False)
-        if key == "base":
-            model = base
-        elif key in ("lora_r", "lora_eq"):
-            rank = r if key == "lora_r" else eq
-            cfg = LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=["proj"])
-            model = get_peft_model(base, cfg).get_base_model()
-        elif key == "rlora":
-            cfg = RLoraConfig(
-                r=r,
-                num_heads=heads,
-                lora_alpha=ALPHA,
-                lora_dropout=DROPOUT,
-                head_dropout="per_head",
-                init="random",
-                target_modules=["proj"],
-            )
-            model = get_peft_model(base, cfg).get_base_model()
-        else:
-            model = attach_loop(base, ["proj"], r, heads)
+        model = adapt(OneLayer(d_in, d_out).requires_grad_(False), key, r, heads, eq, ["proj"])
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()  # call the adapted module itself, not PeftModel's wrapper
         model.train()
 
         def step(model: nn.Module = model) -> None:
@@ -279,20 +304,10 @@ def layer_case(
 
         flops = base_linear_flops(d_in, d_out) + adapter_flops(key, d_in, d_out, r, heads, r if key == "lora_r" else eq)
         variants.append(Variant(key, model, step, trainable(model), flops))
-    rl = next((v for v in variants if v.key == "rlora"), None)
-    if rl is not None:
-        assert rl.trainable == rlora_params(d_in, d_out, r, heads), (rl.trainable, d_in, d_out)
-    peak = run_case(variants, warmup, repeats)
-    return CaseResult(
-        name=f"layer {d_in}->{d_out}",
-        kind="layer",
-        tokens=tokens,
-        heads=heads,
-        r=r,
-        eq_rank=eq,
-        variants={v.key: summarize(v, tokens, peak) for v in variants},
-        peak_gflops=peak,
-    )
+    return measure(
+        f"layer {d_in}->{d_out}", "layer", variants, rlora_params(d_in, d_out, r, heads), tokens, heads, r, eq,
+        warmup, repeats,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,24 +348,7 @@ def model_case(layers: int, tokens: int, heads: int, r: int, keys: list[str], wa
     for key in keys:
         torch.manual_seed(0)
         base = transformers.LlamaForCausalLM(cfg).requires_grad_(False)
-        if key == "base":
-            model = base
-        elif key in ("lora_r", "lora_eq"):
-            rank = r if key == "lora_r" else eq
-            model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=MLP))
-        elif key == "rlora":
-            cfg_r = RLoraConfig(
-                r=r,
-                num_heads=heads,
-                lora_alpha=ALPHA,
-                lora_dropout=DROPOUT,
-                head_dropout="per_head",
-                init="random",
-                target_modules=MLP,
-            )
-            model = get_peft_model(base, cfg_r)
-        else:
-            model = attach_loop(base, MLP, r, heads)
+        model = adapt(base, key, r, heads, eq, MLP)
         model.train()
         # The hidden states need their gradient from the embedding on, in every variant, so all of them do
         # the same input-gradient work in the base model (the frozen base alone would otherwise do none).
@@ -362,19 +360,9 @@ def model_case(layers: int, tokens: int, heads: int, r: int, keys: list[str], wa
         rank = r if key == "lora_r" else eq
         flops = base_flops + layers * sum(adapter_flops(key, a, b, r, heads, rank) for a, b in shapes)
         variants.append(Variant(key, model, step, trainable(model), flops))
-    rl = next((v for v in variants if v.key == "rlora"), None)
-    if rl is not None:
-        assert rl.trainable == layers * sum(rlora_params(a, b, r, heads) for a, b in shapes)
-    peak = run_case(variants, warmup, repeats)
-    return CaseResult(
-        name=f"SmolLM2-135M arch, {layers} layers",
-        kind="model",
-        tokens=tokens,
-        heads=heads,
-        r=r,
-        eq_rank=eq,
-        variants={v.key: summarize(v, tokens, peak) for v in variants},
-        peak_gflops=peak,
+    rlora_expected = layers * sum(rlora_params(a, b, r, heads) for a, b in shapes)
+    return measure(
+        f"SmolLM2-135M arch, {layers} layers", "model", variants, rlora_expected, tokens, heads, r, eq, warmup, repeats
     )
 
 
