@@ -33,6 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import rlora_plugin
+from benchmarks.counts import equal_param_rank, rlora_params
 from rlora_plugin import RLoraConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -95,15 +96,6 @@ def attach_loop(model: nn.Module, targets: list[str], r: int, heads: int) -> nn.
 # --------------------------------------------------------------------------------------------------
 # Parameter and FLOP counts from the shapes.
 # --------------------------------------------------------------------------------------------------
-def rlora_params(d_in: int, d_out: int, r: int, heads: int) -> int:
-    return r * d_in + heads * r * d_out + heads * d_in  # A + N B_i + router
-
-
-def equal_param_rank(shapes: list[tuple[int, int]], r: int, heads: int) -> int:
-    total = sum(rlora_params(i, o, r, heads) for i, o in shapes)
-    return max(1, round(total / sum(i + o for i, o in shapes)))
-
-
 def adapter_flops(variant: str, d_in: int, d_out: int, r: int, heads: int, rank: int) -> int:
     """Training-step FLOPs per token of the adapter alone (the input needs its gradient).
 
@@ -223,6 +215,7 @@ def summarize(v: Variant, tokens: int, peak: float) -> dict:
         q1_ms=q[0] * 1e3,
         q3_ms=q[2] * 1e3,
         n=len(ts),
+        times_ms=[t * 1e3 for t in v.times],  # in round order, for the paired ratios
         act_mb=v.act_bytes / 2**20,
         mflop_per_token=v.flops_per_token / 1e6,
         gflops=gflops,
@@ -374,19 +367,29 @@ def ratio(case: CaseResult, key: str, metric: str) -> float:
     return case.variants[key][metric] / ref if ref else math.nan
 
 
+def paired_time_ratio(case: CaseResult, key: str) -> tuple[float, float, float]:
+    """Median, first and third quartile over the timed rounds of `key`'s step time over LoRA-eq's in the same
+    round: load from other jobs that changes from round to round cancels out of each ratio."""
+    times, ref = case.variants[key]["times_ms"], case.variants[REFERENCE]["times_ms"]
+    pairs = [t / r for t, r in zip(times, ref, strict=True)]
+    q = statistics.quantiles(pairs, n=4) if len(pairs) >= 2 else pairs * 3
+    return statistics.median(pairs), q[0], q[2]
+
+
 def case_title(c: CaseResult) -> str:
     return f"{c.name}, T={c.tokens}, N={c.heads}, r={c.r} (equal-param LoRA rank {c.eq_rank})"
 
 
 def summary_table(cases: list[CaseResult]) -> list[str]:
     lines = [
-        "| case | T | N | r | rlora / LoRA-eq time | (CPU time) | loop / rlora time | rlora / LoRA-eq act. mem | "
-        "rlora / LoRA-eq adapter act. mem | time <= 1.05x | >= 1.5x vs loop | mem <= LoRA-eq |",
+        "| case | T | N | r | rlora / LoRA-eq time, paired (IQR) | (CPU time) | loop / rlora time | "
+        "rlora / LoRA-eq act. mem | rlora / LoRA-eq adapter act. mem | time <= 1.05x | >= 1.5x vs loop | "
+        "mem <= LoRA-eq |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in cases:
         v = c.variants
-        t = ratio(c, "rlora", "median_ms")
+        t, t_q1, t_q3 = paired_time_ratio(c, "rlora")
         lo = v["loop"]["median_ms"] / v["rlora"]["median_ms"] if "loop" in v else math.nan
         m = ratio(c, "rlora", "act_mb")
         cpu = ratio(c, "rlora", "cpu_ms")
@@ -398,7 +401,8 @@ def summary_table(cases: list[CaseResult]) -> list[str]:
             return "yes" if flag else "**no**"
 
         lines.append(
-            f"| {c.name} | {c.tokens} | {c.heads} | {c.r} | {t:.3f} | {cpu:.3f} | {lo:.2f} | {m:.3f} | {extra:.3f} | "
+            f"| {c.name} | {c.tokens} | {c.heads} | {c.r} | {t:.3f} ({t_q1:.2f}-{t_q3:.2f}) | {cpu:.3f} | {lo:.2f} | "
+            f"{m:.3f} | {extra:.3f} | "
             f"{ok(t <= 1.05)} | {ok(lo >= 1.5) if not math.isnan(lo) else '-'} | {ok(m <= 1.0)} |"
         )
     return lines
@@ -485,7 +489,7 @@ def plot(cases: list[CaseResult], path: Path) -> None:
     fig, axes = plt.subplots(2, 1, figsize=(max(9, 1.25 * len(cases) + 3), 9), sharex=True)
     width = 0.8 / len(keys)
     for ax, metric, title in (
-        (axes[0], "median_ms", "step time / LoRA-eq (median; bars: min-max)"),
+        (axes[0], "median_ms", "step time / LoRA-eq in the same round (median; bars: IQR)"),
         (axes[1], "act_mb", "activation memory saved for backward / LoRA-eq"),
     ):
         for j, key in enumerate(keys):
@@ -494,12 +498,13 @@ def plot(cases: list[CaseResult], path: Path) -> None:
                 if key not in c.variants:
                     continue
                 xs.append(ci + (j - (len(keys) - 1) / 2) * width)
-                y = ratio(c, key, metric)
-                ys.append(y)
                 if metric == "median_ms":
-                    ref = c.variants[REFERENCE]["median_ms"]
-                    lo.append(y - c.variants[key]["min_ms"] / ref)
-                    hi.append(c.variants[key]["max_ms"] / ref - y)
+                    y, q1, q3 = paired_time_ratio(c, key)
+                    lo.append(y - q1)
+                    hi.append(q3 - y)
+                else:
+                    y = ratio(c, key, metric)
+                ys.append(y)
             err = [lo, hi] if metric == "median_ms" else None
             ax.bar(xs, ys, width, yerr=err, capsize=2, label=VARIANT_LABELS[key], color=colors[key])
         ax.axhline(1.0, color="black", lw=0.8)
@@ -535,7 +540,7 @@ def layer_grid(full: bool) -> list[tuple[int, int, int, int, int]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="full layer grid and the 30-layer model")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 5, full 9)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 9, full 11)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
     parser.add_argument("--model-layers", type=int, default=None, help="decoder layers (default 4, full 30)")
@@ -547,7 +552,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else __import__("sys").argv[1:]
-    args.repeats = args.repeats or (9 if args.full else 5)
+    args.repeats = args.repeats or (11 if args.full else 9)
     if args.threads:
         torch.set_num_threads(args.threads)
     model_tokens = args.model_tokens or (1024 if args.full else 512)

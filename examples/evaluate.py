@@ -16,9 +16,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type)
 
 
+def parse_reply(reply: str) -> str:
+    """The answer in a reply: its first line, without surrounding spaces or a final period."""
+    lines = reply.strip().splitlines()
+    return lines[0].strip().removesuffix(".").strip() if lines else ""
+
+
 @torch.no_grad()
 def accuracy(model, tokenizer, items: list[dict], batch_size: int = 16) -> dict[str, float]:
-    """Greedy-decode every prompt (left-padded batches) and score the reply by exact match."""
+    """Greedy-decode every prompt (left-padded batches) and score the parsed reply by exact match."""
     tokenizer.padding_side = "left"
     correct: dict[str, list[bool]] = defaultdict(list)
     for start in range(0, len(items), batch_size):
@@ -33,7 +39,7 @@ def accuracy(model, tokenizer, items: list[dict], batch_size: int = 16) -> dict[
         out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
         replies = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         for item, reply in zip(batch, replies, strict=True):
-            correct[item["task"]].append(reply.strip() == item["answer"])
+            correct[item["task"]].append(parse_reply(reply) == item["answer"])
     scores = {task: sum(hits) / len(hits) for task, hits in correct.items()}
     scores["average"] = sum(scores.values()) / len(scores)
     return scores

@@ -21,6 +21,9 @@ WORDS = (
 ).split()
 
 
+Task = Callable[[random.Random], tuple[str, str]]  # draws one (prompt, answer) item
+
+
 def addition(rng: random.Random) -> tuple[str, str]:
     a, b = rng.randint(10, 99), rng.randint(10, 99)
     return f"Add {a} and {b}. Reply with the number only.", str(a + b)
@@ -50,7 +53,7 @@ def compare_numbers(rng: random.Random) -> tuple[str, str]:
     return f"Which is larger, {a} or {b}? Reply with the number only.", str(max(a, b))
 
 
-TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
+TASKS: dict[str, Task] = {
     "addition": addition,
     "sort_words": sort_words,
     "reverse_word": reverse_word,
@@ -59,17 +62,24 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 }
 
 
-def generate(train_per_task: int, test_per_task: int, seed: int = 0) -> tuple[list[dict], list[dict]]:
+def generate(
+    train_per_task: int, test_per_task: int, seed: int = 0, tasks: dict[str, Task] | None = None
+) -> tuple[list[dict], list[dict]]:
     """Draw items per task until there are enough distinct prompts; test prompts never occur in train."""
     rng = random.Random(seed)
     train, test = [], []
-    for task, draw in TASKS.items():
+    for task, draw in (TASKS if tasks is None else tasks).items():
         items: dict[str, str] = {}
         for _ in range(100 * (train_per_task + test_per_task)):
             if len(items) == train_per_task + test_per_task:
                 break
             prompt, answer = draw(rng)
             items.setdefault(prompt, answer)
+        if len(items) <= test_per_task:  # a small task (reverse_word: 32 words) may give fewer train items
+            raise ValueError(
+                f"task {task!r} yields only {len(items)} distinct prompts, not enough for {test_per_task} test "
+                "items and any train item: ask for fewer test items per task."
+            )
         pairs = list(items.items())
         test += [{"task": task, "prompt": p, "answer": a} for p, a in pairs[:test_per_task]]
         train += [

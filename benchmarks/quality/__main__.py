@@ -1,0 +1,174 @@
+"""Multi-task quality benchmark: every method trained through the real Axolotl CLI on the same generated
+mixture, then greedy-decoded on held-out items and scored by exact match.
+
+    python -m benchmarks.quality                      # the committed table: 7 methods, one seed, ~90 min
+    python -m benchmarks.quality --seeds 0 1 2        # mean and spread over seeds
+    python -m benchmarks.quality --learning-rates 5e-4 1e-3 2e-3   # pick each method's lr on the val split
+    python -m benchmarks.quality --quick --out /tmp/q # two methods, three tasks, a few minutes
+
+Runs are cached in `--work-dir` by their YAML: a rerun (or an interrupted run restarted) trains only what
+is missing. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from benchmarks.counts import equal_param_rank, lora_params, rlora_params
+from examples.multitask_data import generate
+from examples.prepare_smollm2 import main as prepare_smollm2
+
+from .methods import METHODS, Method, Recipe, target_shapes, training_config
+from .results import Run, write_results
+from .scoring import Scorer
+from .tasks import MIXTURE, QUICK_MIXTURE
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Plan:
+    tasks: dict
+    methods: list[str]
+    train_per_task: int
+    val_per_task: int
+    test_per_task: int
+    steps: int
+    micro_batch_size: int
+
+
+FULL = Plan(MIXTURE, list(METHODS), train_per_task=120, val_per_task=16, test_per_task=32, steps=100,
+            micro_batch_size=8)  # fmt: skip
+QUICK = Plan(QUICK_MIXTURE, ["lora", "rlora"], train_per_task=24, val_per_task=4, test_per_task=6, steps=6,
+             micro_batch_size=4)  # fmt: skip
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="two methods on three tasks, a few steps")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all (quick: lora rlora)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--learning-rates", nargs="+", type=float, default=[1e-3],
+                        help="more than one: train each method at each (first seed), keep the best on val")  # fmt: skip
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 100, quick 6)")
+    parser.add_argument("--r", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=5)
+    parser.add_argument("--model-dir", type=Path, default=ROOT / "examples/.cache/smollm2-135m-instruct")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks/.cache/quality")
+    parser.add_argument("--fresh", action="store_true", help="retrain and rescore, ignoring cached runs")
+    parser.add_argument("--out", type=Path, help="where quality.{md,json,png} go (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    if args.quick and args.out is None:
+        parser.error("--quick writes a smoke-test table: give it --out DIR (benchmarks/results holds the real one)")
+    return args
+
+
+def write_data(plan: Plan, data_dir: Path) -> tuple[Path, list[dict], list[dict]]:
+    """train.jsonl for Axolotl; the held-out items split per task into validation and test."""
+    heldout_per_task = plan.val_per_task + plan.test_per_task
+    train, heldout = generate(plan.train_per_task, heldout_per_task, seed=0, tasks=plan.tasks)
+    val, test = [], []
+    for start in range(0, len(heldout), heldout_per_task):
+        block = heldout[start : start + heldout_per_task]
+        val += block[: plan.val_per_task]
+        test += block[plan.val_per_task :]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    train_file = data_dir / "train.jsonl"
+    train_file.write_text("".join(json.dumps(row) + "\n" for row in train))
+    return train_file, val, test
+
+
+def train(cfg: dict, run_dir: Path) -> float:
+    """`accelerate launch -m axolotl.cli.train` on the YAML; returns the wall time. Reuses a finished run
+    of the same YAML."""
+    config_file, done = run_dir / "config.yml", run_dir / "wall_seconds.json"
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    if done.exists() and config_file.exists() and config_file.read_text() == text:
+        return json.loads(done.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for stale in (done, run_dir / "scores.json"):
+        stale.unlink(missing_ok=True)
+    config_file.write_text(text)
+    env = dict(os.environ, AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")  # fmt: skip
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "axolotl.cli.train", str(config_file),
+    ]  # fmt: skip
+    start = time.monotonic()
+    with open(run_dir / "train.log", "w") as log:
+        returncode = subprocess.call(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    seconds = time.monotonic() - start
+    if returncode != 0:
+        tail = (run_dir / "train.log").read_text(errors="replace")[-4000:]
+        raise SystemExit(f"training failed (exit {returncode}), log {run_dir / 'train.log'}:\n{tail}")
+    done.write_text(json.dumps(seconds))
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    methods = [METHODS[key] for key in (args.methods or plan.methods)]
+    started = time.monotonic()
+    work_dir = args.work_dir / ("quick" if args.quick else "full")
+    if args.fresh:
+        shutil.rmtree(work_dir / "runs", ignore_errors=True)
+    prepare_smollm2(args.model_dir)
+    train_file, val, test = write_data(plan, work_dir / "data")
+    recipe = Recipe(args.model_dir, train_file, work_dir / "prepared", r=args.r, heads=args.heads,
+                    steps=args.steps or plan.steps, micro_batch_size=plan.micro_batch_size)  # fmt: skip
+    shapes = target_shapes(args.model_dir)
+    lora_eq_rank = equal_param_rank(shapes, args.r, args.heads)
+    scorer = Scorer(args.model_dir)
+
+    def rank_and_params(method: Method) -> tuple[int, int]:
+        if method.multi_head:
+            return args.r, sum(rlora_params(d_in, d_out, args.r, args.heads) for d_in, d_out in shapes)
+        rank = lora_eq_rank if method.equal_params else args.r
+        return rank, sum(lora_params(d_in, d_out, rank) for d_in, d_out in shapes)
+
+    def run(method: Method, lr: float, seed: int) -> Run:
+        rank, params = rank_and_params(method)
+        run_dir = work_dir / "runs" / f"{method.key}-lr{lr:g}-seed{seed}"
+        cfg = training_config(method, recipe, rank, lr, seed, run_dir / "adapter")
+        print(f"[{time.monotonic() - started:6.0f}s] {method.key} lr={lr:g} seed={seed}: training", flush=True)
+        seconds = train(cfg, run_dir)
+        return Run(method.key, lr, seed, params, seconds, scorer.score(run_dir / "adapter", val, test))
+
+    runs = [Run("base", None, None, 0, 0.0, scorer.score(None, val, test))] if METHODS["base"] in methods else []
+    sweep: list[Run] = []
+    for method in (m for m in methods if m.adapter):
+        best_lr = args.learning_rates[0]
+        if len(args.learning_rates) > 1:
+            tried = [run(method, lr, args.seeds[0]) for lr in args.learning_rates]
+            sweep += tried
+            best_lr = max(tried, key=lambda r: r.val_average).lr
+        runs += [run(method, best_lr, seed) for seed in args.seeds]
+    out = write_results(
+        args.out or ROOT / "benchmarks/results", methods, runs, sweep, recipe, lora_eq_rank, plan_summary(plan),
+        argv_text=" ".join(argv if argv is not None else sys.argv[1:]), wall=time.monotonic() - started,
+    )  # fmt: skip
+    print(f"wrote {out}")
+    return out
+
+
+def plan_summary(plan: Plan) -> str:
+    return (
+        f"{len(plan.tasks)} tasks ({', '.join(plan.tasks)}); per task {plan.train_per_task} train, "
+        f"{plan.val_per_task} validation and {plan.test_per_task} test items, disjoint"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""The quality benchmark (benchmarks/quality): its tasks and answers, its data split, the parameter counts
+behind "LoRA at equal parameters", the YAML of every method as Axolotl validates it, and (marked `cli`)
+the `--quick` pipeline end to end on SmolLM2-135M-Instruct: training through the Axolotl CLI, decoding,
+scoring, the table, the plot and the run cache. Accuracy is not asserted: that is the benchmark's result."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from test_examples import CPU, validated
+from transformers import AutoModelForCausalLM
+
+from benchmarks.counts import equal_param_rank, lora_params, rlora_params
+from benchmarks.quality.__main__ import FULL, QUICK, write_data
+from benchmarks.quality.methods import METHODS, Recipe, target_shapes, training_config
+from benchmarks.quality.tasks import MIXTURE, boolean_expression, unit_conversion, weekday_shift
+from examples.evaluate import parse_reply
+from rlora_plugin import RLoraConfig
+from rlora_plugin.axolotl_plugin.args import build_rlora_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_new_tasks_answer_correctly():
+    rng = random.Random(3)
+    for _ in range(200):
+        prompt, answer = boolean_expression(rng)
+        expression = prompt.removeprefix("Evaluate: ").removesuffix(". Reply True or False.")
+        assert answer == str(eval(expression))  # noqa: S307
+        prompt, answer = unit_conversion(rng)
+        amount, unit = prompt.split()[1:3]
+        factor = {"kilometers": 1000, "hours": 60, "minutes": 60, "feet": 12, "weeks": 7}[unit]
+        assert int(answer) == int(amount) * factor
+    days = "Monday Tuesday Wednesday Thursday Friday Saturday Sunday".split()
+    for _ in range(200):
+        prompt, answer = weekday_shift(rng)
+        words = prompt.rstrip("?").split("?")[0].split()  # Which day is K days after|before DAY
+        shift, direction, start = int(words[3]), words[5], days.index(words[6])
+        assert days.index(answer) == (start + (shift if direction == "after" else -shift)) % 7
+
+
+@pytest.mark.parametrize("plan", [FULL, QUICK], ids=["full", "quick"])
+def test_data_is_deterministic_and_held_out_items_are_unseen(plan, tmp_path):
+    train_file, val, test = write_data(plan, tmp_path / "a")
+    again = write_data(plan, tmp_path / "b")
+    assert train_file.read_text() == again[0].read_text() and (val, test) == again[1:]
+    train_prompts = [json.loads(line)["messages"][0]["content"] for line in train_file.read_text().splitlines()]
+    assert len(train_prompts) == len(set(train_prompts)) == plan.train_per_task * len(plan.tasks)
+    held_out = [item["prompt"] for item in val + test]
+    assert len(set(held_out)) == len(held_out) and not set(held_out) & set(train_prompts)
+    for task in plan.tasks:
+        assert sum(item["task"] == task for item in val) == plan.val_per_task
+        assert sum(item["task"] == task for item in test) == plan.test_per_task
+    assert len(plan.tasks) >= (5 if plan is FULL else 3)
+
+
+def test_reply_parsing():
+    assert parse_reply(" 42.\nmore text") == "42"
+    assert parse_reply("a r s c") == "a r s c"
+    assert parse_reply("\n\n") == ""
+
+
+def test_parameter_counts_match_peft(tiny):
+    """The counts behind the table's 'trainable params' and the equal-parameter LoRA rank are the ones PEFT
+    really trains, on the tiny Llama's MLP layers."""
+    shapes = target_shapes(tiny["model"])
+    assert len(shapes) == 3 * 2  # gate/up/down in both layers
+    targets = ["gate_proj", "up_proj", "down_proj"]
+    rlora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny["model"]), RLoraConfig(r=4, num_heads=3, target_modules=targets)
+    )
+    assert rlora.get_nb_trainable_parameters()[0] == sum(rlora_params(i, o, 4, 3) for i, o in shapes)
+    rank = equal_param_rank(shapes, 4, 3)
+    lora = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny["model"]), LoraConfig(r=rank, target_modules=targets)
+    )
+    assert lora.get_nb_trainable_parameters()[0] == sum(lora_params(i, o, rank) for i, o in shapes)
+    # SmolLM2-135M's MLP shapes at the benchmark's r=8, N=5: LoRA rank 29 has the closest count.
+    assert equal_param_rank([(576, 1536), (576, 1536), (1536, 576)], 8, 5) == 29
+
+
+def test_every_method_config_is_valid_axolotl_with_its_ablation_switches(tiny, tmp_path):
+    recipe = Recipe(tiny["model"], tiny["chat"], tmp_path / "prepared")
+    expected = {  # spec section 4: HydraLoRA -> +multi-head dropout / +random init -> R-LoRA
+        "hydralora": ("zero", "shared"),
+        "hydralora_mhd": ("zero", "per_head"),
+        "hydralora_init": ("random", "shared"),
+        "rlora": ("random", "per_head"),
+    }
+    for key, method in METHODS.items():
+        if method.adapter is None:
+            continue
+        cfg = validated(training_config(method, recipe, 8, 1e-3, 0, tmp_path / key), CPU)
+        assert cfg.adapter == method.adapter and cfg.plugins == ["rlora_plugin.RLoraPlugin"]
+        assert cfg.lora_alpha == 2 * cfg.lora_r
+        if method.multi_head:
+            peft = build_rlora_config(cfg)
+            assert (peft.init, peft.head_dropout, peft.num_heads) == (*expected[key], 5)
+    assert set(MIXTURE) >= set(QUICK.tasks)
+
+
+@pytest.mark.cli
+def test_quick_benchmark_end_to_end(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    command = [sys.executable, "-m", "benchmarks.quality", "--quick", "--out", str(out), "--work-dir", str(work)]
+    env = dict(os.environ, AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+    runs = json.loads((out / "quality.json").read_text())["runs"]
+    assert [run["method"] for run in runs] == ["lora", "rlora"]
+    table = (out / "quality.md").read_text()
+    for run in runs:
+        assert set(run["scores"]["test"]) == {*QUICK.tasks, "average"}
+        assert all(0.0 <= value <= 1.0 for value in run["scores"]["test"].values())
+        run_dir = work / "quick" / "runs" / f"{run['method']}-lr0.001-seed0"
+        config = (run_dir / "config.yml").read_text()
+        assert "rlora_plugin.RLoraPlugin" in config and f"adapter: {run['method']}" in config
+        adapter = run_dir / "adapter"
+        peft_type = json.loads((adapter / "adapter_config.json").read_text())["peft_type"]
+        assert peft_type == {"lora": "LORA", "rlora": "RLORA"}[run["method"]]
+        saved = load_file(adapter / "adapter_model.safetensors")
+        trained = sum(t.numel() for name, t in saved.items() if "offset" not in name)
+        assert run["trainable_params"] == trained
+        label = METHODS[run["method"]].label
+        assert f"| {label} | 0.001 | {trained:,} |" in table
+    assert runs[0]["scores"]["head_cos_b"] is None
+    assert -1.0 <= runs[1]["scores"]["head_cos_ba"] <= 1.0
+    assert (out / "quality.png").stat().st_size > 10_000
+
+    logs = {path: path.stat().st_mtime for path in work.glob("quick/runs/*/train.log")}
+    again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {path: path.stat().st_mtime for path in work.glob("quick/runs/*/train.log")} == logs  # cached, not retrained
+    assert json.loads((out / "quality.json").read_text())["runs"] == runs
