@@ -117,8 +117,9 @@ class RLoraLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def routed_update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        """`s * sum_i g_i(x) B_i drop_i(A x) - offset(x)` in two matmuls, with no loop over heads."""
+    def routed_update(self, x: torch.Tensor, adapter: str, add_to: torch.Tensor | None = None) -> torch.Tensor:
+        """`s * sum_i g_i(x) B_i drop_i(A x) - offset(x)` in two matmuls, with no loop over heads; with
+        `add_to` (the base layer's output), `add_to` plus that, the addition fused into the second matmul."""
         lora_a = self.rlora_A[adapter]
         x = self._cast_input_dtype(x, lora_a.dtype)
         r, heads, scaling = self.r[adapter], self.num_heads[adapter], self.scaling[adapter]
@@ -147,7 +148,12 @@ class RLoraLayer(BaseTunerLayer):
         if has_offset:
             mixed = torch.cat([mixed, parts[2] * -scaling], dim=-1)
             up = torch.cat([up, self.rlora_offset_B[adapter]], dim=-1)
-        return F.linear(mixed, up)
+        if add_to is None:
+            return F.linear(mixed, up)
+        if add_to.dtype != up.dtype or add_to.dim() < 2:  # e.g. a bf16 base with fp32 adapter weights
+            return add_to + F.linear(mixed, up).to(add_to.dtype)
+        # addmm writes base + update in one pass, saving a (tokens, d_out) temporary and an add over it.
+        return torch.addmm(add_to.flatten(0, -2), mixed.flatten(0, -2), up.T).view(add_to.shape)
 
     def route(self, probs: torch.Tensor, adapter: str) -> torch.Tensor:
         """The gates applied to the heads from the router's softmax `probs (..., N)` (fp32): dense, or the
@@ -182,7 +188,7 @@ class RLoraLinear(nn.Module, RLoraLayer):
             return result
         for adapter in self.active_adapters:
             if adapter in self.rlora_A:
-                result = result + self.routed_update(x, adapter).to(result.dtype)
+                result = self.routed_update(x, adapter, add_to=result)
         return result
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

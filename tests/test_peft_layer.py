@@ -157,6 +157,38 @@ def test_fused_layer_equals_per_head_reference(head_dropout, router_init):
     torch.testing.assert_close(layer.routed_update(x, "default"), reference_update(layer, x, head_masks))
 
 
+@pytest.mark.parametrize("shape", [(2, 5), (5,), ()], ids=["batch-seq", "tokens", "one-vector"])
+def test_layer_output_is_base_plus_update_with_gradients(shape):
+    """The forward adds the update into the base output inside the second matmul (addmm); the result and
+    every gradient equal base(x) + the per-head reference, for any number of leading dimensions."""
+    model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP, num_heads=3, r=4, lora_dropout=0.0))
+    perturb(model)
+    layer = adapted_layers(model)[0].train()
+    x = torch.randn(*shape, layer.in_features, requires_grad=True)
+    fused = layer(x)
+    ref_x = x.detach().clone().requires_grad_(True)
+    expected = layer.base_layer(ref_x) + reference_update(layer, ref_x)
+    torch.testing.assert_close(fused, expected)
+    weights = [layer.rlora_A["default"], layer.rlora_B["default"], layer.rlora_router["default"]]
+    grad_out = torch.randn_like(fused)
+    got = torch.autograd.grad(fused, [x, *weights], grad_out)
+    want = torch.autograd.grad(expected, [ref_x, *weights], grad_out)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_bf16_base_with_fp32_adapter_adds_in_the_base_dtype():
+    model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP, num_heads=3, r=4)).eval()
+    perturb(model)
+    layer = adapted_layers(model)[0]
+    layer.base_layer.to(torch.bfloat16)
+    x = torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16)
+    out = layer(x)
+    assert out.dtype == torch.bfloat16
+    expected = layer.base_layer(x) + reference_update(layer, x.float()).to(torch.bfloat16)
+    torch.testing.assert_close(out, expected)
+
+
 def dropped_features(layer: RLoraLinear, x: torch.Tensor) -> torch.Tensor:
     """What the dropout module let through, captured from the real nn.Dropout during a training forward."""
     seen = []
