@@ -3,11 +3,12 @@
 One training step (forward + backward, fp32, CPU) is timed for every variant, in one process, with the
 variants interleaved round by round (rotating order) so that load from other processes on the machine
 hits all of them alike. Medians and the spread (min-max, and the interquartile range) over the repeats
-are reported; warm-up rounds are excluded. Activation memory is measured exactly, not sampled: the bytes
-of every distinct storage that autograd saves for backward (``torch.autograd.graph.saved_tensors_hooks``),
-excluding parameters and buffers. See benchmarks/README.md.
+are reported, and each time ratio against LoRA-eq is the median of the ratios within a round (paired, so
+load that changes between rounds cancels); warm-up rounds are excluded. Activation memory is measured
+exactly, not sampled: the bytes of every distinct storage that autograd saves for backward
+(``torch.autograd.graph.saved_tensors_hooks``), excluding parameters and buffers. See benchmarks/README.md.
 
-    python -m benchmarks.speed            # default subset, a few minutes on 2 cores
+    python benchmarks/speed.py            # default subset, a few minutes on 2 cores (or python -m benchmarks.speed)
     python -m benchmarks.speed --full     # every shape x N x r x tokens, and the 30-layer model
 """
 
@@ -33,7 +34,6 @@ from torch import nn
 from torch.nn import functional as F
 
 import rlora_plugin
-from benchmarks.counts import equal_param_rank, rlora_params
 from rlora_plugin import RLoraConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -96,6 +96,21 @@ def attach_loop(model: nn.Module, targets: list[str], r: int, heads: int) -> nn.
 # --------------------------------------------------------------------------------------------------
 # Parameter and FLOP counts from the shapes.
 # --------------------------------------------------------------------------------------------------
+def rlora_params(d_in: int, d_out: int, r: int, heads: int) -> int:
+    """R-LoRA / HydraLoRA on one linear layer: A (r, d_in), N heads B_i (d_out, r), router W_g (N, d_in)."""
+    return r * d_in + heads * r * d_out + heads * d_in
+
+
+def lora_params(d_in: int, d_out: int, rank: int) -> int:
+    return rank * (d_in + d_out)
+
+
+def equal_param_rank(shapes: list[tuple[int, int]], r: int, heads: int) -> int:
+    """The LoRA rank whose parameter count over the layers `shapes` (d_in, d_out) is closest to R-LoRA's."""
+    total = sum(rlora_params(d_in, d_out, r, heads) for d_in, d_out in shapes)
+    return max(1, round(total / sum(lora_params(d_in, d_out, 1) for d_in, d_out in shapes)))
+
+
 def adapter_flops(variant: str, d_in: int, d_out: int, r: int, heads: int, rank: int) -> int:
     """Training-step FLOPs per token of the adapter alone (the input needs its gradient).
 

@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 from test_examples import CPU, validated
 from transformers import AutoModelForCausalLM
 
-from benchmarks.counts import equal_param_rank, lora_params, rlora_params
 from benchmarks.quality.__main__ import FULL, QUICK, write_data
 from benchmarks.quality.methods import METHODS, Recipe, target_shapes, training_config
 from benchmarks.quality.tasks import MIXTURE, boolean_expression, unit_conversion, weekday_shift
+from benchmarks.speed import equal_param_rank, lora_params, rlora_params
 from examples.evaluate import parse_reply
 from rlora_plugin import RLoraConfig
 from rlora_plugin.axolotl_plugin.args import build_rlora_config

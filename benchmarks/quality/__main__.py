@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.counts import equal_param_rank, lora_params, rlora_params
+from benchmarks.speed import equal_param_rank, lora_params, rlora_params
 from examples.multitask_data import generate
 from examples.prepare_smollm2 import main as prepare_smollm2
 
