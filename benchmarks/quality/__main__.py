@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick and args.out is None:
         parser.error("--quick writes a smoke-test table: give it --out DIR (benchmarks/results holds the real one)")
+    if min(args.learning_rates) <= 0 or (args.steps is not None and args.steps < 1):
+        parser.error(f"--learning-rates {args.learning_rates} and --steps {args.steps} must be positive")
     return args
 
 
@@ -94,7 +96,9 @@ def train(cfg: dict, run_dir: Path) -> float:
     config_file, done = run_dir / "config.yml", run_dir / "wall_seconds.json"
     text = yaml.safe_dump(cfg, sort_keys=False)
     if done.exists() and config_file.exists() and config_file.read_text() == text:
+        print(f"{run_dir.name}: cached", flush=True)
         return json.loads(done.read_text())
+    print(f"{time.strftime('%H:%M:%S')} {run_dir.name}: training", flush=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in (done, run_dir / "scores.json"):
         stale.unlink(missing_ok=True)
@@ -120,7 +124,6 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     plan = QUICK if args.quick else FULL
     methods = [METHODS[key] for key in (args.methods or plan.methods)]
-    started = time.monotonic()
     work_dir = args.work_dir / ("quick" if args.quick else "full")
     if args.fresh:
         shutil.rmtree(work_dir / "runs", ignore_errors=True)
@@ -142,7 +145,6 @@ def main(argv: list[str] | None = None) -> Path:
         rank, params = rank_and_params(method)
         run_dir = work_dir / "runs" / f"{method.key}-lr{lr:g}-seed{seed}"
         cfg = training_config(method, recipe, rank, lr, seed, run_dir / "adapter")
-        print(f"[{time.monotonic() - started:6.0f}s] {method.key} lr={lr:g} seed={seed}: training", flush=True)
         seconds = train(cfg, run_dir)
         return Run(method.key, lr, seed, params, seconds, scorer.score(run_dir / "adapter", val, test))
 
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> Path:
         runs += [run(method, best_lr, seed) for seed in args.seeds]
     out = write_results(
         args.out or ROOT / "benchmarks/results", methods, runs, sweep, recipe, lora_eq_rank, plan_summary(plan),
-        argv_text=" ".join(argv if argv is not None else sys.argv[1:]), wall=time.monotonic() - started,
+        argv_text=" ".join(argv if argv is not None else sys.argv[1:]),
     )  # fmt: skip
     print(f"wrote {out}")
     return out
