@@ -306,3 +306,36 @@ def test_training_steps_lower_the_loss():
         optimizer.step()
         optimizer.zero_grad()
     assert losses[-1] < losses[0] - 0.05
+
+
+@pytest.mark.parametrize(
+    ("init", "head_dropout", "router_init", "heads_stay_equal"),
+    [
+        ("zero", "shared", "zero", True),  # HydraLoRA with a zero router: every head gets the same gradient
+        ("zero", "shared", "kaiming", False),  # a random router breaks the symmetry (the authors' code)
+        ("zero", "per_head", "zero", False),  # so do per-head dropout masks
+        ("random", "shared", "zero", False),  # and random heads
+    ],
+)
+def test_what_makes_heads_differ(init, head_dropout, router_init, heads_stay_equal):
+    """Trained with AdamW, the heads of HydraLoRA with zero B, one dropout mask and a zero router stay exact
+    copies (it is one LoRA of rank r); each of R-LoRA's ingredients, or a random router, makes them differ."""
+    config = RLoraConfig(
+        target_modules=MLP, num_heads=3, r=4, init=init, head_dropout=head_dropout, router_init=router_init,
+        lora_dropout=0.1,
+    )  # fmt: skip
+    model = get_peft_model(tiny_llama(), config).train()
+    ids = tokens(batch=4, length=16)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(5):
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    spreads = []  # per layer: the largest distance of a head from head 0, relative to head 0's norm
+    for layer in adapted_layers(model):
+        heads = layer.rlora_B["default"].detach().view(layer.out_features, 3, 4).unbind(1)
+        spreads.append(max(float((h - heads[0]).norm() / heads[0].norm()) for h in heads[1:]))
+    if heads_stay_equal:
+        assert max(spreads) < 1e-6
+    else:
+        assert min(spreads) > 1e-3

@@ -90,10 +90,11 @@ def test_parameter_counts_match_peft(tiny):
 def test_every_method_config_is_valid_axolotl_with_its_ablation_switches(tiny, tmp_path):
     recipe = Recipe(tiny["model"], tiny["chat"], tmp_path / "prepared")
     expected = {  # spec section 4: HydraLoRA -> +multi-head dropout / +random init -> R-LoRA
-        "hydralora": ("zero", "shared"),
-        "hydralora_mhd": ("zero", "per_head"),
-        "hydralora_init": ("random", "shared"),
-        "rlora": ("random", "per_head"),
+        "hydralora": ("zero", "shared", "zero"),
+        "hydralora_kaiming": ("zero", "shared", "kaiming"),
+        "hydralora_mhd": ("zero", "per_head", "zero"),
+        "hydralora_init": ("random", "shared", "zero"),
+        "rlora": ("random", "per_head", "zero"),
     }
     for key, method in METHODS.items():
         if method.adapter is None:
@@ -103,7 +104,7 @@ def test_every_method_config_is_valid_axolotl_with_its_ablation_switches(tiny, t
         assert cfg.lora_alpha == 2 * cfg.lora_r
         if method.multi_head:
             peft = build_rlora_config(cfg)
-            assert (peft.init, peft.head_dropout, peft.num_heads) == (*expected[key], 5)
+            assert (peft.init, peft.head_dropout, peft.router_init, peft.num_heads) == (*expected[key], 5)
     assert set(MIXTURE) >= set(QUICK.tasks)
 
 
