@@ -1,7 +1,7 @@
 """Multi-task quality benchmark: every method trained through the real Axolotl CLI on the same generated
 mixture, then greedy-decoded on held-out items and scored by exact match.
 
-    python -m benchmarks.quality                      # the committed table: 7 methods, one seed, ~90 min
+    python -m benchmarks.quality                      # the committed table: 8 methods, one seed, ~85 min
     python -m benchmarks.quality --seeds 0 1 2        # mean and spread over seeds
     python -m benchmarks.quality --learning-rates 5e-4 1e-3 2e-3   # pick each method's lr on the val split
     python -m benchmarks.quality --quick --out /tmp/q # two methods, three tasks, a few minutes
