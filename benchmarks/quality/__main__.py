@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> Path:
         runs += [run(method, best_lr, seed) for seed in args.seeds]
     out = write_results(
         args.out or ROOT / "benchmarks/results", methods, runs, sweep, recipe, lora_eq_rank, plan_summary(plan),
-        argv_text=" ".join(argv if argv is not None else sys.argv[1:]),
+        argv_text=" ".join(argv if argv is not None else sys.argv[1:]), test_items=len(test),
     )  # fmt: skip
     print(f"wrote {out}")
     return out

@@ -34,8 +34,12 @@ METHODS = {
         Method("hydralora", "HydraLoRA", "rlora", {"init": "zero", "head_dropout": "shared"}),
         # With the zero router above, every head gets the same gradient and HydraLoRA stays one LoRA; the
         # authors' code initializes the router like nn.Linear, which breaks that symmetry.
-        Method("hydralora_kaiming", "HydraLoRA, kaiming router", "rlora",
-               {"init": "zero", "head_dropout": "shared", "router_init": "kaiming"}),  # fmt: skip
+        Method(
+            "hydralora_kaiming",
+            "HydraLoRA, kaiming router",
+            "rlora",
+            {"init": "zero", "head_dropout": "shared", "router_init": "kaiming"},
+        ),  # fmt: skip
         Method(
             "hydralora_mhd", "HydraLoRA + multi-head dropout", "rlora", {"init": "zero", "head_dropout": "per_head"}
         ),  # fmt: skip
