@@ -37,7 +37,7 @@ from transformers import TrainerCallback
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ("single", "ddp", "zero2", "zero3")
-DS_COMMON = {
+DS_COMMON = {  # also used by tests/test_multiprocess.py
     "train_batch_size": "auto",
     "train_micro_batch_size_per_gpu": "auto",
     "gradient_accumulation_steps": "auto",

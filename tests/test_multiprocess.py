@@ -29,6 +29,8 @@ import pytest
 import yaml
 from test_axolotl_cli import BIN, Run, adapter_tensors, reload_logits, train_losses
 
+from benchmarks.scale import DEEPSPEED, DS_COMMON
+
 pytestmark = pytest.mark.cli
 
 PLUGINS = ["rlora_plugin.RLoraPlugin", "mp_probe.MultiProcessProbePlugin"]
@@ -36,15 +38,7 @@ N_HEADS, RANK, STEPS = 3, 4, 4
 # Two ranks with micro batch 1 see the same samples per step as one process with micro batch 2; measured
 # here, DDP, ZeRO-2 and ZeRO-3 (offload) match the single-process losses to < 1e-6 (reduction order only).
 LOSS_TOL = 1e-4
-DS_COMMON = {
-    "train_batch_size": "auto",
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": "auto",
-    "bf16": {"enabled": False},
-    "fp16": {"enabled": False},
-}
-ZERO2 = {"zero_optimization": {"stage": 2}, **DS_COMMON}
+ZERO2 = DEEPSPEED["zero2"]
 ZERO3_OFFLOAD = {
     "zero_optimization": {
         "stage": 3,
