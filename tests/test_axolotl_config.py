@@ -73,6 +73,10 @@ def test_schema_adds_only_the_rlora_block():
     assert (defaults.router_top_k, defaults.router_aux_loss_coef, defaults.metrics) == (None, 0.0, True)
     for name, field in RLoraOptions.model_fields.items():
         assert field.description, name
+    shared = set(RLoraOptions.model_fields) & set(RLoraConfig.__dataclass_fields__) - {"init_seed"}
+    assert len(shared) == 8  # the same defaults as the PEFT config (init_seed: the run's seed instead)
+    for name in shared:
+        assert getattr(defaults, name) == RLoraConfig.__dataclass_fields__[name].default, name
 
 
 def test_valid_config_defaults_and_no_lora_kernels(tiny):

@@ -21,6 +21,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rlora_plugin.config import RLoraConfig
+
 ADAPTER_NAME = "rlora"
 
 # RLoraConfig field -> the Axolotl config key it comes from (for error messages).
@@ -121,58 +123,25 @@ def refuse_incompatible(data: dict) -> None:
         )
 
 
+def _as_in_config(name: str, note: str = "") -> Any:
+    """A field of the `rlora:` block with `RLoraConfig`'s default and help text, so the two never drift."""
+    spec = RLoraConfig.__dataclass_fields__[name]
+    return Field(default=spec.default, description=f"{spec.metadata['help']} {note}".strip())
+
+
 class RLoraOptions(BaseModel):
     """R-LoRA's own settings, under the `rlora:` key. Defaults are the paper's (the authors' script)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    num_heads: int = Field(
-        default=5,
-        description="Number of up-projection heads B_i mixed by the per-token router (paper script: 5).",
-    )
-    init: str = Field(
-        default="random",
-        description=(
-            "'random': A and every head B_i drawn independently (R-LoRA's multi-head random init), with a "
-            "frozen offset path so the model starts equal to the base; 'zero': Kaiming A and zero heads "
-            "(HydraLoRA)."
-        ),
-    )
-    init_gamma: float = Field(
-        default=64.0,
-        description="gamma of the random init: weights scale as d_out^(1/4) / sqrt(gamma). Must be > 0.",
-    )
-    head_dropout: str = Field(
-        default="per_head",
-        description=(
-            "'per_head': an independent dropout mask per head on the rank-r features (R-LoRA's multi-head "
-            "dropout); 'shared': one mask for all heads (HydraLoRA). The rate is `lora_dropout`."
-        ),
-    )
-    router_init: str = Field(
-        default="zero",
-        description=(
-            "'zero': uniform gates at step 0, so the adapted model equals the base model at init; "
-            "'kaiming': the authors' choice, equal to the base only approximately."
-        ),
-    )
-    router_temperature: float = Field(
-        default=1.0, description="Softmax temperature tau of the router: gates = softmax(W_g x / tau)."
-    )
-    router_top_k: int | None = Field(
-        default=None,
-        description=(
-            "Sparse routing: each token keeps its k largest gates, renormalized over the kept k. "
-            "Unset or 0: dense routing over all heads (the method's default)."
-        ),
-    )
-    router_aux_loss_coef: float = Field(
-        default=0.0,
-        description=(
-            "Weight of a Switch/Mixtral load-balancing loss N * sum_i f_i P_i (averaged over layers) added to "
-            "the training loss and logged as `rlora/aux_loss`. 0 (default) turns it off; e.g. 0.01."
-        ),
-    )
+    num_heads: int = _as_in_config("num_heads", "Paper script: 5.")
+    init: str = _as_in_config("init")
+    init_gamma: float = _as_in_config("init_gamma")
+    head_dropout: str = _as_in_config("head_dropout", "The rate is `lora_dropout`.")
+    router_init: str = _as_in_config("router_init")
+    router_temperature: float = _as_in_config("router_temperature")
+    router_top_k: int | None = _as_in_config("router_top_k")
+    router_aux_loss_coef: float = _as_in_config("router_aux_loss_coef", "Logged as `rlora/aux_loss`; e.g. 0.01.")
     metrics: bool = Field(
         default=True,
         description=(
@@ -288,8 +257,6 @@ def rlora_config_kwargs(cfg: Any, target_modules: Any = None) -> dict[str, Any]:
 
 def build_rlora_config(cfg: Any, target_modules: Any = None, **extra: Any):
     """Build an `RLoraConfig` from an Axolotl config; its ValueError is re-raised naming the Axolotl key."""
-    from rlora_plugin.config import RLoraConfig
-
     kwargs = rlora_config_kwargs(cfg, target_modules)
     try:
         return RLoraConfig(**kwargs, **extra)
