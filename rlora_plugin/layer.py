@@ -82,6 +82,7 @@ class RLoraLayer(BaseTunerLayer):
         # Set by rlora_plugin.metrics: gate statistics (only in training) and the open aux-loss list.
         self._rlora_gate_stats = None
         self._rlora_aux_losses: list | None = None
+        self._rlora_token_mask = None  # which tokens of the batch are real, set by metrics.TokenMask
         self.rlora_dropout = nn.ModuleDict({})
         self.rlora_A = nn.ParameterDict({})
         self.rlora_B = nn.ParameterDict({})
@@ -167,9 +168,9 @@ class RLoraLayer(BaseTunerLayer):
             gates = torch.zeros_like(probs).scatter(-1, chosen, kept / kept.sum(-1, keepdim=True))
         if self.training:
             if self._rlora_gate_stats is not None:
-                self._rlora_gate_stats.update(gates.detach())
+                self._rlora_gate_stats.update(gates.detach(), self._rlora_token_mask)
             if self._rlora_aux_losses is not None and torch.is_grad_enabled():
-                self._rlora_aux_losses.append(load_balancing_loss(probs, chosen))
+                self._rlora_aux_losses.append(load_balancing_loss(probs, chosen, self._rlora_token_mask))
         return gates
 
 

@@ -4,11 +4,12 @@ Pure functions on tensors, plus two small stateful helpers that switch on record
 `RLoraLayer` of a model:
 
 - `MetricsCollector`: while it is enabled, every adapted layer adds its training-mode gates to running
-  sums (detached; a few element-wise ops on a `(tokens, N)` tensor, no device sync). `compute()` turns
+  sums (detached; a few element-wise ops on a `(tokens, N)` tensor, no device sync), padding left out
+  (`TokenMask`). `compute()` turns
   the sums into metrics, adds the head similarities (computed from the weights, only when asked) and
   resets the sums.
 - `RouterAuxLoss`: between `start()` and `stop()`, every adapted layer records its load-balancing loss
-  (with gradient); `stop()` returns their mean over layers.
+  over the batch's real tokens (with gradient); `stop()` returns their mean over layers.
 
 Metric keys (all floats, averaged over adapted layers unless the key says otherwise):
     rlora/router_entropy            mean over tokens of H(g(x)) / log N, in [0, 1] (1: uniform gates)
@@ -86,44 +87,86 @@ def load_ratio(load: torch.Tensor) -> float:
     return float(min(load.max() / load.min().clamp_min(_EPS), _RATIO_CAP))
 
 
-def load_balancing_loss(probs: torch.Tensor, chosen: torch.Tensor | None = None) -> torch.Tensor:
+def token_weights(token_mask: torch.Tensor | None, flat: torch.Tensor) -> torch.Tensor:
+    """`(tokens,)`: 1 for each real token of `flat (tokens, N)` and 0 for padding, from `token_mask` (one
+    bool per token of the batch); all ones without a mask or when it does not describe these tokens (a
+    layer whose input is not the batch's `(B, T)` tokens). Weights rather than indexing: no device sync."""
+    if token_mask is None or token_mask.numel() != flat.shape[0]:
+        return flat.new_ones(flat.shape[0])
+    return token_mask.to(flat.device, flat.dtype)
+
+
+def load_balancing_loss(
+    probs: torch.Tensor, chosen: torch.Tensor | None = None, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Switch/Mixtral load-balancing loss `N * sum_i f_i P_i` for the router softmax `probs (..., N)`.
 
     `f_i` is the fraction of tokens routed to head i (its top-1 choice, or with `chosen (..., k)` its
     top-k choices, each counting 1/k), `P_i` the mean gate probability of head i. `f` carries no gradient,
-    so the gradient pushes `P` toward balance. The minimum, 1, is reached by balanced routing.
+    so the gradient pushes `P` toward balance. The minimum, 1, is reached by balanced routing. With
+    `token_mask` (one bool per token), padding tokens are left out, as in transformers' Mixtral.
     """
     n = probs.shape[-1]
     flat = probs.reshape(-1, n).float()
     if chosen is None:
         chosen = flat.argmax(-1, keepdim=True)
     chosen = chosen.reshape(flat.shape[0], -1)
-    counts = torch.zeros_like(flat).scatter_add_(-1, chosen, torch.ones_like(chosen, dtype=flat.dtype))
-    fraction = counts.mean(0) / chosen.shape[-1]
-    return n * (fraction.detach() * flat.mean(0)).sum()
+    weight = token_weights(token_mask, flat)
+    tokens = weight.sum().clamp_min(1)  # a batch of padding only gives 0
+    counts = torch.zeros_like(flat).scatter_add_(-1, chosen, weight[:, None].expand(chosen.shape))
+    fraction = counts.sum(0) / (tokens * chosen.shape[-1])
+    mean_probs = (flat * weight[:, None]).sum(0) / tokens
+    return n * (fraction.detach() * mean_probs).sum()
 
 
 # ---------------------------------------------------------------------------- recording in the layers
 class GateStats:
-    """Running sums of one layer's gates: per-head gate sums, normalized-entropy sum and token count."""
+    """Running sums of one layer's gates over real tokens: per-head gate sums, normalized-entropy sum and
+    token count (tensors, read only when metrics are computed)."""
 
     __slots__ = ("gate_sum", "entropy_sum", "tokens")
 
     def __init__(self) -> None:
         self.gate_sum: torch.Tensor | None = None
         self.entropy_sum: torch.Tensor | None = None
-        self.tokens = 0
+        self.tokens: torch.Tensor | None = None
 
     @torch.no_grad()
-    def update(self, gates: torch.Tensor) -> None:
+    def update(self, gates: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
         flat = gates.reshape(-1, gates.shape[-1]).float()
-        gate_sum, entropy_sum = flat.sum(0), normalized_entropy(flat).sum()
+        weight = token_weights(token_mask, flat)
+        gate_sum, entropy_sum = (flat * weight[:, None]).sum(0), (normalized_entropy(flat) * weight).sum()
         if self.gate_sum is None:
-            self.gate_sum, self.entropy_sum = gate_sum, entropy_sum
+            self.gate_sum, self.entropy_sum, self.tokens = gate_sum, entropy_sum, weight.sum()
         else:
             self.gate_sum += gate_sum
             self.entropy_sum += entropy_sum
-        self.tokens += flat.shape[0]
+            self.tokens += weight.sum()
+
+
+class TokenMask:
+    """Tells every R-LoRA layer of `model` which tokens of the batch are real, from the `attention_mask`
+    keyword the model is called with (as the HF Trainer calls it; 0 = padding, and packed sequence ids are
+    nonzero), so gate statistics and the load-balancing loss leave padding out.
+
+    A forward pre-hook on the model. The mask stays set until the next call, so a forward that gradient
+    checkpointing recomputes during backward sees its own batch's mask.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [layer for _, layer in rlora_layers(model)]
+        self.handle = model.register_forward_pre_hook(self._set, with_kwargs=True)
+
+    def _set(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        flat = mask.reshape(-1) != 0 if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        for layer in self.layers:
+            layer._rlora_token_mask = flat
+
+    def remove(self) -> None:
+        self.handle.remove()
+        for layer in self.layers:
+            layer._rlora_token_mask = None
 
 
 def module_kind(name: str) -> str:
@@ -179,27 +222,33 @@ class MetricsCollector:
         self.layers = rlora_layers(model)
         self.model = model
         self.per_kind = per_kind
+        self.token_mask: TokenMask | None = None
         self.enabled = False
 
     def enable(self) -> MetricsCollector:
         for _, layer in self.layers:
             layer._rlora_gate_stats = GateStats()
+        self.token_mask = self.token_mask or TokenMask(self.model)
         self.enabled = True
         return self
 
     def disable(self) -> None:
         for _, layer in self.layers:
             layer._rlora_gate_stats = None
+        if self.token_mask is not None:
+            self.token_mask.remove()
+            self.token_mask = None
         self.enabled = False
 
     def gate_metrics(self, reset: bool = True) -> dict[str, float]:
         entropies, ratios, load_max, by_kind = [], [], [], defaultdict(list)
         for name, layer in self.layers:
             stats = layer._rlora_gate_stats
-            if stats is None or not stats.tokens:
+            tokens = float(stats.tokens) if stats is not None and stats.tokens is not None else 0.0
+            if not tokens:
                 continue
-            load = stats.gate_sum / stats.tokens
-            entropy = float(stats.entropy_sum) / stats.tokens
+            load = stats.gate_sum / tokens
+            entropy = float(stats.entropy_sum) / tokens
             entropies.append(entropy)
             by_kind[module_kind(name)].append(entropy)
             ratios.append(load_ratio(load))
@@ -253,11 +302,14 @@ class RouterAuxLoss:
     """
 
     def __init__(self, model: nn.Module) -> None:
+        self.model = model
         self.layers = [layer for _, layer in rlora_layers(model)]
+        self.token_mask: TokenMask | None = None
         self.total = 0.0  # detached running sum of the values returned by stop(), for logging
         self.count = 0
 
     def start(self) -> None:
+        self.token_mask = self.token_mask or TokenMask(self.model)
         for layer in self.layers:
             layer._rlora_aux_losses = []
 
@@ -276,6 +328,9 @@ class RouterAuxLoss:
     def close(self) -> None:
         for layer in self.layers:
             layer._rlora_aux_losses = None
+        if self.token_mask is not None:
+            self.token_mask.remove()
+            self.token_mask = None
 
     def pop_mean(self) -> float | None:
         """Mean of the losses returned by stop() since the last call (None if none), and reset."""

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from peft import get_peft_model
-from test_peft_layer import MLP, adapted_layers, tiny_llama, tokens
+from test_peft_layer import MLP, SIZES, adapted_layers, tiny_llama, tokens
 
 from rlora_plugin import RLoraConfig
 from rlora_plugin.metrics import (
@@ -149,12 +149,64 @@ def test_aux_loss_under_non_reentrant_gradient_checkpointing():
     model.enable_input_require_grads()
     model.train()
     aux = RouterAuxLoss(model)
+    padded = torch.ones_like(tokens())
+    padded[0, 6:] = 0  # the recomputed forward must see the same padding mask as the original one
     for _ in range(2):  # the second step's forward follows a stop(): recomputation must match the forward
         aux.start()
-        loss = model(tokens(), labels=tokens()).loss
+        loss = model(tokens(), attention_mask=padded, labels=tokens()).loss
         value = aux.stop()
         (loss + 0.1 * value).backward()
     assert all(layer.rlora_router["default"].grad is not None for layer in adapted_layers(model))
+
+
+def test_load_balancing_loss_leaves_masked_tokens_out():
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 6, 4, generator=gen), dim=-1)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    real = probs[mask]
+    torch.testing.assert_close(load_balancing_loss(probs, token_mask=mask.flatten()), load_balancing_loss(real))
+    chosen = probs.topk(2, dim=-1).indices
+    torch.testing.assert_close(
+        load_balancing_loss(probs, chosen, mask.flatten()), load_balancing_loss(real, chosen[mask])
+    )
+    assert float(load_balancing_loss(probs, token_mask=torch.zeros(12, dtype=torch.bool))) == 0.0
+    # a mask that does not describe these tokens is not applied
+    torch.testing.assert_close(load_balancing_loss(probs, token_mask=mask[0]), load_balancing_loss(probs))
+
+
+def test_padding_is_left_out_of_gate_statistics_and_aux_loss():
+    model = model_with(router_init="kaiming").train()
+    ids = tokens(batch=2, length=9)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # the second sequence: 5 tokens and 4 of right padding
+    repadded = ids.clone()
+    repadded[1, 5:] = (ids[1, 5:] + 7) % SIZES["vocab_size"]
+
+    def measure(*batches):
+        collector, aux = MetricsCollector(model).enable(), RouterAuxLoss(model)
+        losses = []
+        for batch in batches:
+            aux.start()
+            model(**batch)
+            losses.append(float(aux.stop().detach()))
+        aux.close()
+        metrics = collector.compute(similarities=False)
+        collector.disable()
+        return metrics, losses
+
+    masked, (aux_masked,) = measure({"input_ids": ids, "attention_mask": mask})
+    assert masked["rlora/router_entropy"] < 0.999  # a kaiming router: not uniform, so padding would show
+    # the same statistics as the real tokens alone, run one sequence at a time without padding
+    alone, _ = measure({"input_ids": ids[:1]}, {"input_ids": ids[1:, :5]})
+    assert masked == pytest.approx(alone, rel=1e-5, abs=1e-6)
+    # other padding tokens change nothing under the mask, and everything without it
+    other, (aux_other,) = measure({"input_ids": repadded, "attention_mask": mask})
+    assert other == pytest.approx(masked, rel=1e-5, abs=1e-6) and aux_other == pytest.approx(aux_masked, rel=1e-5)
+    unmasked, (aux_unmasked,) = measure({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    unmasked_other, (aux_unmasked_other,) = measure({"input_ids": repadded, "attention_mask": torch.ones_like(ids)})
+    assert unmasked["rlora/router_entropy"] != pytest.approx(unmasked_other["rlora/router_entropy"], rel=1e-5)
+    assert aux_unmasked != pytest.approx(aux_unmasked_other, rel=1e-5)
+    assert all(layer._rlora_token_mask is None for layer in adapted_layers(model))  # hooks removed
 
 
 def test_config_validation_of_routing_options():

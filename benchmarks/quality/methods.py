@@ -99,6 +99,7 @@ def training_config(method: Method, recipe: Recipe, rank: int, lr: float, seed: 
         "val_set_size": 0,
         "sequence_len": recipe.sequence_len,
         "sample_packing": False,
+        "pad_to_multiple_of": 8,  # Axolotl's default pads every batch to 64 tokens; these items are 48-58
         "dataloader_num_workers": 0,
         "micro_batch_size": recipe.micro_batch_size,
         "gradient_accumulation_steps": 1,

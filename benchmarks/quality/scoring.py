@@ -39,11 +39,9 @@ class Scorer:
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
     @torch.no_grad()
-    def score(self, adapter_dir: Path | None, val: list[dict], test: list[dict]) -> Scores:
-        """Scores of the base model (`adapter_dir=None`) or of the base with the adapter; cached next to the
-        adapter in scores.json."""
-        cache = adapter_dir.parent / "scores.json" if adapter_dir else None
-        if cache and cache.exists():
+    def score(self, adapter_dir: Path | None, val: list[dict], test: list[dict], cache: Path) -> Scores:
+        """Scores of the base model (`adapter_dir=None`) or of the base with the adapter, kept in `cache`."""
+        if cache.exists():
             return Scores(**json.loads(cache.read_text()))
         model = AutoModelForCausalLM.from_pretrained(self.model_dir).eval()
         if adapter_dir:
@@ -51,5 +49,6 @@ class Scorer:
         scores = Scores(accuracy(model, self.tokenizer, val), accuracy(model, self.tokenizer, test))
         if adapter_dir:
             scores.head_cos_b, scores.head_cos_ba = head_similarity(adapter_dir)
-            cache.write_text(json.dumps(asdict(scores)))
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(asdict(scores)))
         return scores
