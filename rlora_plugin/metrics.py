@@ -5,9 +5,8 @@ Pure functions on tensors, plus two small stateful helpers that switch on record
 
 - `MetricsCollector`: while it is enabled, every adapted layer adds its training-mode gates to running
   sums (detached; a few element-wise ops on a `(tokens, N)` tensor, no device sync), padding left out
-  (`TokenMask`). `compute()` turns
-  the sums into metrics, adds the head similarities (computed from the weights, only when asked) and
-  resets the sums.
+  (`TokenMask`). `compute()` turns the sums into metrics, adds the head similarities (computed from the
+  weights, only when asked) and resets the sums.
 - `RouterAuxLoss`: between `start()` and `stop()`, every adapted layer records its load-balancing loss
   over the batch's real tokens (with gradient); `stop()` returns their mean over layers.
 
@@ -89,7 +88,7 @@ def load_ratio(load: torch.Tensor) -> float:
 
 def token_weights(token_mask: torch.Tensor | None, flat: torch.Tensor) -> torch.Tensor:
     """`(tokens,)`: 1 for each real token of `flat (tokens, N)` and 0 for padding, from `token_mask` (one
-    bool per token of the batch); all ones without a mask or when it does not describe these tokens (a
+    value per token of the batch, bool or 1.0/0.0); all ones without a mask or when it does not describe these tokens (a
     layer whose input is not the batch's `(B, T)` tokens). Weights rather than indexing: no device sync."""
     if token_mask is None or token_mask.numel() != flat.shape[0]:
         return flat.new_ones(flat.shape[0])
@@ -104,7 +103,7 @@ def load_balancing_loss(
     `f_i` is the fraction of tokens routed to head i (its top-1 choice, or with `chosen (..., k)` its
     top-k choices, each counting 1/k), `P_i` the mean gate probability of head i. `f` carries no gradient,
     so the gradient pushes `P` toward balance. The minimum, 1, is reached by balanced routing. With
-    `token_mask` (one bool per token), padding tokens are left out, as in transformers' Mixtral.
+    `token_mask` (one bool or 1.0/0.0 per token), padding tokens are left out, as in transformers' Mixtral.
     """
     n = probs.shape[-1]
     flat = probs.reshape(-1, n).float()
@@ -159,7 +158,8 @@ class TokenMask:
 
     def _set(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
-        flat = mask.reshape(-1) != 0 if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        # float once per forward, so that the layers' fp32 statistics need no conversion
+        flat = (mask.reshape(-1) != 0).float() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         for layer in self.layers:
             layer._rlora_token_mask = flat
 
