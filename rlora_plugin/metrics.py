@@ -88,8 +88,8 @@ def load_ratio(load: torch.Tensor) -> float:
 
 def token_weights(token_mask: torch.Tensor | None, flat: torch.Tensor) -> torch.Tensor:
     """`(tokens,)`: 1 for each real token of `flat (tokens, N)` and 0 for padding, from `token_mask` (one
-    value per token of the batch, bool or 1.0/0.0); all ones without a mask or when it does not describe these tokens (a
-    layer whose input is not the batch's `(B, T)` tokens). Weights rather than indexing: no device sync."""
+    value per token of the batch, bool or 1.0/0.0); all ones without a mask or when it does not describe
+    these tokens (a layer whose input is not the batch's `(B, T)` tokens). Weights, not indexing: no sync."""
     if token_mask is None or token_mask.numel() != flat.shape[0]:
         return flat.new_ones(flat.shape[0])
     return token_mask.to(flat.device, flat.dtype)
