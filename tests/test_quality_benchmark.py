@@ -105,15 +105,17 @@ def test_every_method_config_is_valid_axolotl_with_its_ablation_switches(tiny, t
 @pytest.mark.cli
 def test_quick_benchmark_end_to_end(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    command = [sys.executable, "-m", "benchmarks.quality", "--quick", "--out", str(out), "--work-dir", str(work)]
+    command = [sys.executable, "-m", "benchmarks.quality", "--quick", "--out", str(out), "--work-dir", str(work),
+               "--methods", "base", "lora", "rlora"]  # fmt: skip
     env = dict(os.environ, AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1")
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
     runs = json.loads((out / "quality.json").read_text())["runs"]
-    assert [run["method"] for run in runs] == ["lora", "rlora"]
+    assert [run["method"] for run in runs] == ["base", "lora", "rlora"]
     table = (out / "quality.md").read_text()
-    for run in runs:
+    assert set(runs[0]["scores"]["test"]) == {*QUICK.tasks, "average"}
+    for run in runs[1:]:
         assert set(run["scores"]["test"]) == {*QUICK.tasks, "average"}
         assert all(0.0 <= value <= 1.0 for value in run["scores"]["test"].values())
         run_dir = work / "quick" / "runs" / f"{run['method']}-lr0.001-seed0"
@@ -127,12 +129,19 @@ def test_quick_benchmark_end_to_end(tmp_path):
         assert run["trainable_params"] == trained
         label = METHODS[run["method"]].label
         assert f"| {label} | 0.001 | {trained:,} |" in table
-    assert runs[0]["scores"]["head_cos_b"] is None
-    assert -1.0 <= runs[1]["scores"]["head_cos_ba"] <= 1.0
+    assert runs[1]["scores"]["head_cos_b"] is None
+    assert -1.0 <= runs[2]["scores"]["head_cos_ba"] <= 1.0
     assert (out / "quality.png").stat().st_size > 10_000
 
-    logs = {path: path.stat().st_mtime for path in work.glob("quick/runs/*/train.log")}
+    def written() -> dict:  # training logs and the base model's scores
+        return {
+            path: path.stat().st_mtime for pattern in ("*/train.log", "base-*.json") for path in runs_dir.glob(pattern)
+        }
+
+    runs_dir = work / "quick" / "runs"
+    before = written()
+    assert len(before) == 3
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert {path: path.stat().st_mtime for path in work.glob("quick/runs/*/train.log")} == logs  # cached, not retrained
+    assert written() == before  # cached: not retrained, the base model not decoded again
     assert json.loads((out / "quality.json").read_text())["runs"] == runs

@@ -98,6 +98,11 @@ def write_data(plan: Plan, data_dir: Path) -> tuple[Path, list[dict], list[dict]
     return train_file, val, test
 
 
+def content_key(data: bytes) -> str:
+    """A short name for cached work that depends on `data`."""
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
 def train(cfg: dict, run_dir: Path) -> float:
     """`accelerate launch -m axolotl.cli.train` on the YAML; returns the wall time. Reuses a finished run
     of the same YAML."""
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> Path:
     prepare_smollm2(args.model_dir)
     train_file, val, test = write_data(plan, work_dir / "data")
     # Axolotl finds prepared data by the dataset's path, not its content: key it by the content.
-    prepared_dir = work_dir / "prepared" / hashlib.sha256(train_file.read_bytes()).hexdigest()[:12]
+    prepared_dir = work_dir / "prepared" / content_key(train_file.read_bytes())
     recipe = Recipe(args.model_dir, train_file, prepared_dir, r=args.r, heads=args.heads,
                     steps=args.steps or plan.steps, micro_batch_size=plan.micro_batch_size)  # fmt: skip
     shapes = target_shapes(args.model_dir)
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     runs = []
     if METHODS["base"] in methods:
-        key = hashlib.sha256(json.dumps([str(args.model_dir), val, test]).encode()).hexdigest()[:12]
+        key = content_key(json.dumps([str(args.model_dir), val, test]).encode())
         scores = scorer.score(None, val, test, cache=work_dir / "runs" / f"base-{key}.json")
         runs.append(Run("base", None, None, 0, 0.0, scores))
     sweep: list[Run] = []
