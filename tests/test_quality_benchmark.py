@@ -18,8 +18,10 @@ from safetensors.torch import load_file
 from test_examples import CPU, validated
 from transformers import AutoModelForCausalLM
 
-from benchmarks.quality.__main__ import FULL, QUICK, write_data
+from benchmarks.quality import __main__ as quality
+from benchmarks.quality.__main__ import FULL, QUICK, run_key, write_data
 from benchmarks.quality.methods import METHODS, Recipe, target_shapes, training_config
+from benchmarks.quality.results import read_runs
 from benchmarks.quality.tasks import MIXTURE, first_letters, unit_conversion
 from benchmarks.speed import equal_param_rank, lora_params, rlora_params
 from examples.evaluate import parse_reply
@@ -54,6 +56,24 @@ def test_data_is_deterministic_and_held_out_items_are_unseen(plan, tmp_path):
         assert sum(item["task"] == task for item in val) == plan.val_per_task
         assert sum(item["task"] == task for item in test) == plan.test_per_task
     assert len(plan.tasks) >= (5 if plan is FULL else 3)
+
+
+def test_run_key_is_the_same_in_another_checkout_and_differs_for_another_config(monkeypatch, tmp_path):
+    described = f"base_model: {ROOT}/examples/.cache/model\ndatasets: {tmp_path}/train.jsonl\nlearning_rate: 0.001\n"
+    key = run_key(described, tmp_path)
+    monkeypatch.setattr(quality, "ROOT", Path("/elsewhere/clone"))
+    moved = described.replace(str(ROOT), "/elsewhere/clone").replace(str(tmp_path), "/elsewhere/work")
+    assert run_key(moved, Path("/elsewhere/work")) == key
+    assert run_key(moved.replace("0.001", "0.002"), Path("/elsewhere/work")) != key
+
+
+def test_reuse_refuses_a_record_without_its_key(tmp_path):
+    old = {"method": "lora", "lr": 0.001, "seed": 0, "trainable_params": 1, "train_seconds": 1.0,
+           "scores": {"val": {"average": 0.5}, "test": {"average": 0.5}}}  # fmt: skip
+    path = tmp_path / "quality.json"
+    path.write_text(json.dumps({"runs": [old], "sweep": []}))
+    with pytest.raises(SystemExit, match=r"quality.json: lora lr 0.001 recorded without the key of its YAML"):
+        read_runs(path)
 
 
 def test_reply_parsing():
@@ -145,3 +165,12 @@ def test_quick_benchmark_end_to_end(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert written() == before  # cached: not retrained, the base model not decoded again
     assert json.loads((out / "quality.json").read_text())["runs"] == runs
+
+    # Another checkout, with nothing cached: --reuse takes the recorded runs instead of training them.
+    elsewhere = tmp_path / "elsewhere"
+    reuse = [*command, "--reuse", str(out / "quality.json")]
+    reuse[reuse.index(str(out))], reuse[reuse.index(str(work))] = str(elsewhere), str(tmp_path / "empty")
+    third = subprocess.run(reuse, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert third.stdout.count("recorded in --reuse") == 2 and not list((tmp_path / "empty").glob("quick/runs/*"))
+    assert json.loads((elsewhere / "quality.json").read_text())["runs"] == runs

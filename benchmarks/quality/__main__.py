@@ -9,7 +9,9 @@ mixture, then greedy-decoded on held-out items and scored by exact match.
     python -m benchmarks.quality --quick --out /tmp/q # two methods, three tasks, a few minutes
 
 Runs are cached in `--work-dir` by their YAML: a rerun (or an interrupted run restarted) trains only what
-is missing. See benchmarks/README.md.
+is missing. `--reuse quality.json` takes the runs recorded there instead of training a run of the same YAML
+again, which is how a sweep longer than one sitting is assembled. The results are rewritten after every
+run. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from examples.multitask_data import generate
 from examples.prepare_smollm2 import main as prepare_smollm2
 
 from .methods import METHODS, Method, Recipe, target_shapes, training_config
-from .results import Run, write_results
+from .results import Run, read_runs, write_results
 from .scoring import Scorer
 from .tasks import MIXTURE, QUICK_MIXTURE
 
@@ -74,12 +76,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model-dir", type=Path, default=ROOT / "examples/.cache/smollm2-135m-instruct")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "benchmarks/.cache/quality")
     parser.add_argument("--fresh", action="store_true", help="retrain and rescore, ignoring cached runs")
+    parser.add_argument("--reuse", nargs="+", type=Path, default=[], metavar="QUALITY_JSON",
+                        help="take the runs recorded there instead of training the same YAML again")  # fmt: skip
     parser.add_argument("--out", type=Path, help="where quality.{md,json,png} go (default benchmarks/results)")
     args = parser.parse_args(argv)
     if args.quick and args.out is None:
         parser.error("--quick writes a smoke-test table: give it --out DIR (benchmarks/results holds the real one)")
     if min(args.learning_rates) <= 0 or (args.steps is not None and args.steps < 1):
         parser.error(f"--learning-rates {args.learning_rates} and --steps {args.steps} must be positive")
+    if missing := [str(path) for path in args.reuse if not path.is_file()]:
+        parser.error(f"--reuse {' '.join(missing)}: no such file (give the quality.json of an earlier run)")
     return args
 
 
@@ -101,6 +107,14 @@ def write_data(plan: Plan, data_dir: Path) -> tuple[Path, list[dict], list[dict]
 def content_key(data: bytes) -> str:
     """A short name for cached work that depends on `data`."""
     return hashlib.sha256(data).hexdigest()[:12]
+
+
+def run_key(described: str, work_dir: Path) -> str:
+    """The key under which a run is recorded: its description (the YAML) with the paths of the work
+    directory and of this checkout taken out, so that a record made in one clone is reused in another."""
+    for path, placeholder in ((work_dir, "<work-dir>"), (ROOT, ".")):
+        described = described.replace(str(path), placeholder)
+    return content_key(described.encode())
 
 
 def train(cfg: dict, run_dir: Path) -> float:
@@ -149,6 +163,7 @@ def main(argv: list[str] | None = None) -> Path:
     shapes = target_shapes(args.model_dir)
     lora_eq_rank = equal_param_rank(shapes, args.r, args.heads)
     scorer = Scorer(args.model_dir)
+    recorded = {run.key: run for path in args.reuse for run in read_runs(path)}
 
     def rank_and_params(method: Method) -> tuple[int, int]:
         if method.multi_head:
@@ -156,31 +171,46 @@ def main(argv: list[str] | None = None) -> Path:
         rank = lora_eq_rank if method.equal_params else args.r
         return rank, sum(lora_params(d_in, d_out, rank) for d_in, d_out in shapes)
 
+    runs: list[Run] = []
+    sweep: list[Run] = []
+
+    def report() -> Path:
+        """Rewritten after every run, so an interrupted sweep leaves its finished runs on record."""
+        return write_results(
+            args.out or ROOT / "benchmarks/results", [m for m in METHODS.values() if m in methods], runs, sweep,
+            recipe, lora_eq_rank, plan_summary(plan), argv_text=" ".join(sys.argv[1:] if argv is None else argv),
+            test_items=len(test),
+        )  # fmt: skip
+
     def run(method: Method, lr: float, seed: int) -> Run:
         rank, params = rank_and_params(method)
         run_dir = work_dir / "runs" / f"{method.key}-lr{lr:g}-seed{seed}"
         cfg = training_config(method, recipe, rank, lr, seed, run_dir / "adapter")
+        key = run_key(yaml.safe_dump(cfg, sort_keys=False), work_dir)
+        if key in recorded:
+            print(f"{run_dir.name}: recorded in --reuse", flush=True)
+            return recorded[key]
         seconds = train(cfg, run_dir)
         scores = scorer.score(run_dir / "adapter", val, test, cache=run_dir / "scores.json")
-        return Run(method.key, lr, seed, params, seconds, scores)
+        return Run(method.key, lr, seed, params, seconds, scores, key)
 
-    runs = []
     if METHODS["base"] in methods:
-        key = content_key(json.dumps([str(args.model_dir), val, test]).encode())
-        scores = scorer.score(None, val, test, cache=work_dir / "runs" / f"base-{key}.json")
-        runs.append(Run("base", None, None, 0, 0.0, scores))
-    sweep: list[Run] = []
+        key = run_key(json.dumps([str(args.model_dir), val, test]), work_dir)
+        if key not in recorded:
+            scores = scorer.score(None, val, test, cache=work_dir / "runs" / f"base-{key}.json")
+            recorded[key] = Run("base", None, None, 0, 0.0, scores, key)
+        runs.append(recorded[key])
     for method in (m for m in methods if m.adapter):
         best_lr = args.learning_rates[0]
         if len(args.learning_rates) > 1:
-            tried = [run(method, lr, args.seeds[0]) for lr in args.learning_rates]
-            sweep += tried
-            best_lr = max(tried, key=lambda r: r.val_average).lr
-        runs += [run(method, best_lr, seed) for seed in args.seeds]
-    out = write_results(
-        args.out or ROOT / "benchmarks/results", methods, runs, sweep, recipe, lora_eq_rank, plan_summary(plan),
-        argv_text=" ".join(argv if argv is not None else sys.argv[1:]), test_items=len(test),
-    )  # fmt: skip
+            for lr in args.learning_rates:
+                sweep.append(run(method, lr, args.seeds[0]))
+                report()
+            best_lr = max(sweep[-len(args.learning_rates) :], key=lambda r: r.val_average).lr
+        for seed in args.seeds:
+            runs.append(run(method, best_lr, seed))
+            report()
+    out = report()
     print(f"wrote {out}")
     return out
 

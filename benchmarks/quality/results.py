@@ -20,10 +20,21 @@ class Run:
     trainable_params: int
     train_seconds: float
     scores: Scores
+    key: str  # what was run (the YAML, for a trained one), hashed: see __main__.run_key
 
     @property
     def val_average(self) -> float:
         return self.scores.val["average"]
+
+
+def read_runs(path: Path) -> list[Run]:
+    """Every run recorded in a quality.json, the sweep's included."""
+    recorded = json.loads(path.read_text())
+    runs = recorded["runs"] + recorded["sweep"]
+    if unkeyed := [f"{run['method']} lr {run['lr']}" for run in runs if "key" not in run]:
+        raise SystemExit(f"--reuse {path}: {', '.join(unkeyed)} recorded without the key of its YAML; "
+                         "a file written before --reuse existed cannot be reused: train those runs again")  # fmt: skip
+    return [Run(**{**run, "scores": Scores(**run["scores"])}) for run in runs]
 
 
 def _cell(values: list[float], digits: int = 3) -> str:
@@ -107,10 +118,10 @@ def write_results(
 ) -> Path:  # fmt: skip
     from benchmarks.speed import machine
 
-    tasks = [task for task in runs[0].scores.test if task != "average"]
+    tasks = [task for task in (runs + sweep)[0].scores.test if task != "average"]
     seeds = sorted({run.seed for run in runs if run.seed is not None})
     trained = [run for run in runs + sweep if run.seed is not None]
-    trained = list({(r.method, r.lr, r.seed): r for r in trained}.values())  # a sweep run may be reused
+    trained = list({r.key: r for r in trained}.values())  # the best rate's sweep run is also in `runs`
     lines = [
         "# Multi-task quality: R-LoRA and its ablation ladder against LoRA, trained through the Axolotl CLI",
         "",
@@ -145,5 +156,6 @@ def write_results(
     (out_dir / "quality.json").write_text(
         json.dumps({"runs": [asdict(r) for r in runs], "sweep": [asdict(r) for r in sweep]}, indent=1)
     )
-    plot(methods, runs, tasks, out_dir / "quality.png")
+    if runs:
+        plot(methods, runs, tasks, out_dir / "quality.png")
     return out_dir / "quality.md"
