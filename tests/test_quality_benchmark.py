@@ -21,7 +21,8 @@ from transformers import AutoModelForCausalLM
 from benchmarks.quality import __main__ as quality
 from benchmarks.quality.__main__ import FULL, QUICK, run_key, write_data
 from benchmarks.quality.methods import METHODS, Recipe, target_shapes, training_config
-from benchmarks.quality.results import read_runs
+from benchmarks.quality.results import Run, read_runs, sweep_table
+from benchmarks.quality.scoring import Scores
 from benchmarks.quality.tasks import MIXTURE, first_letters, unit_conversion
 from benchmarks.speed import equal_param_rank, lora_params, rlora_params
 from examples.evaluate import parse_reply
@@ -74,6 +75,19 @@ def test_reuse_refuses_a_record_without_its_key(tmp_path):
     path.write_text(json.dumps({"runs": [old], "sweep": []}))
     with pytest.raises(SystemExit, match=r"quality.json: lora lr 0.001 recorded without the key of its YAML"):
         read_runs(path)
+
+
+def test_sweep_table_marks_the_rate_chosen_on_validation_and_shows_test_beside_it():
+    def run(method: str, lr: float, val: float, test: float) -> Run:
+        return Run(method, lr, 0, 1, 1.0, Scores({"average": val}, {"average": test}), f"{method}{lr}")
+
+    sweep = [run("lora", 1e-3, 0.5, 0.9), run("lora", 2e-3, 0.6, 0.4), run("rlora", 2e-3, 0.7, 0.7)]
+    assert sweep_table(list(METHODS.values()), sweep) == [
+        "| method | lr 0.001 | lr 0.002 |",
+        "|---|---|---|",
+        "| LoRA, same r | 0.500 (0.900) | **0.600** (0.400) |",
+        "| R-LoRA | - | **0.700** (0.700) |",
+    ]
 
 
 def test_reply_parsing():
