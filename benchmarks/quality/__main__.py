@@ -1,11 +1,12 @@
 """Multi-task quality benchmark: every method trained through the real Axolotl CLI on the same generated
 mixture, then greedy-decoded on held-out items and scored by exact match.
 
-    python -m benchmarks.quality                      # 7 methods (all but hydralora_kaiming), one seed, ~80 min
-    python -m benchmarks.quality --methods base lora lora_eq hydralora hydralora_kaiming hydralora_mhd \
-        hydralora_init rlora                          # the committed table: the 7 and the kaiming router, ~90 min
+    python -m benchmarks.quality                      # 7 methods (all but hydralora_kaiming), lr 1e-3, ~80 min
+    python -m benchmarks.quality --learning-rates 1e-3 2e-3 4e-3 --reuse benchmarks/results/quality.json
+                                                      # the committed table: every method's lr chosen on the
+                                                      # validation split (without --reuse: 18 runs, ~3.5 h)
     python -m benchmarks.quality --seeds 0 1 2        # mean and spread over seeds
-    python -m benchmarks.quality --learning-rates 1e-3 5e-4 2e-3   # pick each method's lr on the val split
+    python -m benchmarks.quality --methods base lora hydralora_kaiming   # a subset (or the kaiming router)
     python -m benchmarks.quality --quick --out /tmp/q # two methods, three tasks, a few minutes
 
 Runs are cached in `--work-dir` by their YAML: a rerun (or an interrupted run restarted) trains only what
