@@ -35,7 +35,7 @@ from examples.multitask_data import generate
 from examples.prepare_smollm2 import main as prepare_smollm2
 
 from .methods import METHODS, Method, Recipe, target_shapes, training_config
-from .results import Run, read_runs, write_results
+from .results import Run, best_rate, read_runs, write_results
 from .scoring import Scorer
 from .tasks import MIXTURE, QUICK_MIXTURE
 
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> Path:
             for lr in args.learning_rates:
                 sweep.append(run(method, lr, args.seeds[0]))
                 report()
-            best_lr = max(sweep[-len(args.learning_rates) :], key=lambda r: r.val_average).lr
+            best_lr = best_rate(sweep[-len(args.learning_rates) :])
         for seed in args.seeds:
             runs.append(run(method, best_lr, seed))
             report()

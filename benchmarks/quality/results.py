@@ -27,6 +27,11 @@ class Run:
         return self.scores.val["average"]
 
 
+def best_rate(tried: list[Run]) -> float:
+    """The learning rate whose run scored best on validation; a tie goes to the run tried first."""
+    return max(tried, key=lambda run: run.val_average).lr
+
+
 def read_runs(path: Path) -> list[Run]:
     """Every run recorded in a quality.json, the sweep's included."""
     recorded = json.loads(path.read_text())
@@ -87,7 +92,7 @@ def sweep_table(methods: list[Method], sweep: list[Run]) -> list[str]:
     lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in rates) + " |", "|---|" + "---|" * len(rates)]
     for method, own in _by_method(methods, sweep):
         by_lr = {run.lr: run for run in own}
-        best = max(own, key=lambda run: run.val_average).lr  # the rule main() applies
+        best = best_rate(own)
         lines.append(f"| {method.label} | " + " | ".join(_sweep_cell(by_lr.get(lr), lr == best) for lr in rates) + " |")
     return lines
 
