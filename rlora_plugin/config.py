@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from functools import cache
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
-INIT_MODES = ("random", "zero")
-HEAD_DROPOUT_MODES = ("per_head", "shared")
-ROUTER_INIT_MODES = ("zero", "kaiming")
+
+class RLoraConfigError(ValueError):
+    """A bad `RLoraConfig` value. Carries the field name, so a host framework can name its own config key."""
+
+    def __init__(self, key: str, value: Any, fix: str) -> None:
+        self.key, self.value, self.fix = key, value, fix
+        super().__init__(f"RLoraConfig: `{key}` = {value!r} is invalid: {fix}")
 
 
 @dataclass
@@ -116,35 +122,101 @@ class RLoraConfig(PeftConfig):
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
         self._validate()
+        if self.router_top_k == 0:
+            self.router_top_k = None  # 0 and None both mean dense routing; keep one spelling
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs: Any):
+        """As PEFT's, and remembers where the adapter came from (not saved), so load errors can name its file."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        config.source = "/".join(p for p in (str(pretrained_model_name_or_path), subfolder) if p)
+        return config
 
     def _validate(self) -> None:
-        def refuse(key: str, fix: str) -> None:
-            raise ValueError(f"RLoraConfig: `{key}` = {getattr(self, key)!r} is invalid: {fix}")
+        for key in own_field_types():
+            check_type(key, getattr(self, key))
 
-        if not isinstance(self.r, int) or self.r < 1:
-            refuse("r", "the rank must be an integer >= 1, e.g. r=8.")
-        if not isinstance(self.num_heads, int) or self.num_heads < 1:
-            refuse("num_heads", "use an integer >= 1 (1 head is plain LoRA with a trivial router).")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            refuse("lora_dropout", "the dropout rate must be in [0, 1); use 0 to turn dropout off.")
-        if not self.init_gamma > 0:
-            refuse("init_gamma", "gamma must be > 0 (the paper uses 64).")
-        if not self.router_temperature > 0:
-            refuse("router_temperature", "the softmax temperature must be > 0 (default 1.0).")
-        if self.router_top_k is not None and (
-            not isinstance(self.router_top_k, int) or not 0 <= self.router_top_k <= self.num_heads
-        ):
-            refuse("router_top_k", f"use an integer in [1, num_heads={self.num_heads}], or 0 / None for dense routing.")
-        if not (isinstance(self.router_aux_loss_coef, (int, float)) and self.router_aux_loss_coef >= 0):
-            refuse("router_aux_loss_coef", "the loss weight must be a number >= 0 (0 turns it off; e.g. 0.01).")
-        for key, allowed in (
-            ("init", INIT_MODES),
-            ("head_dropout", HEAD_DROPOUT_MODES),
-            ("router_init", ROUTER_INIT_MODES),
-        ):
-            if getattr(self, key) not in allowed:
-                refuse(key, f"choose one of {', '.join(repr(a) for a in allowed)}.")
+        def require(key: str, ok: bool, fix: str) -> None:
+            if not ok:
+                raise RLoraConfigError(key, getattr(self, key), fix)
+
+        require("r", self.r >= 1, "the rank must be an integer >= 1, e.g. r=8.")
+        require("num_heads", self.num_heads >= 1, "use an integer >= 1 (1 head is plain LoRA with no router).")
+        require(
+            "lora_alpha",
+            math.isfinite(self.lora_alpha) and self.lora_alpha > 0,
+            "the update is scaled by lora_alpha / r, so it must be a finite number > 0 (0 would train nothing); "
+            "e.g. 16.",
+        )
+        require(
+            "lora_dropout",
+            0.0 <= self.lora_dropout < 1.0,
+            "the dropout rate must be in [0, 1); use 0 to turn dropout off.",
+        )
+        require(
+            "init_gamma",
+            math.isfinite(self.init_gamma) and self.init_gamma > 0,
+            "gamma must be a finite number > 0 (the paper uses 64; infinity would give all-zero heads that never "
+            "train).",
+        )
+        require(
+            "router_temperature",
+            math.isfinite(self.router_temperature) and self.router_temperature > 0,
+            "the softmax temperature must be a finite number > 0 (default 1.0).",
+        )
+        require(
+            "router_top_k",
+            self.router_top_k is None or 0 <= self.router_top_k <= self.num_heads,
+            f"use an integer in [1, num_heads={self.num_heads}], or 0 / None for dense routing.",
+        )
+        require(
+            "router_aux_loss_coef",
+            math.isfinite(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0,
+            "the loss weight must be a finite number >= 0 (0 turns it off; e.g. 0.01).",
+        )
+        require("init_seed", self.init_seed >= 0, "the seed must be an integer >= 0.")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            refuse("layers_to_transform", "it cannot be combined with a regex `target_modules`; list the names.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            refuse("layers_pattern", "it only applies together with `layers_to_transform`.")
+            raise RLoraConfigError(
+                "layers_to_transform",
+                self.layers_to_transform,
+                "it cannot be combined with a regex `target_modules`; list the names.",
+            )
+        require(
+            "layers_pattern",
+            not (self.layers_pattern and self.layers_to_transform is None),
+            "it only applies together with `layers_to_transform`.",
+        )
+
+
+@cache
+def own_field_types() -> dict[str, Any]:
+    """The type of every field `RLoraConfig` declares itself (not PEFT's base fields), resolved."""
+    hints = get_type_hints(RLoraConfig)
+    return {name: hints[name] for name in RLoraConfig.__annotations__}
+
+
+def choices(key: str) -> tuple[str, ...]:
+    """The allowed values of a `Literal` field of `RLoraConfig`: the annotation is the one source."""
+    return get_args(own_field_types()[key])
+
+
+def check_type(key: str, value: Any) -> None:
+    """Strict types for the scalar fields (no bool for a number, no string for a number, no coercion), so a
+    YAML or JSON typo is refused by name instead of failing deep inside torch."""
+    hint = own_field_types()[key]
+    optional = type(None) in get_args(hint)
+    if optional and value is None:
+        return
+    scalar = next((t for t in get_args(hint) if t is not type(None)), hint) if optional else hint
+    if get_origin(scalar) is Literal:
+        if value not in get_args(scalar):
+            raise RLoraConfigError(key, value, f"choose one of {', '.join(repr(a) for a in get_args(scalar))}.")
+    elif scalar is bool:
+        if not isinstance(value, bool):
+            raise RLoraConfigError(key, value, "use true or false.")
+    elif scalar is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RLoraConfigError(key, value, "use an integer (not a string, a float or a boolean).")
+    elif scalar is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RLoraConfigError(key, value, "use a number (not a string or a boolean).")

@@ -11,6 +11,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from torch.nn import functional as F
+from transformers.pytorch_utils import Conv1D
 
 from .config import RLoraConfig
 from .metrics import load_balancing_loss
@@ -51,6 +52,15 @@ def initial_weights(
     return lora_a, lora_b, router
 
 
+def in_out_features(base: nn.Module) -> tuple[int, int]:
+    """Sizes of an `nn.Linear` or of GPT-2's `Conv1D` (weight stored `(in, out)`; the full shape under ZeRO-3 is
+    `ds_shape`). The update is computed from the input, never from the weight, so the layout matters only here."""
+    if isinstance(base, Conv1D):
+        d_in, d_out = getattr(base.weight, "ds_shape", base.weight.shape)
+        return d_in, d_out
+    return base.in_features, base.out_features
+
+
 class RLoraLayer(BaseTunerLayer):
     """Per adapter: a shared down-projection `rlora_A (r, d_in)`, the heads side by side in
     `rlora_B (d_out, N*r)` (head i is columns `i*r:(i+1)*r`), the router `rlora_router (N, d_in)`, and
@@ -59,6 +69,7 @@ class RLoraLayer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("rlora_A", "rlora_B", "rlora_router")
+    adapter_tensor_names = ("rlora_A", "rlora_B", "rlora_router", "rlora_offset_A", "rlora_offset_B")
     other_param_names = (
         "rlora_offset_A",
         "rlora_offset_B",
@@ -92,8 +103,7 @@ class RLoraLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
-        base = self.get_base_layer()
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.in_features, self.out_features = in_out_features(self.get_base_layer())
 
     def update_layer(self, adapter_name: str, config: RLoraConfig, layer_name: str) -> None:
         r, heads = config.r, config.num_heads
@@ -102,7 +112,7 @@ class RLoraLayer(BaseTunerLayer):
         self.scaling[adapter_name] = config.lora_alpha / (math.sqrt(r) if config.use_rslora else r)
         self.router_temperature[adapter_name] = config.router_temperature
         self.head_dropout[adapter_name] = config.head_dropout
-        self.router_top_k[adapter_name] = getattr(config, "router_top_k", None) or None
+        self.router_top_k[adapter_name] = config.router_top_k
         dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.rlora_dropout[adapter_name] = dropout
 
@@ -200,7 +210,7 @@ class RLoraLinear(nn.Module, RLoraLayer):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         """Refuse an adapter trained on a base model of other shapes, with a message instead of torch's."""
-        for name in ("rlora_A", "rlora_B", "rlora_router", "rlora_offset_A", "rlora_offset_B"):
+        for name in self.adapter_tensor_names:
             for adapter, tensor in getattr(self, name).items():
                 saved = state_dict.get(f"{prefix}{name}.{adapter}")
                 if saved is not None and saved.shape != tensor.shape:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
+import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .config import RLoraConfig
 from .layer import MERGE_REFUSAL, RLoraLayer, RLoraLinear
+
+_ADAPTER_TENSOR = re.compile(r"\.(rlora_(?:A|B|router|offset_A|offset_B))\.([^.]+)$")
 
 
 class RLoraModel(BaseTuner):
@@ -35,11 +42,11 @@ class RLoraModel(BaseTuner):
             target.update_layer(adapter_name, config, current_key)
             return
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, nn.Linear):
+        if not isinstance(base, (nn.Linear, Conv1D)):
             raise TypeError(
-                f"R-LoRA can only adapt torch.nn.Linear layers, but target module '{current_key}' is a "
-                f"{type(base).__module__}.{type(base).__name__}. Remove it from `target_modules` (or use "
-                "'all-linear')."
+                f"R-LoRA can only adapt torch.nn.Linear layers (and GPT-2's Conv1D), but target module "
+                f"'{current_key}' is a {type(base).__module__}.{type(base).__name__}. Remove it from "
+                "`target_modules` (or use 'all-linear')."
             )
         new_module = RLoraLinear(target, adapter_name, config, current_key)
         if adapter_name not in self.active_adapters:
@@ -48,3 +55,56 @@ class RLoraModel(BaseTuner):
 
     def _check_merge_allowed(self) -> None:
         raise ValueError(MERGE_REFUSAL)
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(
+            "R-LoRA adapters cannot be combined with add_weighted_adapter: each adapter routes every token "
+            "through its own router, so a weighted sum of two adapters' heads has no router that matches it. "
+            "Load the adapters side by side (load_adapter) and switch with set_adapter instead."
+        )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        """Refuse a damaged adapter before any of it is loaded: for every adapter the state dict brings, each
+        adapted layer must get each of its tensors (a missing one would leave a random router or head in
+        place), no tensor it does not have (an `adapter_config.json` edited from `init: random` to `zero`
+        would silently drop the saved offset path), and only finite values."""
+        loaded = {}
+        for key, value in state_dict.items():
+            match = _ADAPTER_TENSOR.search(key)
+            if key.startswith(prefix) and match:
+                loaded[key[len(prefix) :]] = (match.group(1), match.group(2), value)
+        adapters = {adapter for _, adapter, _ in loaded.values()}
+        if adapters:
+            self._check_adapter_tensors(loaded, adapters, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _check_adapter_tensors(
+        self, loaded: dict[str, tuple[str, str, torch.Tensor]], adapters: set[str], prefix: str
+    ) -> None:
+        def refuse(adapter: str, key: str, problem: str) -> None:
+            source = getattr(self.peft_config.get(adapter), "source", None)
+            where = f"{source}/adapter_model.safetensors" if source else "the saved adapter weights"
+            saved_key = prefix + key.rsplit(".", 1)[0]  # as in the file: no adapter name
+            raise ValueError(
+                f"Cannot load R-LoRA adapter '{adapter}' from {where}: tensor `{saved_key}` {problem} The file is "
+                "damaged or does not belong to this adapter_config.json: save the adapter again from the "
+                "trained model, or restore both files together."
+            )
+
+        expected = set()
+        for name, layer in self.model.named_modules():
+            if not isinstance(layer, RLoraLayer):
+                continue
+            for tensor in RLoraLayer.adapter_tensor_names:
+                for adapter in adapters & set(getattr(layer, tensor)):
+                    expected.add(f"model.{name}.{tensor}.{adapter}")
+        for key, (_, adapter, value) in sorted(loaded.items()):
+            if key not in expected:
+                config = self.peft_config.get(adapter)
+                refuse(
+                    adapter, key, f"is not part of this adapter (its config: init={getattr(config, 'init', None)!r})."
+                )
+            if value.numel() and not torch.isfinite(value).all():
+                refuse(adapter, key, "holds NaN or infinite values.")
+        for key in sorted(expected - set(loaded)):
+            refuse(key.rsplit(".", 1)[1], key, "is missing.")

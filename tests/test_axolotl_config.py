@@ -160,10 +160,12 @@ def test_kernels_explicitly_off_are_fine(tiny):
     "overrides, key, value",
     [
         ({"rlora": {"num_heads": 0}}, "rlora.num_heads", "0"),
-        ({"rlora": {"init": "gaussian"}}, "rlora.init", "'gaussian'"),
-        ({"rlora": {"head_dropout": "all"}}, "rlora.head_dropout", "'all'"),
-        ({"rlora": {"router_init": "xavier"}}, "rlora.router_init", "'xavier'"),
         ({"rlora": {"init_gamma": 0}}, "rlora.init_gamma", "0.0"),
+        ({"rlora": {"init_gamma": float("inf")}}, "rlora.init_gamma", "inf"),
+        ({"rlora": {"router_temperature": float("inf")}}, "rlora.router_temperature", "inf"),
+        ({"rlora": {"init_seed": -1}}, "rlora.init_seed", "-1"),
+        ({"lora_alpha": 0}, "lora_alpha", "0"),
+        ({"lora_alpha": -16}, "lora_alpha", "-16"),
         ({"rlora": {"router_temperature": -1}}, "rlora.router_temperature", "-1.0"),
         ({"rlora": {"num_heads": 3, "router_top_k": 4}}, "rlora.router_top_k", "4"),
         ({"rlora": {"router_aux_loss_coef": -0.1}}, "rlora.router_aux_loss_coef", "-0.1"),
@@ -180,6 +182,49 @@ def test_bad_values_use_rlora_config_validation(tiny, overrides, key, value):
     message = refused(make_cfg(tiny, **overrides))
     assert f"adapter: rlora: invalid config key `{key}`" in message
     assert f"= {value} is invalid" in message  # RLoraConfig's own message, with the value
+
+
+@pytest.mark.parametrize(
+    "overrides, key, shown",
+    [
+        ({"rlora": {"init": "gaussian"}}, "rlora.init", ["'gaussian'", "'random' or 'zero'"]),
+        ({"rlora": {"head_dropout": "all"}}, "rlora.head_dropout", ["'all'", "'per_head' or 'shared'"]),
+        ({"rlora": {"router_init": "xavier"}}, "rlora.router_init", ["'xavier'", "'zero' or 'kaiming'"]),
+        ({"rlora": {"num_heads": True}}, "rlora.num_heads", ["input_value=True", "valid integer"]),
+        ({"rlora": {"init_gamma": "64"}}, "rlora.init_gamma", ["input_value='64'", "valid number"]),
+        ({"rlora": {"init_seed": 1.5}}, "rlora.init_seed", ["input_value=1.5", "valid integer"]),
+        ({"rlora": {"metrics": "yes"}}, "rlora.metrics", ["input_value='yes'", "valid boolean"]),
+    ],
+)
+def test_rlora_block_types_are_strict(tiny, overrides, key, shown):
+    """Choices and types come from RLoraConfig's annotations; no coercion (`num_heads: true` is not 1 head)."""
+    message = refused(make_cfg(tiny, **overrides))
+    assert key in message
+    for text in shown:
+        assert text in message
+
+
+def test_rlora_keys_outside_the_block_are_refused(tiny):
+    message = refused(make_cfg(tiny, num_heads=3))
+    assert "`num_heads: 3`" in message and "`rlora.num_heads`" in message and "top level" in message
+    message = refused(make_cfg(tiny, router_top_k=1))
+    assert "`rlora.router_top_k`" in message
+
+
+def test_both_quantizations_are_refused(tiny):
+    message = refused(make_cfg(tiny, load_in_4bit=True, load_in_8bit=True))
+    assert "`load_in_4bit: true` and `load_in_8bit: true`" in message and "keep one" in message
+
+
+def test_lora_model_dir_is_checked_at_validation(tiny, tmp_path):
+    missing = tmp_path / "nowhere"
+    message = refused(make_cfg(tiny, lora_model_dir=str(missing)))
+    assert f"`lora_model_dir: {str(missing)!r}` is not a directory" in message and "Fix:" in message
+    message = refused(make_cfg(tiny, lora_model_dir=str(tmp_path)))
+    assert "holds no adapter_config.json" in message
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    message = refused(make_cfg(tiny, lora_model_dir=str(tmp_path)))
+    assert "holds a LORA adapter" in message and "RLORA" in message and "adapter: lora" in message
 
 
 def test_metrics_switch_and_routing_defaults(tiny):
@@ -346,9 +391,14 @@ def test_plugin_callback_and_aux_loss_wrapper(tiny, base_model):
     callback.on_step_end(None, None, SimpleNamespace(should_log=True))
     ((metrics, bucket),) = trainer.stored
     assert bucket == "train" and metrics["rlora/aux_loss"] == pytest.approx(aux, abs=1e-5)
-    for key in ("router_entropy", "head_load_ratio", "head_load_max", "head_cos_B", "head_cos_BA"):
-        assert 0 <= metrics[f"rlora/{key}"] < 1e6, key
+    from rlora_plugin.metrics import similarity_metrics
+
+    for key, value in similarity_metrics(model).items():  # the weights' head similarities, as logged
+        assert metrics[key] == pytest.approx(value), key
     assert 0 < metrics["rlora/router_entropy"] < 1  # a Kaiming router is not uniform
+    heads = model.peft_config["default"].num_heads
+    assert 1 / heads < metrics["rlora/head_load_max"] < 1
+    assert 1 < metrics["rlora/head_load_ratio"] <= metrics["rlora/head_load_ratio_worst"]
     callback.on_train_end(None, None, None)
 
     off = validate(make_cfg(tiny, rlora={"metrics": False}))

@@ -1,7 +1,5 @@
 """Router and head-diversity metrics, sparse top-k routing and the load-balancing loss, with known answers."""
 
-import math
-
 import pytest
 import torch
 from peft import get_peft_model
@@ -88,9 +86,17 @@ def test_only_training_forwards_are_recorded_and_disable_stops_it():
     assert all(layer._rlora_gate_stats is None for layer in adapted_layers(model))
 
 
-def test_zero_init_heads_are_identical_for_hydralora():
-    metrics = similarity_metrics(model_with(init="zero"))  # B_i = 0: cosine undefined -> 0, not NaN
-    assert all(math.isfinite(v) for v in metrics.values())
+def test_zero_init_heads_report_similarity_zero_for_hydralora():
+    """B_i = 0 at HydraLoRA's init: the cosine is undefined and reported as 0 (never NaN); once the heads are
+    equal and nonzero it is 1."""
+    model = model_with(init="zero")
+    metrics = similarity_metrics(model)
+    assert set(metrics) >= {"rlora/head_cos_B", "rlora/head_cos_BA"}
+    assert all(v == 0.0 for v in metrics.values()), metrics
+    with torch.no_grad():
+        for layer in adapted_layers(model):
+            layer.rlora_B["default"].copy_(torch.randn(layer.out_features, 4).repeat(1, 3))
+    assert all(v == pytest.approx(1.0, abs=1e-5) for v in similarity_metrics(model).values())
 
 
 def test_top1_gives_one_hot_gates_and_changes_the_output():
@@ -214,7 +220,7 @@ def test_config_validation_of_routing_options():
         RLoraConfig(num_heads=3, router_top_k=4)
     with pytest.raises(ValueError, match=r"`router_aux_loss_coef` = -1 is invalid"):
         RLoraConfig(router_aux_loss_coef=-1)
-    assert RLoraConfig(router_top_k=0).router_top_k == 0  # dense, like None
+    assert RLoraConfig(router_top_k=0).router_top_k is None  # 0 means dense: one spelling, None
 
 
 def test_report_on_a_saved_adapter(tmp_path):

@@ -1,12 +1,18 @@
 """Bad input gets a clear error that names the key, the value and the fix."""
 
+import json
+import math
+import re
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from test_peft_layer import MLP, tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rlora_plugin import RLoraConfig
+from rlora_plugin.config import RLoraConfigError
 
 
 @pytest.mark.parametrize(
@@ -16,16 +22,31 @@ from rlora_plugin import RLoraConfig
         ("num_heads", 0, r"`num_heads` = 0 is invalid: use an integer >= 1"),
         ("lora_dropout", 1.0, r"`lora_dropout` = 1.0 is invalid: the dropout rate must be in \[0, 1\)"),
         ("lora_dropout", -0.1, r"`lora_dropout` = -0.1 is invalid"),
-        ("init_gamma", 0, r"`init_gamma` = 0 is invalid: gamma must be > 0"),
-        ("router_temperature", 0.0, r"`router_temperature` = 0.0 is invalid: .* must be > 0"),
+        ("init_gamma", 0, r"`init_gamma` = 0 is invalid: gamma must be a finite number > 0"),
+        ("init_gamma", math.inf, r"`init_gamma` = inf is invalid: gamma must be a finite number > 0"),
+        ("router_temperature", 0.0, r"`router_temperature` = 0.0 is invalid: .* must be a finite number > 0"),
+        ("router_temperature", math.inf, r"`router_temperature` = inf is invalid"),
+        ("lora_alpha", 0, r"`lora_alpha` = 0 is invalid: .* finite number > 0 \(0 would train nothing\)"),
+        ("lora_alpha", -16, r"`lora_alpha` = -16 is invalid"),
+        ("lora_alpha", math.nan, r"`lora_alpha` = nan is invalid"),
+        ("init_seed", -1, r"`init_seed` = -1 is invalid: the seed must be an integer >= 0"),
+        ("init_seed", 1.5, r"`init_seed` = 1.5 is invalid: use an integer"),
+        # strict types: no bool for a number, no string for a number (each used to end in a raw TypeError)
+        ("lora_dropout", "0.1", r"`lora_dropout` = '0.1' is invalid: use a number \(not a string or a boolean\)"),
+        ("lora_alpha", "16", r"`lora_alpha` = '16' is invalid: use a number"),
+        ("r", True, r"`r` = True is invalid: use an integer \(not a string, a float or a boolean\)"),
+        ("num_heads", True, r"`num_heads` = True is invalid: use an integer"),
+        ("num_heads", 2.0, r"`num_heads` = 2.0 is invalid: use an integer"),
+        ("use_rslora", "yes", r"`use_rslora` = 'yes' is invalid: use true or false"),
         ("init", "gaussian", r"`init` = 'gaussian' is invalid: choose one of 'random', 'zero'"),
         ("head_dropout", "each", r"`head_dropout` = 'each' is invalid: choose one of 'per_head', 'shared'"),
         ("router_init", "normal", r"`router_init` = 'normal' is invalid: choose one of 'zero', 'kaiming'"),
     ],
 )
 def test_bad_config_values(key, value, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(RLoraConfigError, match=message) as info:
         RLoraConfig(target_modules=MLP, **{key: value})
+    assert info.value.key == key  # the field travels with the error: a host framework names its own key
 
 
 def test_target_modules_that_match_nothing():
@@ -36,9 +57,86 @@ def test_target_modules_that_match_nothing():
 def test_non_linear_targets_are_refused_by_name():
     with pytest.raises(TypeError, match=r"only adapt torch.nn.Linear.*'model.embed_tokens' is a .*Embedding"):
         get_peft_model(tiny_llama(), RLoraConfig(target_modules=["embed_tokens"]))
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
-    with pytest.raises(TypeError, match=r"'transformer.h.0.attn.c_attn' is a .*Conv1D"):
-        get_peft_model(gpt2, RLoraConfig(target_modules=["c_attn"]))
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=32)).eval()
+
+
+@pytest.mark.parametrize("targets", [["c_attn", "c_proj", "c_fc"], "all-linear"])
+def test_gpt2_conv1d_layers_are_adapted(targets, tmp_path):
+    """GPT-2's Conv1D stores its weight (in, out); the update never reads it, only its sizes."""
+    ids = torch.randint(0, 50, (2, 7))
+    base_logits = tiny_gpt2()(ids).logits
+    model = get_peft_model(tiny_gpt2(), RLoraConfig(target_modules=targets, lora_dropout=0.0)).eval()
+    c_attn = model.base_model.model.transformer.h[0].attn.c_attn
+    assert (c_attn.in_features, c_attn.out_features) == (32, 96)
+    torch.testing.assert_close(model(ids).logits, base_logits, atol=1e-5, rtol=1e-5)  # exact at init
+    model.train()
+    model(ids, labels=ids).loss.backward()
+    assert c_attn.rlora_B["default"].grad.abs().sum() > 0
+    with torch.no_grad():
+        c_attn.rlora_B["default"].add_(0.1)
+    trained = model.eval()(ids).logits
+    assert (trained - base_logits).abs().max() > 1e-3
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_gpt2(), tmp_path).eval()
+    torch.testing.assert_close(reloaded(ids).logits, trained)
+
+
+def test_add_weighted_adapter_is_refused_with_the_reason():
+    model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP))
+    model.add_adapter("other", RLoraConfig(target_modules=MLP))
+    with pytest.raises(ValueError, match=r"cannot be combined with add_weighted_adapter: .* its own router"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")
+
+
+@pytest.fixture
+def saved_adapter(tmp_path):
+    get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP)).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _edit_weights(path, edit) -> None:
+    tensors = load_file(path / "adapter_model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "adapter_model.safetensors")
+
+
+KEY = "base_model.model.model.layers.1.mlp.up_proj"
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda t: t[f"{KEY}.rlora_B"].__setitem__((0, 0), math.nan), f"`{KEY}.rlora_B` holds NaN or infinite"),
+        (lambda t: t[f"{KEY}.rlora_A"].__setitem__((0, 0), math.inf), f"`{KEY}.rlora_A` holds NaN or infinite"),
+        (lambda t: t.pop(f"{KEY}.rlora_router"), f"`{KEY}.rlora_router` is missing"),
+        (lambda t: t.pop(f"{KEY}.rlora_offset_B"), f"`{KEY}.rlora_offset_B` is missing"),
+    ],
+)
+def test_damaged_adapter_weights_are_refused_at_load(saved_adapter, edit, problem):
+    _edit_weights(saved_adapter, edit)
+    with pytest.raises(
+        ValueError, match=re.escape(f"from {saved_adapter}/adapter_model.safetensors: tensor {problem}")
+    ):
+        PeftModel.from_pretrained(tiny_llama(), saved_adapter)
+
+
+def test_config_edited_to_drop_the_offset_is_refused(saved_adapter):
+    """`init: random` -> `zero` in adapter_config.json would load without the saved offset path."""
+    config = json.loads((saved_adapter / "adapter_config.json").read_text())
+    (saved_adapter / "adapter_config.json").write_text(json.dumps({**config, "init": "zero"}))
+    with pytest.raises(ValueError, match=r"down_proj.rlora_offset_A` is not part of this adapter .*init='zero'"):
+        PeftModel.from_pretrained(tiny_llama(), saved_adapter)
+
+
+def test_a_sound_adapter_loads_as_a_second_adapter(saved_adapter):
+    """The checks look only at the adapter being loaded, not at the ones already in the model."""
+    model = PeftModel.from_pretrained(tiny_llama(), saved_adapter)
+    model.load_adapter(saved_adapter, adapter_name="second")
+    assert set(model.peft_config) == {"default", "second"}
 
 
 def test_loading_onto_a_base_of_other_shapes(tmp_path):

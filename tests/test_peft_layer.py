@@ -45,21 +45,39 @@ class FixedMask(nn.Module):
         return t * self.mask
 
 
-def reference_update(layer: RLoraLinear, x: torch.Tensor, head_masks: list[torch.Tensor] | None = None):
-    """The method written out head by head, as in spec section 1."""
+def reference_update(
+    layer: RLoraLinear,
+    x: torch.Tensor,
+    config: RLoraConfig,
+    initial: RLoraLinear | None = None,
+    head_masks: list[torch.Tensor] | None = None,
+):
+    """The method written out head by head, as in spec section 1, with the scaling, the temperature and the
+    offset computed from `config` (never read from the layer under test); `initial` is the same layer of an
+    untrained twin model, whose `A` and heads `B_i` give the offset `s * mean_i(B_i^0) A^0 x`."""
+    n, r = config.num_heads, config.r
+    s = config.lora_alpha / (r**0.5 if config.use_rslora else r)
     a = layer.rlora_A["default"]
-    n, r, s = layer.num_heads["default"], layer.r["default"], layer.scaling["default"]
     heads = layer.rlora_B["default"].view(layer.out_features, n, r)
     h = x @ a.T
-    gates = torch.softmax((x @ layer.rlora_router["default"].T) / layer.router_temperature["default"], dim=-1)
+    gates = torch.softmax((x @ layer.rlora_router["default"].T) / config.router_temperature, dim=-1)
     out = torch.zeros(*x.shape[:-1], layer.out_features)
     for i in range(n):
         h_i = h if head_masks is None else h * head_masks[i]
         out = out + gates[..., i : i + 1] * (h_i @ heads[:, i, :].T)
     out = s * out
-    if "default" in layer.rlora_offset_A:
-        out = out - s * (x @ layer.rlora_offset_A["default"].T) @ layer.rlora_offset_B["default"].T
+    if config.init == "random":
+        mean_head = initial.rlora_B["default"].detach().view(layer.out_features, n, r).mean(dim=1)
+        out = out - s * (x @ initial.rlora_A["default"].detach().T) @ mean_head.T
     return out
+
+
+def perturbed_layer(config: RLoraConfig) -> tuple[RLoraLinear, RLoraLinear]:
+    """The first adapted layer of a model whose adapter weights moved as in training, and the same layer of
+    an untouched twin (the initial weights)."""
+    model = get_peft_model(tiny_llama(), config)
+    perturb(model)
+    return adapted_layers(model)[0], adapted_layers(get_peft_model(tiny_llama(), config))[0]
 
 
 def perturb(model: nn.Module, seed: int = 3) -> None:
@@ -127,22 +145,23 @@ def test_architectures_all_linear(arch):
 
 @pytest.mark.parametrize("head_dropout", ["per_head", "shared"])
 @pytest.mark.parametrize("router_init", ["zero", "kaiming"])
-def test_fused_layer_equals_per_head_reference(head_dropout, router_init):
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_fused_layer_equals_per_head_reference(head_dropout, router_init, use_rslora):
     config = RLoraConfig(
         target_modules=MLP,
         num_heads=4,
         r=3,
+        lora_alpha=5,
+        use_rslora=use_rslora,
         head_dropout=head_dropout,
         router_init=router_init,
         router_temperature=0.7,
         lora_dropout=0.3,
     )
-    model = get_peft_model(tiny_llama(), config)
-    perturb(model)
-    layer = adapted_layers(model)[0]
+    layer, initial = perturbed_layer(config)
     x = torch.randn(2, 5, layer.in_features)
     layer.eval()
-    torch.testing.assert_close(layer.routed_update(x, "default"), reference_update(layer, x))
+    torch.testing.assert_close(layer.routed_update(x, "default"), reference_update(layer, x, config, initial))
 
     layer.train()
     keep = torch.rand(2, 5, 4, 3, generator=torch.Generator().manual_seed(7)) > 0.3
@@ -154,20 +173,22 @@ def test_fused_layer_equals_per_head_reference(head_dropout, router_init):
     else:
         layer.rlora_dropout["default"] = FixedMask(masks)
         head_masks = [masks[..., i, :] for i in range(4)]
-    torch.testing.assert_close(layer.routed_update(x, "default"), reference_update(layer, x, head_masks))
+    torch.testing.assert_close(
+        layer.routed_update(x, "default"), reference_update(layer, x, config, initial, head_masks)
+    )
 
 
 @pytest.mark.parametrize("shape", [(2, 5), (5,), ()], ids=["batch-seq", "tokens", "one-vector"])
 def test_layer_output_is_base_plus_update_with_gradients(shape):
     """The forward adds the update into the base output inside the second matmul (addmm); the result and
     every gradient equal base(x) + the per-head reference, for any number of leading dimensions."""
-    model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP, num_heads=3, r=4, lora_dropout=0.0))
-    perturb(model)
-    layer = adapted_layers(model)[0].train()
+    config = RLoraConfig(target_modules=MLP, num_heads=3, r=4, lora_dropout=0.0)
+    layer, initial = perturbed_layer(config)
+    layer.train()
     x = torch.randn(*shape, layer.in_features, requires_grad=True)
     fused = layer(x)
     ref_x = x.detach().clone().requires_grad_(True)
-    expected = layer.base_layer(ref_x) + reference_update(layer, ref_x)
+    expected = layer.base_layer(ref_x) + reference_update(layer, ref_x, config, initial)
     torch.testing.assert_close(fused, expected)
     weights = [layer.rlora_A["default"], layer.rlora_B["default"], layer.rlora_router["default"]]
     grad_out = torch.randn_like(fused)
@@ -178,14 +199,13 @@ def test_layer_output_is_base_plus_update_with_gradients(shape):
 
 
 def test_bf16_base_with_fp32_adapter_adds_in_the_base_dtype():
-    model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP, num_heads=3, r=4)).eval()
-    perturb(model)
-    layer = adapted_layers(model)[0]
-    layer.base_layer.to(torch.bfloat16)
+    config = RLoraConfig(target_modules=MLP, num_heads=3, r=4)
+    layer, initial = perturbed_layer(config)
+    layer.eval().base_layer.to(torch.bfloat16)
     x = torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16)
     out = layer(x)
     assert out.dtype == torch.bfloat16
-    expected = layer.base_layer(x) + reference_update(layer, x.float()).to(torch.bfloat16)
+    expected = layer.base_layer(x) + reference_update(layer, x.float(), config, initial).to(torch.bfloat16)
     torch.testing.assert_close(out, expected)
 
 
@@ -220,12 +240,12 @@ def test_shared_dropout_uses_one_mask():
 
 
 def test_no_dropout_in_eval_mode():
-    model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP, lora_dropout=0.5))
-    perturb(model)
-    layer = adapted_layers(model)[0].eval()
+    config = RLoraConfig(target_modules=MLP, lora_dropout=0.5)
+    layer, initial = perturbed_layer(config)
+    layer.eval()
     x = torch.randn(4, layer.in_features)
     torch.testing.assert_close(layer.routed_update(x, "default"), layer.routed_update(x, "default"))
-    torch.testing.assert_close(layer.routed_update(x, "default"), reference_update(layer, x))
+    torch.testing.assert_close(layer.routed_update(x, "default"), reference_update(layer, x, config, initial))
 
 
 def test_gradients_reach_adapter_not_base():
@@ -285,10 +305,11 @@ def test_one_zero_head_is_plain_lora():
 
 def test_router_temperature_sharpens_gates():
     config = RLoraConfig(target_modules=MLP, router_init="kaiming", router_temperature=0.05)
-    layer = adapted_layers(get_peft_model(tiny_llama(), config))[0].eval()
+    layer, initial = perturbed_layer(config)
+    layer.eval()
     x = torch.randn(4, 32)
     cold = layer.routed_update(x, "default")
-    torch.testing.assert_close(cold, reference_update(layer, x))
+    torch.testing.assert_close(cold, reference_update(layer, x, config, initial))
     layer.router_temperature["default"] = 1.0
     assert not torch.allclose(cold, layer.routed_update(x, "default"))
 

@@ -16,17 +16,31 @@ gets them; setting one to true explicitly is refused (they compute plain LoRA an
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from rlora_plugin.config import RLoraConfig
+from rlora_plugin.config import RLoraConfig, RLoraConfigError, own_field_types
+from rlora_plugin.registration import PEFT_TYPE_NAME
 
 ADAPTER_NAME = "rlora"
 
-# RLoraConfig field -> the Axolotl config key it comes from (for error messages).
-AXOLOTL_KEY = {
+# R-LoRA's own fields of `RLoraConfig`, set in the nested `rlora:` block (with RLoraConfig's types and defaults).
+BLOCK_FIELDS = (
+    "num_heads",
+    "init",
+    "init_gamma",
+    "head_dropout",
+    "router_init",
+    "router_temperature",
+    "router_top_k",
+    "router_aux_loss_coef",
+)
+# The plain-LoRA fields of `RLoraConfig` -> the Axolotl key they come from (Axolotl's own keys keep their meaning).
+LORA_KEYS = {
     "r": "lora_r",
     "lora_alpha": "lora_alpha",
     "lora_dropout": "lora_dropout",
@@ -36,16 +50,13 @@ AXOLOTL_KEY = {
     "layers_to_transform": "peft_layers_to_transform",
     "layers_pattern": "peft_layers_pattern",
     "modules_to_save": "lora_modules_to_save",
-    "num_heads": "rlora.num_heads",
-    "init": "rlora.init",
-    "init_gamma": "rlora.init_gamma",
-    "head_dropout": "rlora.head_dropout",
-    "router_init": "rlora.router_init",
-    "router_temperature": "rlora.router_temperature",
-    "init_seed": "rlora.init_seed",
-    "router_top_k": "rlora.router_top_k",
-    "router_aux_loss_coef": "rlora.router_aux_loss_coef",
 }
+
+
+def axolotl_key(field_name: str) -> str:
+    """The Axolotl config key an `RLoraConfig` field is set with, for error messages."""
+    return LORA_KEYS.get(field_name, f"rlora.{field_name}")
+
 
 _MERGE_WHY = "R-LoRA's router mixes its heads per token, so the adapter cannot be merged into the base weights"
 _MERGE_FIX = (
@@ -101,8 +112,22 @@ def _refusal(key: str, value: Any, why: str, fix: str) -> str:
     return f"adapter: rlora does not support `{key}: {value!r}`: {why}. Fix: {fix}."
 
 
-def refuse_incompatible(data: dict) -> None:
-    """Raise ValueError for the first option in a raw Axolotl config that R-LoRA cannot honour."""
+def refuse_incompatible(data: dict, axolotl_keys: Any = ()) -> None:
+    """Raise ValueError for the first option in a raw Axolotl config that R-LoRA cannot honour, or an R-LoRA
+    key written outside the `rlora:` block (Axolotl would drop it without a word); `axolotl_keys` are the
+    top-level keys Axolotl itself knows."""
+    for key in sorted(data):
+        if key in RLoraOptions.model_fields and key not in axolotl_keys:
+            raise ValueError(
+                f"adapter: rlora: `{key}: {data[key]!r}` is an R-LoRA setting written at the top level of the "
+                f"config, where it would be ignored. Fix: move it into the `rlora:` block as `rlora.{key}` "
+                f"(rlora:\n  {key}: {data[key]!r})."
+            )
+    if data.get("load_in_4bit") and data.get("load_in_8bit"):
+        raise ValueError(
+            "adapter: rlora: `load_in_4bit: true` and `load_in_8bit: true` are both set, and only one "
+            "quantization can be used. Fix: keep one of them."
+        )
     for key, (why, fix) in REFUSED.items():
         if data.get(key):
             raise ValueError(_refusal(key, data[key], why, fix))
@@ -123,39 +148,48 @@ def refuse_incompatible(data: dict) -> None:
         )
 
 
-def _as_in_config(name: str, note: str = "") -> Any:
-    """A field of the `rlora:` block with `RLoraConfig`'s default and help text, so the two never drift."""
+_NOTES = {
+    "num_heads": "Paper script: 5.",
+    "head_dropout": "The rate is `lora_dropout`.",
+    "router_aux_loss_coef": "Logged as `rlora/aux_loss`; e.g. 0.01.",
+}
+
+
+def _as_in_config(name: str) -> tuple[Any, Any]:
+    """A field of the `rlora:` block with `RLoraConfig`'s type, default and help text: one source."""
     spec = RLoraConfig.__dataclass_fields__[name]
-    return Field(default=spec.default, description=f"{spec.metadata['help']} {note}".strip())
+    help_text = f"{spec.metadata['help']} {_NOTES.get(name, '')}".strip()
+    return own_field_types()[name], Field(default=spec.default, description=help_text)
 
 
-class RLoraOptions(BaseModel):
-    """R-LoRA's own settings, under the `rlora:` key. Defaults are the paper's (the authors' script)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    num_heads: int = _as_in_config("num_heads", "Paper script: 5.")
-    init: str = _as_in_config("init")
-    init_gamma: float = _as_in_config("init_gamma")
-    head_dropout: str = _as_in_config("head_dropout", "The rate is `lora_dropout`.")
-    router_init: str = _as_in_config("router_init")
-    router_temperature: float = _as_in_config("router_temperature")
-    router_top_k: int | None = _as_in_config("router_top_k")
-    router_aux_loss_coef: float = _as_in_config("router_aux_loss_coef", "Logged as `rlora/aux_loss`; e.g. 0.01.")
-    metrics: bool = Field(
-        default=True,
-        description=(
-            "Log router and head-diversity metrics (`rlora/...`: router entropy, head load, head cosine "
-            "similarities) every `logging_steps`. false turns them off."
+# R-LoRA's own settings, under the `rlora:` key: every `BLOCK_FIELDS` entry of `RLoraConfig`, plus two
+# Axolotl-side settings. Strict types: `num_heads: true` or `init_gamma: "64"` is an error, not a coercion.
+RLoraOptions = create_model(
+    "RLoraOptions",
+    __config__=ConfigDict(extra="forbid", strict=True),
+    __doc__="R-LoRA's own settings, under the `rlora:` key. Defaults are the paper's (the authors' script).",
+    **{name: _as_in_config(name) for name in BLOCK_FIELDS},
+    metrics=(
+        bool,
+        Field(
+            default=True,
+            description=(
+                "Log router and head-diversity metrics (`rlora/...`: router entropy, head load, head cosine "
+                "similarities) every `logging_steps`. false turns them off."
+            ),
         ),
-    )
-    init_seed: int | None = Field(
-        default=None,
-        description=(
-            "Seed of the adapter initialization (per layer, from this seed and the layer name, so every "
-            "rank builds the same adapter). Default: the run's `seed`, or 0 if that is unset."
+    ),
+    init_seed=(
+        int | None,
+        Field(
+            default=None,
+            description=(
+                "Seed of the adapter initialization (per layer, from this seed and the layer name, so every "
+                "rank builds the same adapter). Default: the run's `seed`, or 0 if that is unset."
+            ),
         ),
-    )
+    ),
+)
 
 
 class RLoraArgs(BaseModel):
@@ -172,7 +206,7 @@ class RLoraArgs(BaseModel):
     @classmethod
     def rlora_refuse_incompatible(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("adapter") == ADAPTER_NAME:
-            refuse_incompatible(data)
+            refuse_incompatible(data, cls.model_fields)
         return data
 
     @model_validator(mode="after")
@@ -181,6 +215,8 @@ class RLoraArgs(BaseModel):
             if self.rlora is None:
                 self.rlora = RLoraOptions()
             build_rlora_config(self)  # raises a ValueError naming the Axolotl key
+            if getattr(self, "lora_model_dir", None):
+                check_adapter_dir(self.lora_model_dir)
             if self.rlora.router_aux_loss_coef > 0 and getattr(self, "gradient_checkpointing", None):
                 self._rlora_non_reentrant_checkpointing()
         return self
@@ -241,28 +277,34 @@ def rlora_config_kwargs(cfg: Any, target_modules: Any = None) -> dict[str, Any]:
         "layers_to_transform": _get(cfg, "peft_layers_to_transform"),
         "layers_pattern": _get(cfg, "peft_layers_pattern"),
         "modules_to_save": _get(cfg, "lora_modules_to_save") or None,
-        "num_heads": options.num_heads,
-        "init": options.init,
-        "init_gamma": options.init_gamma,
-        "head_dropout": options.head_dropout,
-        "router_init": options.router_init,
-        "router_temperature": options.router_temperature,
-        "router_top_k": options.router_top_k or None,
-        "router_aux_loss_coef": options.router_aux_loss_coef,
+        **{name: getattr(options, name) for name in BLOCK_FIELDS},
         "init_seed": init_seed,
     }
     # Unset Axolotl keys fall back to RLoraConfig's defaults.
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def build_rlora_config(cfg: Any, target_modules: Any = None, **extra: Any):
-    """Build an `RLoraConfig` from an Axolotl config; its ValueError is re-raised naming the Axolotl key."""
-    kwargs = rlora_config_kwargs(cfg, target_modules)
+def build_rlora_config(cfg: Any, target_modules: Any = None, **extra: Any) -> RLoraConfig:
+    """Build an `RLoraConfig` from an Axolotl config; its errors are re-raised naming the Axolotl key."""
     try:
-        return RLoraConfig(**kwargs, **extra)
-    except (ValueError, TypeError) as exc:
-        message = str(exc)
-        match = re.search(r"`(\w+)` = ", message)
-        key = AXOLOTL_KEY.get(match.group(1), match.group(1)) if match else None
-        where = f"config key `{key}`" if key else "the R-LoRA settings"
-        raise ValueError(f"adapter: rlora: invalid {where}: {message}") from exc
+        return RLoraConfig(**rlora_config_kwargs(cfg, target_modules), **extra)
+    except RLoraConfigError as exc:
+        raise ValueError(f"adapter: rlora: invalid config key `{axolotl_key(exc.key)}`: {exc}") from exc
+
+
+def check_adapter_dir(path: str) -> None:
+    """`lora_model_dir` must be a saved R-LoRA adapter: refused here, at config validation, instead of failing
+    at model load after the datasets are prepared."""
+    config_file = Path(path) / "adapter_config.json"
+    fix = "point `lora_model_dir` at the output directory of an `adapter: rlora` run, or remove it to train anew"
+    if not Path(path).is_dir():
+        raise ValueError(f"adapter: rlora: `lora_model_dir: {path!r}` is not a directory. Fix: {fix}.")
+    if not config_file.is_file():
+        raise ValueError(f"adapter: rlora: `lora_model_dir: {path!r}` holds no adapter_config.json. Fix: {fix}.")
+    peft_type = json.loads(config_file.read_text()).get("peft_type")
+    if peft_type != PEFT_TYPE_NAME:
+        raise ValueError(
+            f"adapter: rlora: `lora_model_dir: {path!r}` holds a {peft_type} adapter (peft_type in "
+            f"adapter_config.json), not an R-LoRA one ({PEFT_TYPE_NAME}). Fix: {fix}; a plain LoRA adapter "
+            "is loaded with `adapter: lora`."
+        )
