@@ -161,6 +161,8 @@ def report(adapter_dir: str | Path, out: str | Path | None = None) -> str:
     if out is not None:
         path = plot_heatmaps(reports, out, title=f"{Path(adapter_dir).name}: cos(B_i A, B_j A) per layer")
         text += f"\n\nheatmap written to {path}"
+    else:
+        text += "\n\nno heatmap written: pass --out FILE.png for one"
     return text
 
 

@@ -311,6 +311,17 @@ def test_load_adapter_fresh_and_config_only(tiny, base_model):
     torch.testing.assert_close(adapted_out, base_out, atol=1e-5, rtol=1e-5)  # init equals the base
 
 
+def test_a_local_base_model_is_recorded_as_an_absolute_path(tiny, base_model, monkeypatch):
+    """The adapter must find its base from any working directory (AutoPeftModelForCausalLM reads it)."""
+    monkeypatch.chdir(tiny["model"].parent)
+    cfg = validate(make_cfg(tiny, base_model=tiny["model"].name))
+    model, peft_cfg = RLoraPlugin().load_adapter(base_model, cfg)
+    assert peft_cfg.base_model_name_or_path == str(tiny["model"].resolve())
+    assert RLoraPlugin().load_adapter(base_model, cfg, config_only=True)[1].base_model_name_or_path == str(
+        tiny["model"].resolve()
+    )
+
+
 def test_target_linear_plus_modules_is_the_union(tiny, base_model):
     cfg = validate(make_cfg(tiny, lora_target_modules=["lm_head"]))
     _, peft_cfg = RLoraPlugin().load_adapter(base_model, cfg)

@@ -240,4 +240,6 @@ def test_report_on_a_saved_adapter(tmp_path):
     assert all(abs(float(v[1])) < 0.9 for k, v in rows.items() if "layers.0.mlp.gate_proj" not in k)
     assert all(float(v[2]) == 0 and float(v[3]) > 0 for v in rows.values())  # zero router, live offset
     assert (tmp_path / "heads.png").read_bytes()[:4] == b"\x89PNG"
+    assert text.endswith(f"heatmap written to {tmp_path / 'heads.png'}")
+    assert report(tmp_path / "adapter").endswith("no heatmap written: pass --out FILE.png for one")
     assert main([str(tmp_path / "missing")]) == 2

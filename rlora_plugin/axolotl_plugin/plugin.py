@@ -17,6 +17,7 @@ hook acts only when `cfg.adapter == "rlora"` and returns None otherwise.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
@@ -68,6 +69,13 @@ def _target_modules(model: Any, cfg: Any) -> Any:
     return sorted(set(modules) | set(find_all_linear_names(model)))
 
 
+def _record_base_model(peft_config: Any, cfg: Any) -> None:
+    """A local `base_model` is recorded as an absolute path, so that the saved adapter (and
+    `AutoPeftModelForCausalLM.from_pretrained(ADAPTER_DIR)`) finds its base from any working directory."""
+    if cfg.base_model and Path(cfg.base_model).is_dir():
+        peft_config.base_model_name_or_path = str(Path(cfg.base_model).resolve())
+
+
 class RLoraPlugin(BasePlugin):
     """Axolotl plugin for `adapter: rlora` (R-LoRA: randomized multi-head LoRA)."""
 
@@ -105,6 +113,7 @@ class RLoraPlugin(BasePlugin):
         if cfg.adapter != ADAPTER_NAME:
             return None
         peft_config = build_rlora_config(cfg, _target_modules(model, cfg), task_type=_task_type(model))
+        _record_base_model(peft_config, cfg)
         if config_only:
             # Preference (TRL) paths want only the config; TRL wraps the model itself.
             return None, peft_config
@@ -129,6 +138,7 @@ class RLoraPlugin(BasePlugin):
             peft_config = saved
         else:
             model = get_peft_model(model, peft_config, **model_kwargs)
+            _record_base_model(peft_config, cfg)  # get_peft_model sets it from the model's own name_or_path
 
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             model.print_trainable_parameters()
