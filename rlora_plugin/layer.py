@@ -20,8 +20,33 @@ MERGE_REFUSAL = (
     "R-LoRA adapters cannot be merged into the base weights: each token mixes the heads B_i with its own "
     "router gates g(x) = softmax(W_g x), so the update sum_i g_i(x) B_i A x is not one fixed matrix. "
     "Run the model with the adapter attached (PeftModel.from_pretrained after `import rlora_plugin`), "
-    "or call unload() to get the unchanged base model back."
+    "or call unload() to get the unchanged base model back. To merge, first export the adapter with its "
+    "gates frozen to constants as a plain LoRA: `python -m rlora_plugin.export ADAPTER_DIR OUT_DIR --gates "
+    "uniform` (or `--gates mean --data FILE`); that LoRA merges exactly."
 )
+
+
+def adapter_scaling(config: RLoraConfig) -> float:
+    """`s = lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA."""
+    return config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+
+
+def frozen_gate_lora(
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    gates: torch.Tensor,
+    scaling: float,
+    offset_a: torch.Tensor | None = None,
+    offset_b: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spec section 7: with the gates frozen to constants `c (N,)` (eval mode), a layer's update
+    `s * sum_i c_i B_i A x - s * Bbar0 A0 x` is the plain LoRA `B' A' x` (scaling 1) with
+    `A' = [A ; A0]` and `B' = [s * sum_i c_i B_i , -s * Bbar0]`; rank r without an offset path."""
+    heads = gates.numel()
+    mixed = scaling * (lora_b.view(lora_b.shape[0], heads, -1) * gates.view(1, heads, 1)).sum(dim=1)
+    if offset_a is None:
+        return lora_a, mixed
+    return torch.cat([lora_a, offset_a]), torch.cat([mixed, -scaling * offset_b], dim=1)
 
 
 def layer_seed(init_seed: int, layer_name: str) -> int:
@@ -109,7 +134,7 @@ class RLoraLayer(BaseTunerLayer):
         r, heads = config.r, config.num_heads
         self.r[adapter_name] = r
         self.num_heads[adapter_name] = heads
-        self.scaling[adapter_name] = config.lora_alpha / (math.sqrt(r) if config.use_rslora else r)
+        self.scaling[adapter_name] = adapter_scaling(config)
         self.router_temperature[adapter_name] = config.router_temperature
         self.head_dropout[adapter_name] = config.head_dropout
         self.router_top_k[adapter_name] = config.router_top_k

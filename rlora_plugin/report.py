@@ -13,17 +13,16 @@ With `--out`, writes a PNG with the head-to-head cosine similarity of B_i A for 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .config import RLoraConfig
+from .layer import adapter_scaling
 from .metrics import head_cosine_B, head_cosine_BA, mean_off_diagonal, module_kind
-
-WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+from .saved import read_adapter
 
 
 @dataclass
@@ -36,36 +35,12 @@ class LayerReport:
     cos_ba_matrix: torch.Tensor
 
 
-def load_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
-    """The adapter config and its tensors grouped by module: `{module: {"A": ..., "B": ..., ...}}`."""
-    from safetensors.torch import load_file
-
-    adapter_dir = Path(adapter_dir)
-    for name in (CONFIG, WEIGHTS):
-        if not (adapter_dir / name).is_file():
-            raise FileNotFoundError(
-                f"{adapter_dir / name} not found: give the directory of a saved R-LoRA adapter (the training "
-                f"run's output_dir or one of its checkpoint-* directories), which holds {CONFIG} and {WEIGHTS}."
-            )
-    config = json.loads((adapter_dir / CONFIG).read_text())
-    if config.get("peft_type") != "RLORA":
-        raise ValueError(f"{adapter_dir} holds a {config.get('peft_type')!r} adapter, not an R-LoRA (RLORA) one.")
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(adapter_dir / WEIGHTS).items():
-        if ".rlora_" not in key:
-            continue  # e.g. modules_to_save
-        module, part = key.rsplit(".rlora_", 1)
-        modules.setdefault(module, {})[part.split(".")[0]] = tensor.float()
-    return config, modules
-
-
 def _module_order(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in name.split("."))
 
 
-def analyse(config: dict, modules: dict[str, dict[str, torch.Tensor]]) -> list[LayerReport]:
-    heads, r = config["num_heads"], config["r"]
-    scaling = config["lora_alpha"] / (math.sqrt(r) if config.get("use_rslora") else r)
+def analyse(config: RLoraConfig, modules: dict[str, dict[str, torch.Tensor]]) -> list[LayerReport]:
+    heads, scaling = config.num_heads, adapter_scaling(config)
     reports = []
     for name in sorted(modules, key=_module_order):
         parts = modules[name]
@@ -89,11 +64,11 @@ def analyse(config: dict, modules: dict[str, dict[str, torch.Tensor]]) -> list[L
     return reports
 
 
-def format_table(config: dict, reports: list[LayerReport]) -> str:
+def format_table(config: RLoraConfig, reports: list[LayerReport]) -> str:
     width = max([len("layer")] + [len(r.name) for r in reports])
     lines = [
-        f"R-LoRA adapter: {len(reports)} layers, {config['num_heads']} heads, r={config['r']}, "
-        f"init={config.get('init')}, head_dropout={config.get('head_dropout')}",
+        f"R-LoRA adapter: {len(reports)} layers, {config.num_heads} heads, r={config.r}, "
+        f"init={config.init}, head_dropout={config.head_dropout}",
         "mean pairwise head cosine similarity (1 = identical heads), router and offset Frobenius norms",
         "",
         f"{'layer':<{width}}  {'cos(B_i)':>9}  {'cos(B_i A)':>10}  {'|W_g|':>9}  {'|offset|':>9}",
@@ -155,7 +130,7 @@ def plot_heatmaps(reports: list[LayerReport], out: str | Path, title: str = "") 
 
 def report(adapter_dir: str | Path, out: str | Path | None = None) -> str:
     """Print-ready table for the adapter in `adapter_dir`; with `out`, also write the heatmap PNG."""
-    config, modules = load_adapter(adapter_dir)
+    config, modules, _ = read_adapter(adapter_dir)
     reports = analyse(config, modules)
     text = format_table(config, reports)
     if out is not None:

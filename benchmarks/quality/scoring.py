@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type)
 from examples.evaluate import accuracy
-from rlora_plugin.report import analyse, load_adapter
+from rlora_plugin.report import analyse
+from rlora_plugin.saved import read_adapter
 
 
 @dataclass
@@ -29,7 +30,7 @@ def head_similarity(adapter_dir: Path) -> tuple[float, float] | tuple[None, None
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     if config.get("peft_type") != "RLORA":
         return None, None
-    layers = analyse(*load_adapter(adapter_dir))
+    layers = analyse(*read_adapter(adapter_dir)[:2])
     return mean(layer.cos_b for layer in layers), mean(layer.cos_ba for layer in layers)
 
 

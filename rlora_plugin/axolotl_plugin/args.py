@@ -61,7 +61,9 @@ def axolotl_key(field_name: str) -> str:
 _MERGE_WHY = "R-LoRA's router mixes its heads per token, so the adapter cannot be merged into the base weights"
 _MERGE_FIX = (
     "remove `merge_lora` (and do not run `axolotl merge-lora` on an R-LoRA adapter); serve it unmerged with "
-    "`axolotl inference` and `lora_model_dir`, or with `import rlora_plugin` + `PeftModel.from_pretrained`"
+    "`axolotl inference` and `lora_model_dir`, or with `import rlora_plugin` + `PeftModel.from_pretrained`; "
+    "or export it with frozen gates as a plain LoRA that merges exactly (`axolotl rlora-export ADAPTER_DIR "
+    "OUT_DIR --gates uniform`), then merge that with `adapter: lora`"
 )
 
 # key -> (why, fix) for options that are refused when set to a truthy value with `adapter: rlora`.

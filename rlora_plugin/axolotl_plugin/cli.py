@@ -1,4 +1,5 @@
-"""`axolotl rlora-report`: Axolotl loads this click command through the `axolotl.cli_commands` entry point."""
+"""`axolotl rlora-report` and `axolotl rlora-export`: Axolotl loads these click commands through the
+`axolotl.cli_commands` entry point."""
 
 from __future__ import annotations
 
@@ -14,5 +15,19 @@ def rlora_report(adapter_dir: str, out: str | None) -> None:
 
     try:
         click.echo(report(adapter_dir, out))
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@click.command("rlora-export")
+@click.argument("adapter_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--gates", default="uniform", show_default=True, help="'uniform' or N comma-separated constants.")
+def rlora_export(adapter_dir: str, out_dir: str, gates: str) -> None:
+    """Export an R-LoRA adapter with frozen gates as a plain LoRA (mergeable, servable anywhere)."""
+    from rlora_plugin.export import export_lora
+
+    try:
+        click.echo(f"plain LoRA (frozen gates {gates}) written to {export_lora(adapter_dir, out_dir, gates)}")
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
