@@ -128,7 +128,13 @@ class RLoraLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
-        self.in_features, self.out_features = in_out_features(self.get_base_layer())
+        base = self.get_base_layer()
+        self.in_features, self.out_features = in_out_features(base)
+        if getattr(base, "support_avx512bf16_for_cpu", False):
+            # bitsandbytes' Linear4bit on an AVX512-BF16 CPU repacks its weight at the first no-grad eval forward
+            # for a bf16 kernel that has no backward (later training steps drop the gradient through the layer)
+            # and that a state_dict() unpacks with a lossy absmax round trip: keep the dequantize + matmul path.
+            base.support_avx512bf16_for_cpu = False
 
     def update_layer(self, adapter_name: str, config: RLoraConfig, layer_name: str) -> None:
         r, heads = config.r, config.num_heads

@@ -11,7 +11,10 @@ layers (subclasses of `nn.Linear`): its layer calls the base layer and its init 
 never the (packed) weights, so the adapted model still equals the base at init.
 
 Checked on CPU with bitsandbytes 0.50.2 and torch 2.13 (no GPU needed): both layer types quantize, run
-forward and backward, and train.
+forward and backward, and train. The adapter reloads exactly onto a base loaded with `bnb_config` in the
+run's dtype (`cfg.torch_dtype`, the `dtype` of the output's config.json): Axolotl sets float16 for
+`load_in_8bit` without `bf16`, and casts the embeddings, norms and lm_head back to it after the kbit
+preparation. (The 4-bit CPU packed-kernel switch that would break this is turned off in `layer.py`.)
 """
 
 from __future__ import annotations
