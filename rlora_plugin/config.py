@@ -132,6 +132,18 @@ class RLoraConfig(PeftConfig):
         config.source = "/".join(p for p in (str(pretrained_model_name_or_path), subfolder) if p)
         return config
 
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """As PEFT's, and adds the R-LoRA section to the model card beside it. `PeftModel.save_pretrained` writes
+        its card before it saves the configs, and the config is the part of that save a PEFT method owns."""
+        super().save_pretrained(save_directory, **kwargs)
+        self.write_model_card(save_directory)
+
+    def write_model_card(self, directory: str) -> None:
+        """The R-LoRA section of `directory`/README.md (how to load the adapter, its settings)."""
+        from .model_card import write_card
+
+        write_card(directory, {name: getattr(self, name) for name in own_field_types()})
+
     def _validate(self) -> None:
         for key in own_field_types():
             check_type(key, getattr(self, key))

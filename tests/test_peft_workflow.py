@@ -204,3 +204,17 @@ def test_unload_returns_the_base_model():
     ids = tokens()
     base = trained_model().unload()
     torch.testing.assert_close(base(ids).logits, tiny_llama()(ids).logits, rtol=0, atol=0)
+
+
+def test_saved_adapter_has_a_model_card_that_says_how_to_load_it(tmp_path):
+    from huggingface_hub import ModelCard
+
+    model = trained_model(num_heads=3)
+    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)  # saving again replaces the section, it does not add a second one
+    card = ModelCard.load(tmp_path / "README.md")
+    assert {"rlora", "peft"} <= set(card.data.tags)
+    assert card.data.library_name == "peft"  # PEFT's own card data is kept
+    assert card.text.count("## R-LoRA adapter") == 1
+    for text in ("pip install rlora-plugin", "import rlora_plugin", "Unknown PEFT type RLORA", "| `num_heads` | `3` |"):
+        assert text in card.text, text

@@ -144,6 +144,12 @@ class RLoraPlugin(BasePlugin):
             model.print_trainable_parameters()
         return model, peft_config
 
+    def post_train(self, cfg, model):
+        # Axolotl writes its own model card (README.md) after the adapter is saved: put the R-LoRA section back.
+        if cfg.adapter != ADAPTER_NAME or not hasattr(model, "peft_config"):
+            return
+        model.peft_config[model.active_adapter].write_model_card(cfg.output_dir)
+
     def add_callbacks_post_trainer(self, cfg, trainer):
         """The metrics callback and, with `rlora.router_aux_loss_coef > 0`, the load-balancing loss."""
         if cfg.adapter != ADAPTER_NAME:
