@@ -18,8 +18,10 @@ class RLoraMetricsCallback(TrainerCallback):
     Gate statistics are summed by the layers during the training forwards that happen anyway (see
     `rlora_plugin.metrics.MetricsCollector`); head similarities are computed from the weights only at
     logging steps. On a step where the trainer is about to log (`control.should_log`, set by the
-    DefaultFlowCallback that runs before this one), the values go to `AxolotlTrainer.store_metrics`, which
-    `log()` folds into the record every reporter receives (and `trainer_state.json`'s `log_history`).
+    DefaultFlowCallback that runs before this one), the values go to the trainer's own metric buffer, which
+    its `log()` folds into the record every reporter receives (and `trainer_state.json`'s `log_history`):
+    `store_metrics` of `AxolotlTrainer` and TRL's ORPO/CPO trainers, or the `_metrics["train"]` lists that
+    TRL's DPO, KTO and GRPO trainers average in their `log()` override.
     """
 
     def __init__(self, trainer: Any, metrics: bool, aux: RouterAuxLoss | None = None) -> None:
@@ -44,9 +46,13 @@ class RLoraMetricsCallback(TrainerCallback):
             values["rlora/aux_loss"] = aux
         if not values:
             return
+        trl_metrics = getattr(self.trainer, "_metrics", None)
         if hasattr(self.trainer, "store_metrics"):
             self.trainer.store_metrics(values, train_eval="train")
-        else:  # not an Axolotl trainer: add them to the next train record the callbacks see
+        elif isinstance(trl_metrics, dict) and "train" in trl_metrics:
+            for key, value in values.items():
+                trl_metrics["train"][key].append(value)
+        else:  # a plain HF Trainer: add them to the next train record the callbacks see
             self._pending = values
 
     def on_log(self, args, state, control, logs=None, **kwargs):
