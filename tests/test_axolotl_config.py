@@ -227,6 +227,13 @@ def test_lora_model_dir_is_checked_at_validation(tiny, tmp_path):
     assert "holds a LORA adapter" in message and "RLORA" in message and "adapter: lora" in message
 
 
+def test_lora_model_dir_under_dpo_is_refused(tiny, tmp_path):
+    """Axolotl's DPO path never loads `lora_model_dir`: refuse instead of ignoring it."""
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "RLORA"}')
+    message = refused(make_cfg(tiny, rl="dpo", lora_model_dir=str(tmp_path)))
+    assert "`lora_model_dir` is not loaded with `rl: dpo`" in message and "Fix:" in message
+
+
 def test_metrics_switch_and_routing_defaults(tiny):
     from rlora_plugin.axolotl_plugin.args import rlora_options
 

@@ -219,9 +219,22 @@ class RLoraArgs(BaseModel):
             build_rlora_config(self)  # raises a ValueError naming the Axolotl key
             if getattr(self, "lora_model_dir", None):
                 check_adapter_dir(self.lora_model_dir)
+                self._rlora_adapter_dir_is_loaded()
             if self.rlora.router_aux_loss_coef > 0 and getattr(self, "gradient_checkpointing", None):
                 self._rlora_non_reentrant_checkpointing()
         return self
+
+    def _rlora_adapter_dir_is_loaded(self) -> None:
+        """Axolotl's DPO/IPO/KTO path asks the adapter hook for a config only and lets TRL wrap the model, so
+        `lora_model_dir` would be ignored without a word (for `adapter: lora` as well)."""
+        rl = getattr(self, "rl", None)
+        rl = getattr(rl, "value", rl)
+        if rl in ("dpo", "ipo", "kto"):
+            raise ValueError(
+                f"adapter: rlora: `lora_model_dir` is not loaded with `rl: {rl}`: Axolotl's preference-training "
+                "path builds a fresh adapter from the config and lets TRL wrap the model, so the saved adapter "
+                "would be ignored. Fix: remove `lora_model_dir` (or train without `rl`)."
+            )
 
     def _rlora_non_reentrant_checkpointing(self) -> None:
         """The load-balancing loss is computed inside the checkpointed decoder layers; a reentrant checkpoint
