@@ -47,6 +47,14 @@ class RLoraConfig(PeftConfig):
             "(HydraLoRA)."
         },
     )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "PEFT's convention. True: the adapted model equals the base model at init (the offset path of "
+            "init='random', zero heads with init='zero'). False: neither (no offset path; init='zero' draws the "
+            "heads like nn.Linear), so the adapter changes the output from the start; for tests and debugging."
+        },
+    )
     init_gamma: float = field(
         default=64.0,
         metadata={"help": "gamma of the random init: weights scale as d_out^(1/4) / sqrt(gamma). Must be > 0."},
@@ -127,6 +135,8 @@ class RLoraConfig(PeftConfig):
             refuse("num_heads", "use an integer >= 1 (1 head is plain LoRA with a trivial router).")
         if not 0.0 <= self.lora_dropout < 1.0:
             refuse("lora_dropout", "the dropout rate must be in [0, 1); use 0 to turn dropout off.")
+        if not isinstance(self.init_weights, bool):
+            refuse("init_weights", "use true (the adapted model equals the base at init) or false (PEFT's debug init).")
         if not self.init_gamma > 0:
             refuse("init_gamma", "gamma must be > 0 (the paper uses 64).")
         if not self.router_temperature > 0:
