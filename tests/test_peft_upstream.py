@@ -131,17 +131,17 @@ LEFT_OUT = {
 }
 
 
-def _rerun(test, replacements: dict[str, tuple[list, list[str]]], refusal: str | None):
+def _rerun(test, replacements: dict[str, tuple[list, list[str]]]):
     """`test` of an upstream tester with its parametrizations in `replacements` (argnames -> values, ids)
-    swapped for RLORA's; with `refusal`, the test must end in the merge refusal. A test that skips itself
+    swapped for RLORA's; a test in MERGE_REFUSED must end in the merge refusal. A test that skips itself
     fails."""
-
     name = test.__name__
+    refused = name in MERGE_REFUSED
 
     @functools.wraps(test)
     def run(self, *args, **kwargs):
         try:
-            if refusal is None:
+            if not refused:
                 return test(self, *args, **kwargs)
             with pytest.raises(ValueError, match=f"^{re.escape(MERGE_REFUSAL)}$"):
                 test(self, *args, **kwargs)
@@ -171,7 +171,7 @@ def rlora_tester(base: type, replacements: dict[str, tuple[list, list[str]]]) ->
         if name in LEFT_OUT or f"{base.__name__}.{name}" in LEFT_OUT or not argnames & replacements.keys():
             namespace[name] = None  # not collected
         else:
-            namespace[name] = _rerun(test, replacements, name if name in MERGE_REFUSED else None)
+            namespace[name] = _rerun(test, replacements)
     return type(f"TestRLora{base.__name__.removeprefix('Test')}", (base,), namespace)
 
 
