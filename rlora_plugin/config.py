@@ -53,6 +53,14 @@ class RLoraConfig(PeftConfig):
             "(HydraLoRA)."
         },
     )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "PEFT's convention. True: the adapted model equals the base model at init (the offset path of "
+            "init='random', zero heads with init='zero'). False: neither (no offset path; init='zero' draws the "
+            "heads like nn.Linear), so the adapter changes the output from the start; for tests and debugging."
+        },
+    )
     init_gamma: float = field(
         default=64.0,
         metadata={"help": "gamma of the random init: weights scale as d_out^(1/4) / sqrt(gamma). Must be > 0."},
@@ -153,7 +161,7 @@ class RLoraConfig(PeftConfig):
                 raise RLoraConfigError(key, getattr(self, key), fix)
 
         require("r", self.r >= 1, "the rank must be an integer >= 1, e.g. r=8.")
-        require("num_heads", self.num_heads >= 1, "use an integer >= 1 (1 head is plain LoRA with no router).")
+        require("num_heads", self.num_heads >= 1, "use an integer >= 1 (one head is plain LoRA and keeps no router).")
         require(
             "lora_alpha",
             math.isfinite(self.lora_alpha) and self.lora_alpha > 0,

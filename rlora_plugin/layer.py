@@ -57,8 +57,9 @@ def layer_seed(init_seed: int, layer_name: str) -> int:
 
 def initial_weights(
     config: RLoraConfig, in_features: int, out_features: int, layer_name: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw `A (r, d_in)`, `B_cat (d_out, N*r)` and the router `W_g (N, d_in)` in fp32.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Draw `A (r, d_in)`, `B_cat (d_out, N*r)` and the router `W_g (N, d_in)` in fp32; no router for one
+    head, whose single softmax gate is the constant 1 (a router there would get no gradient).
 
     Only the layer's sizes are read, never the base weight: under ZeRO-3 it is an empty partition.
     """
@@ -71,6 +72,10 @@ def initial_weights(
     else:  # HydraLoRA / LoRA
         lora_a = nn.init.kaiming_uniform_(torch.empty(r, in_features), a=math.sqrt(5), generator=gen)
         lora_b = torch.zeros(out_features, heads * r)
+        if not config.init_weights:  # PEFT's non-identity init (LoRA's init_lora_weights=False): B as nn.Linear
+            nn.init.kaiming_uniform_(lora_b, a=math.sqrt(5), generator=gen)
+    if heads == 1:
+        return lora_a, lora_b, None
     router = torch.zeros(heads, in_features)
     if config.router_init == "kaiming":
         nn.init.kaiming_uniform_(router, a=math.sqrt(5), generator=gen)
@@ -88,9 +93,10 @@ def in_out_features(base: nn.Module) -> tuple[int, int]:
 
 class RLoraLayer(BaseTunerLayer):
     """Per adapter: a shared down-projection `rlora_A (r, d_in)`, the heads side by side in
-    `rlora_B (d_out, N*r)` (head i is columns `i*r:(i+1)*r`), the router `rlora_router (N, d_in)`, and
-    with `init="random"` the frozen offset path `rlora_offset_A (r, d_in)`, `rlora_offset_B (d_out, r)`
-    that subtracts the initial adapter output (saved with the adapter, so reloads stay exact).
+    `rlora_B (d_out, N*r)` (head i is columns `i*r:(i+1)*r`), the router `rlora_router (N, d_in)` (none
+    for one head), and with `init="random"` (and `init_weights`) the frozen offset path
+    `rlora_offset_A (r, d_in)`, `rlora_offset_B (d_out, r)` that subtracts the initial adapter output
+    (saved with the adapter, so reloads stay exact).
     """
 
     adapter_layer_names = ("rlora_A", "rlora_B", "rlora_router")
@@ -150,8 +156,9 @@ class RLoraLayer(BaseTunerLayer):
         lora_a, lora_b, router = initial_weights(config, self.in_features, self.out_features, layer_name)
         self.rlora_A[adapter_name] = nn.Parameter(lora_a)
         self.rlora_B[adapter_name] = nn.Parameter(lora_b)
-        self.rlora_router[adapter_name] = nn.Parameter(router)
-        if config.init == "random":
+        if router is not None:
+            self.rlora_router[adapter_name] = nn.Parameter(router)
+        if config.init == "random" and config.init_weights:
             # offset(x) = s * mean_i(B_i^0) A^0 x equals the adapter output at step 0 for a uniform router.
             self.rlora_offset_A[adapter_name] = lora_a.clone()
             self.rlora_offset_B[adapter_name] = lora_b.view(self.out_features, heads, r).mean(dim=1)
@@ -165,18 +172,26 @@ class RLoraLayer(BaseTunerLayer):
         lora_a = self.rlora_A[adapter]
         x = self._cast_input_dtype(x, lora_a.dtype)
         r, heads, scaling = self.r[adapter], self.num_heads[adapter], self.scaling[adapter]
+        routed = adapter in self.rlora_router
         has_offset = adapter in self.rlora_offset_A
 
         # [h ; logits ; h0] = [A ; W_g ; A0] x: the rank-r features, router logits and offset features at once.
-        down = [lora_a, self.rlora_router[adapter]]
+        down, sizes = [lora_a], [r]
+        if routed:
+            down.append(self.rlora_router[adapter])
+            sizes.append(heads)
         if has_offset:
             down.append(self.rlora_offset_A[adapter])
+            sizes.append(r)
         # One split, not three slices: the backward of a slice allocates, fills and adds a tensor of the full size.
-        parts = F.linear(x, torch.cat(down)).split([r, heads, r][: len(down)], dim=-1)
-        features, logits = parts[0], parts[1].float()
-        tau = self.router_temperature[adapter]
-        gates = self.route(torch.softmax(logits if tau == 1.0 else logits / tau, dim=-1), adapter)
-        gates = gates.to(features.dtype) * scaling
+        parts = F.linear(x, torch.cat(down)).split(sizes, dim=-1)
+        features = parts[0]
+        if routed:
+            logits, tau = parts[1].float(), self.router_temperature[adapter]
+            probs = torch.softmax(logits if tau == 1.0 else logits / tau, dim=-1)
+        else:  # one head: its gate is 1
+            probs = features.new_ones(*features.shape[:-1], 1, dtype=torch.float32)
+        gates = self.route(probs, adapter).to(features.dtype) * scaling
 
         dropout = self.rlora_dropout[adapter]
         if self.head_dropout[adapter] == "shared":
@@ -188,7 +203,7 @@ class RLoraLayer(BaseTunerLayer):
 
         up = self.rlora_B[adapter]
         if has_offset:
-            mixed = torch.cat([mixed, parts[2] * -scaling], dim=-1)
+            mixed = torch.cat([mixed, parts[-1] * -scaling], dim=-1)
             up = torch.cat([up, self.rlora_offset_B[adapter]], dim=-1)
         if add_to is None:
             return F.linear(mixed, up)
