@@ -83,7 +83,8 @@ def test_only_training_forwards_are_recorded_and_disable_stops_it():
     collector.disable()
     model.train()
     model(tokens())
-    assert all(layer._rlora_gate_stats is None for layer in adapted_layers(model))
+    assert collector.gate_metrics() == {}
+    assert all(layer.gate_observers == [] for layer in adapted_layers(model)) and not model._forward_pre_hooks
 
 
 def test_zero_init_heads_report_similarity_zero_for_hydralora():
@@ -137,7 +138,7 @@ def test_aux_loss_changes_router_gradients():
     # nothing is recorded outside start()/stop(), nor in eval mode
     model = model_with()
     model.train()(tokens())
-    assert all(layer._rlora_aux_losses is None for layer in adapted_layers(model))
+    assert all(layer.gate_observers == [] for layer in adapted_layers(model))
     aux = RouterAuxLoss(model)
     aux.start()
     model.eval()(tokens())
@@ -146,7 +147,7 @@ def test_aux_loss_changes_router_gradients():
     aux.start()
     assert aux.stop() is None
     aux.close()
-    assert all(layer._rlora_aux_losses is None for layer in adapted_layers(model))
+    assert all(layer.gate_observers == [] for layer in adapted_layers(model)) and not model._forward_pre_hooks
 
 
 def test_aux_loss_under_non_reentrant_gradient_checkpointing():
@@ -212,7 +213,7 @@ def test_padding_is_left_out_of_gate_statistics_and_aux_loss():
     unmasked_other, (aux_unmasked_other,) = measure({"input_ids": repadded, "attention_mask": torch.ones_like(ids)})
     assert unmasked["rlora/router_entropy"] != pytest.approx(unmasked_other["rlora/router_entropy"], rel=1e-5)
     assert aux_unmasked != pytest.approx(aux_unmasked_other, rel=1e-5)
-    assert all(layer._rlora_token_mask is None for layer in adapted_layers(model))  # hooks removed
+    assert not model._forward_pre_hooks and all(layer.gate_observers == [] for layer in adapted_layers(model))
 
 
 def test_config_validation_of_routing_options():

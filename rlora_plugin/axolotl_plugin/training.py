@@ -37,6 +37,8 @@ class RLoraMetricsCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.collector is not None:
             self.collector.disable()
+        if self.aux is not None:
+            self.aux.close()  # takes the observers and the token-mask hook off the model
 
     def on_step_end(self, args, state, control, **kwargs):
         if not control.should_log:
