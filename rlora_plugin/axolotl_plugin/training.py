@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from axolotl.utils.logging import get_logger
 from transformers import TrainerCallback
 
 from rlora_plugin.metrics import MetricsCollector, RouterAuxLoss
 
-LOG = get_logger("axolotl.integrations.rlora_plugin")
+from . import LOG
 
 
 class RLoraMetricsCallback(TrainerCallback):
