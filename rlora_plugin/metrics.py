@@ -66,6 +66,12 @@ def head_cosine_BA(lora_a: torch.Tensor, lora_b: torch.Tensor, num_heads: int) -
     return _cosine_from_gram(gram)
 
 
+def low_rank_norm(b: torch.Tensor, a: torch.Tensor) -> float:
+    """`||B A||_F` without forming `B A`: `sqrt(tr((B^T B)(A A^T)))`."""
+    b, a = b.detach().float(), a.detach().float()
+    return float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt())
+
+
 def mean_off_diagonal(matrix: torch.Tensor) -> float:
     """Mean of the off-diagonal entries of a square matrix (the mean pairwise similarity); 1.0 if N = 1."""
     n = matrix.shape[0]
