@@ -7,7 +7,8 @@ Runs (each `axolotl.cli.train` on the tiny local Llama, 4 optimizer steps, globa
 - `zero3`: the same with `deepspeed:` ZeRO-3 and the optimizer state offloaded to CPU, checkpoints at
   steps 2 and 4; `zero3_resume`: resumes it from the step-2 checkpoint;
 - `fsdp2`: the same with `fsdp_version: 2` (`fully_shard` of every decoder layer, full state dict
-  checkpoints at steps 2 and 4); `fsdp2_resume`: resumes it from the step-2 checkpoint.
+  checkpoints at steps 2 and 4); `fsdp2_resume`: resumes it from the step-2 checkpoint; `fsdp2_sharded` and
+  `fsdp2_sharded_resume`: the same with sharded (distributed) checkpoints.
 Checks: every rank builds the identical adapter (same init, router and offset path) as the single process
 does; the two-process loss curves follow the single-process one; the adapter saved under ZeRO-3 and FSDP2
 has full, correctly shaped tensors and a plain `PeftModel.from_pretrained` reload reproduces the trained
@@ -138,9 +139,9 @@ def check_losses(out: Path, reference: dict[int, float]) -> dict[int, float]:
     return losses
 
 
-def check_full_adapter(out: Path, single: Path, tiny: dict) -> None:
-    """The saved adapter (final and checkpoints) has every tensor of the single process's, full-shaped, and
-    one plain process reloads it onto a clean base and reproduces the trained (sharded) model."""
+def check_full_adapter(out: Path, single: Path, tiny: dict, checkpoint_adapters: bool = True) -> None:
+    """The saved adapter (final and, if they hold one, checkpoints) has every tensor of the single process's,
+    full-shaped, and one plain process reloads it onto a clean base and reproduces the trained (sharded) model."""
     import torch
 
     saved, reference = adapter_tensors(out), adapter_tensors(single)
@@ -148,7 +149,7 @@ def check_full_adapter(out: Path, single: Path, tiny: dict) -> None:
     for key, tensor in saved.items():  # full tensors, not the ranks' shards
         assert tensor.shape == reference[key].shape and tensor.numel() > 0, key
     assert probe(out, "trained", 0)["shapes"] == probe(single, "trained", 0)["shapes"]
-    for step in (2, 4):
+    for step in (2, 4) if checkpoint_adapters else ():
         assert adapter_tensors(out / f"checkpoint-{step}").keys() == reference.keys()
     trained = torch.load(out / "probe_trained.pt")["trained"]
     torch.testing.assert_close(reload_logits(tiny, out), trained, atol=1e-5, rtol=1e-5)
@@ -247,16 +248,37 @@ def test_fsdp2_shards_and_saves_full_adapter(fsdp2, single, tiny):
         assert ours == pytest.approx(theirs, abs=1e-4), key
 
 
-# Measured with Axolotl 0.19.0 (peft 0.20.0, transformers 5.16.1): the resumed run restores the trainer state
-# but not the adapter weights (steps 3-4: 5.820/5.684 instead of 5.669/5.632), with no error in the log; PEFT
-# 0.20's `load_adapter` into FSDP2 DTensor parameters raises "aten.copy_.default got mixed torch.Tensor and
-# DTensor" when called directly. Resumes exactly with Axolotl 0.21.0 (peft 0.21.2).
+# With Axolotl 0.19.0 (accelerate 1.13, peft 0.20) a FULL_STATE_DICT resume restores the trainer state but not
+# the adapter weights, silently (measured steps 3-4: 5.820/5.684 instead of 5.669/5.632): the stock
+# `load_fsdp_model(..., adapter_only=True)` reads the file on rank 0 only and hands it to PEFT, whose
+# `load_adapter` into FSDP2 DTensors raises "aten.copy_.default got mixed torch.Tensor and DTensor" when called
+# directly. Axolotl 0.21 replaces that path (monkeypatch/accelerate/fsdp2_checkpoint.py). SHARDED_STATE_DICT
+# resumes on both (test_fsdp2_sharded_resume).
 @pytest.mark.xfail(
     Version(axolotl.__version__) < Version("0.21"),
-    reason="FSDP2 resume does not restore the adapter weights with Axolotl 0.19 / peft 0.20",
+    reason="Axolotl 0.19: an FSDP2 FULL_STATE_DICT resume does not restore the adapter weights",
     strict=True,
 )
 def test_fsdp2_resume(fsdp2, tiny, work):
     cfg = write_cfg(work, "fsdp2_resume", tiny, **FSDP2, resume_from_checkpoint=str(fsdp2 / "checkpoint-2"))
     Run("fsdp2_resume", torchrun(cfg), work).wait().check()
     check_resume(work / "fsdp2_resume", fsdp2)
+
+
+def test_fsdp2_sharded_resume(single, tiny, work):
+    fsdp_config = {**FSDP2["fsdp_config"], "state_dict_type": "SHARDED_STATE_DICT"}
+    cfg = write_cfg(work, "fsdp2_sharded", tiny, fsdp_version=2, fsdp_config=fsdp_config)
+    Run("fsdp2_sharded", torchrun(cfg), work).wait().check()
+    out = work / "fsdp2_sharded"
+    check_losses(out, train_losses(single))
+    check_full_adapter(out, single, tiny, checkpoint_adapters=False)  # distributed checkpoints, no adapter file
+    cfg = write_cfg(
+        work,
+        "fsdp2_sharded_resume",
+        tiny,
+        fsdp_version=2,
+        fsdp_config=fsdp_config,
+        resume_from_checkpoint=str(out / "checkpoint-2"),
+    )
+    Run("fsdp2_sharded_resume", torchrun(cfg), work).wait().check()
+    check_resume(work / "fsdp2_sharded_resume", out)
