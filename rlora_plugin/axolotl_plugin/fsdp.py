@@ -14,17 +14,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-ADAPTER_FILE = "adapter_model.safetensors"
 _WRAPPER = "._checkpoint_wrapped_module"  # activation checkpointing's module-name infix
 
 
 def add_missing_buffers(model: Any, output_dir: str) -> list[str]:
     """Add the adapter's buffers missing from `output_dir/adapter_model.safetensors` (rank 0 only; the
     offsets are not sharded by FSDP2, so no process group is needed). Idempotent; returns the added keys."""
-    from peft.utils import get_peft_model_state_dict
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    path = Path(output_dir) / ADAPTER_FILE
+    path = Path(output_dir) / SAFETENSORS_WEIGHTS_NAME
     if not path.exists():
         return []
     buffers = {name.replace(_WRAPPER, ""): b for name, b in model.named_buffers() if ".rlora_offset_" in name}
