@@ -5,8 +5,9 @@ architecture, default 2 decoder layers, random weights, MLP adapted) is timed fo
 after `torch.compile` (Inductor, the default backend). The variants run interleaved round by round in
 rotating order, so load from other processes hits all of them alike; the compiled / eager ratio is the median
 of the ratios within a round (paired). The compile time is the wall time of the first compiled step (the
-warm-up round, excluded from the medians). Correctness (compiled losses = eager losses, no graph break in the
-R-LoRA layers) is checked by tests/test_compile.py, not here.
+warm-up round, excluded from the medians), with Inductor's on-disk caches off so that it is a cold compile.
+Correctness (compiled losses = eager losses, no graph break in the R-LoRA layers) is checked by
+tests/test_compile.py, not here.
 
     python -m benchmarks.compile                  # ~5 min on 2 cores, most of it compiling
     python -m benchmarks.compile --layers 4 --tokens 1024 --repeats 11
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch._functorch.config
+import torch._inductor.config
 import transformers
 
 from benchmarks.speed import MLP, adapt, equal_param_rank, machine, smollm2_config
@@ -133,7 +136,7 @@ def write_markdown(result: dict, args: argparse.Namespace, loads: list[tuple], w
         f"- SmolLM2-135M architecture, {args.layers} decoder layers, random weights, T={args.tokens} tokens, "
         f"MLP adapted (gate/up/down); rlora N={args.heads}, r={args.r}; LoRA at equal trainable parameters",
         "- fp32, one training step = forward + backward (no optimizer); `torch.compile(model)` with the default "
-        "backend (Inductor) and mode",
+        "backend (Inductor) and mode; Inductor's on-disk caches off (the first compiled step is a cold compile)",
         f"- warm-up {args.warmup} round(s) excluded (the first compiled step compiles), {args.repeats} timed "
         "rounds, variants interleaved in rotating order",
         f"- load average (1, 5, 15 min) at start {loads[0]}, at end {loads[1]} (the 2 cores are shared with "
@@ -199,6 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     args.argv = argv if argv is not None else sys.argv[1:]
     if args.threads:
         torch.set_num_threads(args.threads)
+    # no on-disk compile caches: the first compiled step then shows the full compile, on every run
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     args.out.mkdir(parents=True, exist_ok=True)
     loads = [tuple(round(x, 2) for x in os.getloadavg())]
     start = time.perf_counter()
