@@ -1,9 +1,10 @@
-"""Shared fixtures: offline tiny model/tokenizer/datasets (see tiny_assets.py), built once per session."""
+"""Shared fixtures: offline tiny model/tokenizer/datasets (see benchmarks/tiny_assets.py), built once per session."""
 
 from __future__ import annotations
 
 import pytest
-import tiny_assets
+
+from benchmarks import tiny_assets
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 import pytest
-from test_axolotl_cli import BIN, reload_logits, run, write_cfg
+from axolotl_runs import BIN, reload_logits, run, write_cfg
 
 pytestmark = pytest.mark.cli
 

@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 from peft import get_peft_model
-from test_peft_layer import tiny_llama, tokens
+from tiny_models import tiny_llama, tokens
 
 from rlora_plugin import RLoraConfig
 from rlora_plugin.metrics import MetricsCollector, RouterAuxLoss
@@ -64,7 +64,7 @@ def test_compiled_peft_model_trains_like_eager(top_k):
 
 @pytest.mark.cli
 def test_axolotl_torch_compile(tiny, tmp_path):
-    from test_axolotl_cli import BIN, PLUGINS, reload_logits, run, train_losses, write_cfg
+    from axolotl_runs import BIN, PLUGINS, reload_logits, run, train_losses, write_cfg
 
     common = dict(
         plugins=[*PLUGINS, "compile_probe.CompileProbePlugin"],

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from peft import get_peft_model
-from test_peft_layer import MLP, SIZES, adapted_layers, tiny_llama, tokens
+from tiny_models import MLP, SIZES, adapted_layers, tiny_llama, tokens
 
 from rlora_plugin import RLoraConfig
 from rlora_plugin.metrics import (

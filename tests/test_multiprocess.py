@@ -23,35 +23,29 @@ versions (Axolotl 0.19.0's own `deepspeed` extra would pin <0.19; 0.19.8 was che
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import axolotl  # (these tests need it: fail, never skip, without it)
+import axolotl_runs
 import deepspeed  # noqa: F401  (likewise)
 import pytest
-import yaml
+from axolotl_runs import BIN, N_HEADS, Run, adapter_tensors, free_port, reload_logits, train_losses
 from packaging.version import Version
-from test_axolotl_cli import BIN, Run, adapter_tensors, reload_logits, train_losses
-
-from benchmarks.scale import DEEPSPEED, DS_COMMON
 
 pytestmark = pytest.mark.cli
 
 PLUGINS = ["rlora_plugin.RLoraPlugin", "mp_probe.MultiProcessProbePlugin"]
-N_HEADS, RANK, STEPS = 3, 4, 4
+STEPS = 4
 # Two ranks with micro batch 1 see the same samples per step as one process with micro batch 2; measured
 # here, DDP, ZeRO-2, ZeRO-3 (offload) and FSDP2 match the single-process losses to < 1e-6 (reduction order).
 LOSS_TOL = 1e-4
-ZERO2 = DEEPSPEED["zero2"]
-ZERO3_OFFLOAD = {
-    "zero_optimization": {
-        "stage": 3,
-        "offload_optimizer": {"device": "cpu"},
-        "stage3_gather_16bit_weights_on_model_save": True,
-    },
-    # keep the Trainer's torch AdamW with the offloaded optimizer state (no DeepSpeedCPUAdam JIT build)
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+ZERO2 = str(EXAMPLES / "zero2.json")  # the DeepSpeed configs users are pointed at
+_ZERO3 = json.loads((EXAMPLES / "zero3.json").read_text())
+ZERO3_OFFLOAD = {  # the optimizer state offloaded to CPU, with the Trainer's torch AdamW (no DeepSpeedCPUAdam build)
+    **_ZERO3,
+    "zero_optimization": {**_ZERO3["zero_optimization"], "offload_optimizer": {"device": "cpu"}},
     "zero_force_ds_cpu_optimizer": False,
-    **DS_COMMON,
 }
 FSDP2 = {
     "fsdp_version": 2,
@@ -64,12 +58,6 @@ FSDP2 = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def torchrun(cfg: Path) -> list[str]:
     return [
         str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
@@ -78,44 +66,22 @@ def torchrun(cfg: Path) -> list[str]:
 
 
 def write_cfg(work: Path, name: str, tiny: dict, **overrides) -> Path:
-    cfg = {
-        "base_model": str(tiny["model"]),
+    """The CLI tests' YAML with this module's settings: micro batch 1 per rank, no eval, no packing, no dropout
+    (no per-rank dropout streams: the loss curves must be comparable)."""
+    settings = {
         "plugins": PLUGINS,
-        "adapter": "rlora",
-        "lora_r": RANK,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,  # no per-rank dropout streams: the loss curves must be comparable
-        "lora_target_linear": True,
+        "lora_dropout": 0.0,
         "rlora": {"num_heads": N_HEADS},
         "datasets": [{"path": str(tiny["alpaca"]), "ds_type": "json", "type": "alpaca"}],
-        "dataset_prepared_path": str(work / "prepared"),
         "val_set_size": 0,
-        "output_dir": str(work / name),
-        "sequence_len": 128,
+        "eval_steps": None,
         "sample_packing": False,
+        "gradient_checkpointing": None,
         "micro_batch_size": 1,
-        "gradient_accumulation_steps": 1,
         "max_steps": STEPS,
-        "learning_rate": 0.01,
-        "optimizer": "adamw_torch",
-        "lr_scheduler": "constant",
-        "logging_steps": 1,
         "save_steps": 2,
-        "seed": 7,
-        "bf16": False,
-        "fp16": False,
-        "tf32": False,
-        "dataloader_num_workers": 0,
-        "dataset_num_proc": 1,
     }
-    cfg.update(overrides)
-    if isinstance(cfg.get("deepspeed"), dict):
-        ds_path = work / f"{name}-deepspeed.json"
-        ds_path.write_text(json.dumps(cfg["deepspeed"]), encoding="utf-8")
-        cfg["deepspeed"] = str(ds_path)
-    path = work / f"{name}.yml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
+    return axolotl_runs.write_cfg(work, name, tiny, **(settings | overrides))
 
 
 def probe(out: Path, stage: str, rank: int) -> dict:
