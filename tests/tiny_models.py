@@ -22,6 +22,16 @@ def tokens(batch: int = 2, length: int = 9, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, SIZES["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def model_with(**kwargs) -> nn.Module:
+    """An R-LoRA model (MLP targets, r=4, 3 heads, no dropout, unless `kwargs` say otherwise) on `tiny_llama`."""
+    from peft import get_peft_model
+
+    from rlora_plugin import RLoraConfig
+
+    config = dict(target_modules=MLP, r=4, num_heads=3, lora_dropout=0.0) | kwargs
+    return get_peft_model(tiny_llama(), RLoraConfig(**config))
+
+
 def adapted_layers(model: nn.Module) -> list[RLoraLinear]:
     return [m for m in model.modules() if isinstance(m, RLoraLinear)]
 
