@@ -24,7 +24,7 @@ from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from peft import PeftModel, get_peft_model
 
 import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type, needed to build and to load)
-from rlora_plugin.config import fields_with_role
+from rlora_plugin.config import RLoraConfig, fields_with_role
 
 from . import LOG, cpu_distributed, fsdp, quantization
 from .args import ADAPTER_NAME, build_rlora_config, rlora_options, target_modules
@@ -131,8 +131,12 @@ class RLoraPlugin(BasePlugin):
                 len(added),
                 main_process_only=False,
             )
-        if hasattr(model, "peft_config"):
-            model.peft_config[model.active_adapter].write_model_card(cfg.output_dir)
+        # a PeftModel, or (after DPO, where TRL wrapped it) the base model PEFT injected the adapter into
+        configs = getattr(model, "peft_config", None) or {}
+        active = getattr(model, "active_adapter", None)  # a PeftModel's is a name; a transformers model's a method
+        config = configs.get(active if isinstance(active, str) else "default")
+        if isinstance(config, RLoraConfig):
+            config.write_model_card(cfg.output_dir)
 
     def add_callbacks_post_trainer(self, cfg, trainer):
         """The metrics callback and, with `rlora.router_aux_loss_coef > 0`, the load-balancing loss."""
