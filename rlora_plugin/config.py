@@ -188,6 +188,21 @@ class RLoraConfig(PeftConfig):
         )
 
 
+# R-LoRA's own fields of `RLoraConfig`: not plain LoRA's, and not `init_seed`, whose default a host takes from
+# its run's seed. The one list a host framework exposes as R-LoRA settings (Axolotl's `rlora:` block,
+# LLaMA-Factory's `rlora_*` keys).
+RLORA_FIELDS = (
+    "num_heads",
+    "init",
+    "init_gamma",
+    "head_dropout",
+    "router_init",
+    "router_temperature",
+    "router_top_k",
+    "router_aux_loss_coef",
+)
+
+
 @cache
 def own_field_types() -> dict[str, Any]:
     """The type of every field `RLoraConfig` declares itself (not PEFT's base fields), resolved."""

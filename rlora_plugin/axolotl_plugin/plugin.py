@@ -25,10 +25,11 @@ from axolotl.utils.logging import get_logger
 from peft import PeftModel, get_peft_model
 
 import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type, needed to build and to load)
+from rlora_plugin.callbacks import RLoraMetricsCallback
 
 from . import cpu_distributed, quantization
 from .args import ADAPTER_NAME, build_rlora_config, rlora_options
-from .training import RLoraMetricsCallback, install_aux_loss
+from .training import install_aux_loss
 
 # Under "axolotl." so that Axolotl's log filter shows INFO records (it keeps only WARNING+ of other loggers).
 LOG = get_logger("axolotl.integrations.rlora_plugin")

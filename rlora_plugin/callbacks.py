@@ -1,0 +1,62 @@
+"""The `rlora/...` router metrics as a transformers TrainerCallback, shared by the Axolotl plugin and the
+LLaMA-Factory launcher (math: rlora_plugin.metrics)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainerCallback
+
+from rlora_plugin.metrics import MetricsCollector, RouterAuxLoss
+
+
+class RLoraMetricsCallback(TrainerCallback):
+    """Logs the `rlora/...` metrics through the trainer's own logging, every `logging_steps`.
+
+    Gate statistics are summed by the layers during the training forwards that happen anyway (see
+    `rlora_plugin.metrics.MetricsCollector`); head similarities are computed from the weights only at
+    logging steps. On a step where the trainer is about to log (`control.should_log`, set by the
+    DefaultFlowCallback that runs before this one), the values go to `AxolotlTrainer.store_metrics`, which
+    `log()` folds into the record every reporter receives (and `trainer_state.json`'s `log_history`).
+    With another trainer (LLaMA-Factory's; `trainer` None, the model is taken at train begin) they are added
+    to the next train record in `on_log`: the console, `log_history` and the callbacks after this one see
+    them; reporters that transformers puts before it (`report_to`) do not.
+    """
+
+    def __init__(self, trainer: Any, metrics: bool, aux: RouterAuxLoss | None = None) -> None:
+        self.trainer = trainer
+        self.metrics = metrics
+        self.collector = MetricsCollector(trainer.model) if metrics and trainer is not None else None
+        self.aux = aux
+        self._pending: dict[str, float] = {}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.metrics and self.collector is None:  # no trainer given (LLaMA-Factory): the trainer's model
+            self.collector = MetricsCollector(model)
+        if self.collector is not None:
+            self.collector.enable()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.collector is not None:
+            self.collector.disable()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not control.should_log:
+            return
+        values = self.collector.compute() if self.collector is not None else {}
+        if self.aux is not None and (aux := self.aux.pop_mean()) is not None:
+            values["rlora/aux_loss"] = aux
+        if not values:
+            return
+        if hasattr(self.trainer, "store_metrics"):
+            self.trainer.store_metrics(values, train_eval="train")
+        else:  # not an Axolotl trainer: add them to the next train record the callbacks see
+            self._pending = values
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._pending and logs is not None and "loss" in logs:
+            logs.update(self._pending)
+            # The trainer appended a copy of `logs` (plus "step") to the history before calling back.
+            if state.log_history and state.log_history[-1].get("step") == state.global_step:
+                state.log_history[-1].update(self._pending)
+            self._pending = {}
