@@ -325,7 +325,8 @@ def _torchrun(argv: list[str]) -> int:
     return subprocess.run(command, check=False).returncode
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: list[Any] = ()) -> int:
+    """The command line; `callbacks` are extra TrainerCallbacks for `train`, as for LLaMA-Factory's `run_exp`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv else "help"
     if command in ("help", "-h", "--help"):
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             return _torchrun(argv)
         from llamafactory.train.tuner import run_exp
 
-        callbacks = []
+        callbacks = list(callbacks)
         if _Run.options is not None and _Run.metrics:
             from rlora_plugin.callbacks import RLoraMetricsCallback
 
