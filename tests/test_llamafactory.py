@@ -8,6 +8,7 @@ the marker). Without llamafactory they fail, never skip.
   template), trainer and checkpoints; the saved adapter is RLORA, the router metrics reach the log history,
   and a plain `PeftModel.from_pretrained` reload reproduces the in-process logits of the trained model;
 - `resume_from_checkpoint` reproduces the uninterrupted run's last loss;
+- two CPU processes (DDP under torchrun, through the launcher) give the one-process losses;
 - `chat` loads the adapter unmerged and generates; `export` is refused, and its fix (the frozen-gate
   export, then LLaMA-Factory's own export of that plain LoRA) works.
 """
@@ -45,6 +46,7 @@ def lf():
 def _env() -> dict:
     env = dict(os.environ)
     env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # torchrun of this venv
         PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p),
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
@@ -54,10 +56,12 @@ def _env() -> dict:
     return env
 
 
-def _run(work: Path, *args: str, stdin: str | None = None, code: str | None = None) -> subprocess.CompletedProcess:
+def _run(
+    work: Path, *args: str, stdin: str | None = None, code: str | None = None, **env: str
+) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "rlora_plugin.llamafactory", *args]
     proc = subprocess.run(
-        cmd, cwd=work, env=_env(), input=stdin, capture_output=True, text=True, timeout=TIMEOUT, check=False
+        cmd, cwd=work, env={**_env(), **env}, input=stdin, capture_output=True, text=True, timeout=TIMEOUT, check=False
     )
     (work / f"{args[0]}-{len(list(work.glob('*.log')))}.log").write_text(proc.stdout + proc.stderr)
     return proc
@@ -66,6 +70,11 @@ def _run(work: Path, *args: str, stdin: str | None = None, code: str | None = No
 def _write(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+def _losses(path: Path) -> dict[int, float]:
+    history = json.loads((path / "trainer_state.json").read_text())["log_history"]
+    return {r["step"]: r["loss"] for r in history if "loss" in r}
 
 
 def _train_cfg(tiny: dict, output_dir: Path, **over) -> dict:
@@ -218,12 +227,23 @@ def test_resume_from_checkpoint_matches_the_uninterrupted_run(trained, tiny):
     proc = _run(work, "train", str(_write(work / "resume.yaml", cfg)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    def losses(path: Path) -> dict[int, float]:
-        history = json.loads((path / "trainer_state.json").read_text())["log_history"]
-        return {r["step"]: r["loss"] for r in history if "loss" in r}
-
-    assert losses(resumed)[STEPS] == pytest.approx(losses(out)[STEPS], rel=1e-5)
+    assert _losses(resumed)[STEPS] == pytest.approx(_losses(out)[STEPS], rel=1e-5)
     assert json.loads((resumed / "adapter_config.json").read_text())["peft_type"] == "RLORA"
+
+
+def test_two_processes_match_one(lf, tiny, tmp_path):
+    """DDP over two CPU processes (the launcher runs itself under torchrun) gives the one-process losses, with
+    dropout off (each rank draws its own dropout masks) and the same total batch."""
+    one = _run(
+        tmp_path, "train", str(_write(tmp_path / "one.yaml", _train_cfg(tiny, tmp_path / "one", lora_dropout=0.0)))
+    )
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    cfg = _train_cfg(tiny, tmp_path / "two", lora_dropout=0.0, per_device_train_batch_size=2)
+    two = _run(tmp_path, "train", str(_write(tmp_path / "two.yaml", cfg)), FORCE_TORCHRUN="1", NPROC_PER_NODE="2")
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert "world size: 2" in two.stdout + two.stderr
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+    assert json.loads((tmp_path / "two" / "adapter_config.json").read_text())["peft_type"] == "RLORA"
 
 
 def test_chat_loads_the_adapter_unmerged_and_generates(trained, tiny):
