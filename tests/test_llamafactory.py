@@ -9,6 +9,7 @@ the marker). Without llamafactory they fail, never skip.
   and a plain `PeftModel.from_pretrained` reload reproduces the in-process logits of the trained model;
 - `resume_from_checkpoint` reproduces the uninterrupted run's last loss;
 - two CPU processes (DDP under torchrun, through the launcher) give the one-process losses;
+- `stage: dpo` uses the model with the adapter switched off as its reference;
 - `chat` loads the adapter unmerged and generates; `export` is refused, and its fix (the frozen-gate
   export, then LLaMA-Factory's own export of that plain LoRA) works.
 """
@@ -16,6 +17,7 @@ the marker). Without llamafactory they fail, never skip.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -244,6 +246,28 @@ def test_two_processes_match_one(lf, tiny, tmp_path):
     assert "world size: 2" in two.stdout + two.stderr
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
     assert json.loads((tmp_path / "two" / "adapter_config.json").read_text())["peft_type"] == "RLORA"
+
+
+def test_dpo_reference_is_the_model_without_the_adapter(lf, tiny, tmp_path):
+    """`stage: dpo` rides LLaMA-Factory's LoRA path: no reference model is loaded, the reference is the model
+    with the adapter switched off. R-LoRA is exact at init (zero router, offset path), so the first step's
+    loss is exactly ln 2 and its reward margin 0; then the policy moves away from the reference."""
+    rows = [json.loads(line) for line in tiny["alpaca"].read_text().splitlines()[:16]]
+    pref = tmp_path / "pref.jsonl"
+    pref.write_text(
+        "".join(json.dumps({**r, "chosen": r["output"], "rejected": "I do not know."}) + "\n" for r in rows)
+    )
+    cfg = _train_cfg(tiny, tmp_path / "dpo", stage="dpo", dataset="tiny_pref", logging_steps=1, max_steps=3)
+    columns = {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}
+    info = {"tiny_pref": {"file_name": str(pref), "ranking": True, "columns": columns}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    proc = _run(tmp_path, "train", str(_write(tmp_path / "dpo.yaml", cfg)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    logs = [r for r in json.loads((tmp_path / "dpo" / "trainer_state.json").read_text())["log_history"] if "loss" in r]
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert logs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert logs[-1]["rewards/margins"] > 1e-4
+    assert "rlora/router_entropy" in logs[-1]
 
 
 def test_chat_loads_the_adapter_unmerged_and_generates(trained, tiny):
