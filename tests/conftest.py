@@ -14,7 +14,8 @@ def tiny(tmp_path_factory) -> dict:
 
 def pytest_collection_modifyitems(config, items):
     """The `llamafactory` tests need a venv with LLaMA-Factory: they run only when `-m` names their marker
-    (`python -m pytest -m llamafactory`), never as part of another selection such as `-m "not cli"`."""
+    (`python -m pytest -m llamafactory tests/test_llamafactory.py`), never as part of another selection
+    such as `-m "not cli"`."""
     if "llamafactory" in (config.getoption("markexpr") or ""):
         return
     deselected = [item for item in items if "llamafactory" in item.keywords]

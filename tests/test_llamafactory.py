@@ -1,8 +1,9 @@
 """The LLaMA-Factory launcher (`python -m rlora_plugin.llamafactory`) on a tiny local Llama, on CPU.
 
 Runs only in a venv with LLaMA-Factory (`.ci/install-llamafactory.sh`), selected by its marker:
-`python -m pytest -m llamafactory` (conftest.py leaves these tests out of any run whose `-m` does not name
-the marker). Without llamafactory they fail, never skip.
+`python -m pytest -m llamafactory tests/test_llamafactory.py` (conftest.py leaves these tests out of any run
+whose `-m` does not name the marker; the path keeps pytest from importing the Axolotl test modules). Without
+llamafactory they fail, never skip.
 - config refusals (a misspelled `rlora_*` key, bad values, plain-LoRA-only features), in-process and fast;
 - `train` through the launcher: LLaMA-Factory's data (local `dataset_info.json`, alpaca, its `default`
   template), trainer and checkpoints; the saved adapter is RLORA, the router metrics reach the log history,

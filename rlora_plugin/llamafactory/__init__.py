@@ -218,30 +218,30 @@ def _lora_config(original):
 
 
 def is_rlora_adapter(path: str, subfolder: str | None = None) -> bool:
+    """Whether a local adapter directory holds an R-LoRA adapter (its adapter_config.json decides, not the
+    run's `finetuning_type`)."""
     config_file = Path(path, subfolder or "", "adapter_config.json")
     return config_file.is_file() and json.loads(config_file.read_text()).get("peft_type") == PEFT_TYPE_NAME
 
 
-def _rlora_adapters(config: dict[str, Any]) -> list[str]:
-    paths = config.get("adapter_name_or_path")
+def _adapters(paths: Any, subfolder: str | None = None) -> tuple[list[str], list[str]]:
+    """`adapter_name_or_path` (a comma-separated string in the YAML, a list once parsed) and its R-LoRA ones;
+    more than one adapter with an R-LoRA one among them is refused (LLaMA-Factory merges all but the last)."""
     if isinstance(paths, str):
         paths = [p.strip() for p in paths.split(",")]
-    return [p for p in paths or [] if is_rlora_adapter(p)]
-
-
-def _check_single(paths: list[str], rlora: list[str]) -> None:
+    paths = list(paths or [])
+    rlora = [p for p in paths if is_rlora_adapter(p, subfolder)]
     if rlora and len(paths) > 1:
         raise LlamaFactoryConfigError(
             f"`adapter_name_or_path: {','.join(paths)}` stacks adapters, and LLaMA-Factory merges all but the "
             f"last one; {_MERGE_WHY} ({rlora[0]}). Fix: give the R-LoRA adapter alone."
         )
+    return paths, rlora
 
 
 def _setup_lora_tuning(original):
     def setup(config, model, model_args, finetuning_args, is_trainable, cast_trainable_params_to_fp32):
-        paths = model_args.adapter_name_or_path or []
-        rlora = [p for p in paths if is_rlora_adapter(p, model_args.adapter_folder)]
-        _check_single(paths, rlora)
+        _, rlora = _adapters(model_args.adapter_name_or_path, model_args.adapter_folder)
         if not rlora or is_trainable:  # training continues the adapter as LLaMA-Factory does (not merged)
             return original(config, model, model_args, finetuning_args, is_trainable, cast_trainable_params_to_fp32)
         from peft import PeftModel
@@ -339,8 +339,9 @@ def main(argv: list[str] | None = None, callbacks: list[Any] = ()) -> int:
     try:
         if command in ("train", "chat", "api", "webchat", "export"):
             config = parser.read_args()  # checked and rewritten here, before anything loads
-            if command == "export" and isinstance(config, dict):
-                if rlora := _rlora_adapters(config):
+            if isinstance(config, dict):
+                _, rlora = _adapters(config.get("adapter_name_or_path"), config.get("adapter_folder"))
+                if command == "export" and rlora:
                     raise LlamaFactoryConfigError(
                         f"export: `adapter_name_or_path: {config['adapter_name_or_path']!r}` holds an R-LoRA "
                         f"adapter ({rlora[0]}), and export merges it: {_MERGE_WHY}. Fix: {_EXPORT_FIX}."
