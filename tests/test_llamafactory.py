@@ -11,7 +11,7 @@ llamafactory they fail, never skip.
 - `resume_from_checkpoint` reproduces the uninterrupted run's last loss;
 - two CPU processes (DDP under torchrun, through the launcher) give the one-process losses;
 - `stage: dpo` uses the model with the adapter switched off as its reference;
-- `chat` loads the adapter unmerged and generates; `export` is refused, and its fix (the frozen-gate
+- `chat` and `api` load the adapter unmerged and generate; `export` is refused, and its fix (the frozen-gate
   export, then LLaMA-Factory's own export of that plain LoRA) works.
 """
 
@@ -288,6 +288,43 @@ def test_chat_loads_the_adapter_unmerged_and_generates(trained, tiny):
     assert "Merged" not in output
     reply = proc.stdout.split("Assistant:", 1)[1].split("User:", 1)[0]
     assert reply.strip(), proc.stdout[-2000:]
+
+
+def test_api_serves_the_adapter_unmerged(trained, tiny):
+    import socket
+    import time
+    import urllib.request
+
+    work = trained["work"]
+    cfg = {"model_name_or_path": str(tiny["model"]), "adapter_name_or_path": str(trained["out"]), "template": "default"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(work / "api.log", "w")  # noqa: SIM115
+    cmd = [sys.executable, "-m", "rlora_plugin.llamafactory", "api", str(_write(work / "api.yaml", cfg))]
+    server = subprocess.Popen(cmd, cwd=work, env={**_env(), "API_PORT": str(port)}, stdout=log, stderr=log)
+    body = json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "What color is the cat?"}], "max_tokens": 4}
+    )
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", body.encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert server.poll() is None, (work / "api.log").read_text()[-3000:]
+            try:
+                reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(1)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+    assert reply["usage"]["completion_tokens"] > 0
+    assert f"Loaded the R-LoRA adapter {trained['out']} unmerged" in (work / "api.log").read_text()
 
 
 def test_export_refused_and_its_fix_works(trained, tiny):
