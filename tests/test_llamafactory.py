@@ -178,6 +178,21 @@ def test_config_rewritten_to_lora_path(lf, tiny, tmp_path):
     }
 
 
+@pytest.mark.parametrize(
+    "flags", [["--finetuning_type", "rlora"], ["--finetuning_type=rlora"], ["--rlora_num_heads", "3"]]
+)
+def test_rlora_flags_refused(lf, monkeypatch, flags):
+    """`--key value` flags bypass the YAML rewrite: refused by name. Other flags pass (`rlora` in a path)."""
+    from llamafactory.hparams import parser
+
+    read_args = lf._read_args(parser.read_args)
+    monkeypatch.setattr(sys, "argv", ["prog", *flags])
+    with pytest.raises(lf.LlamaFactoryConfigError, match="is read from a YAML or JSON config only"):
+        read_args()
+    monkeypatch.setattr(sys, "argv", ["prog", "--output_dir", "/runs/rlora", "--finetuning_type", "lora"])
+    assert read_args() == ["--output_dir", "/runs/rlora", "--finetuning_type", "lora"]
+
+
 def test_unknown_version_refused(lf, monkeypatch):
     monkeypatch.setattr(lf, "version", lambda name: "0.9.6")
     monkeypatch.setattr(lf, "_patched", [])

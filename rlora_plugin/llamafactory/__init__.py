@@ -188,7 +188,9 @@ def _read_args(original):
         config = original(args)
         if isinstance(config, dict):
             return translate(config)
-        if any(FINETUNING_TYPE in str(arg) for arg in config):
+        flags = [str(arg) for arg in config]  # `--key value` flags instead of a config file
+        pairs = {*zip(flags, flags[1:], strict=False), *(tuple(f.split("=", 1)) for f in flags if "=" in f)}
+        if ("--finetuning_type", FINETUNING_TYPE) in pairs or any(f.startswith("--rlora_") for f in flags):
             raise LlamaFactoryConfigError(
                 f"finetuning_type: {FINETUNING_TYPE} is read from a YAML or JSON config only, not from "
                 "command-line flags. Fix: write the settings into CONFIG.yaml and pass its path."
