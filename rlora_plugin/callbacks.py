@@ -16,11 +16,13 @@ class RLoraMetricsCallback(TrainerCallback):
     Gate statistics are summed by the layers during the training forwards that happen anyway (see
     `rlora_plugin.metrics.MetricsCollector`); head similarities are computed from the weights only at
     logging steps. On a step where the trainer is about to log (`control.should_log`, set by the
-    DefaultFlowCallback that runs before this one), the values go to `AxolotlTrainer.store_metrics`, which
-    `log()` folds into the record every reporter receives (and `trainer_state.json`'s `log_history`).
-    With another trainer (LLaMA-Factory's; `trainer` None, the model is taken at train begin) they are added
-    to the next train record in `on_log`: the console, `log_history` and the callbacks after this one see
-    them; reporters that transformers puts before it (`report_to`) do not.
+    DefaultFlowCallback that runs before this one), the values go to the trainer's own metric buffer, which
+    its `log()` folds into the record every reporter receives (and `trainer_state.json`'s `log_history`):
+    `store_metrics` of `AxolotlTrainer` and TRL's ORPO/CPO trainers, or the `_metrics["train"]` lists that
+    TRL's DPO, KTO and GRPO trainers average in their `log()` override. With a plain HF trainer (LLaMA-
+    Factory's; `trainer` None, the model is taken at train begin) they are added to the next train record in
+    `on_log`: the console, `log_history` and the callbacks after this one see them; the `report_to`
+    reporters, which transformers puts before it, do not.
     """
 
     def __init__(self, trainer: Any, metrics: bool, aux: RouterAuxLoss | None = None) -> None:
@@ -39,6 +41,8 @@ class RLoraMetricsCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.collector is not None:
             self.collector.disable()
+        if self.aux is not None:
+            self.aux.close()  # takes the observers and the token-mask hook off the model
 
     def on_step_end(self, args, state, control, **kwargs):
         if not control.should_log:
@@ -48,9 +52,13 @@ class RLoraMetricsCallback(TrainerCallback):
             values["rlora/aux_loss"] = aux
         if not values:
             return
+        trl_metrics = getattr(self.trainer, "_metrics", None)
         if hasattr(self.trainer, "store_metrics"):
             self.trainer.store_metrics(values, train_eval="train")
-        else:  # not an Axolotl trainer: add them to the next train record the callbacks see
+        elif isinstance(trl_metrics, dict) and "train" in trl_metrics:
+            for key, value in values.items():
+                trl_metrics["train"][key].append(value)
+        else:  # a plain HF Trainer: add them to the next train record
             self._pending = values
 
     def on_log(self, args, state, control, logs=None, **kwargs):

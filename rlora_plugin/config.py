@@ -53,15 +53,27 @@ class RLoraConfig(PeftConfig):
             "(HydraLoRA)."
         },
     )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "PEFT's convention. True: the adapted model equals the base model at init (the offset path of "
+            "init='random', zero heads with init='zero'). False: neither (no offset path; init='zero' draws the "
+            "heads like nn.Linear), so the adapter changes the output from the start; for tests and debugging."
+        },
+    )
     init_gamma: float = field(
         default=64.0,
-        metadata={"help": "gamma of the random init: weights scale as d_out^(1/4) / sqrt(gamma). Must be > 0."},
+        metadata={
+            "help": "gamma of the random init: weights scale as d_out^(1/4) / sqrt(gamma). Must be > 0.",
+            "role": "init",
+        },
     )
     router_init: Literal["zero", "kaiming"] = field(
         default="zero",
         metadata={
             "help": "'zero': uniform gates at step 0, so the adapted model equals the base model exactly at "
-            "init; 'kaiming': the authors' choice, exact at init only approximately."
+            "init; 'kaiming': the authors' choice, exact at init only approximately.",
+            "role": "init",
         },
     )
     router_temperature: float = field(
@@ -79,7 +91,8 @@ class RLoraConfig(PeftConfig):
         metadata={
             "help": "Weight of the Switch/Mixtral load-balancing loss N * sum_i f_i P_i (averaged over layers) "
             "added to the training loss by the Axolotl plugin (or by you, through "
-            "rlora_plugin.metrics.RouterAuxLoss). 0 turns it off."
+            "rlora_plugin.metrics.RouterAuxLoss). 0 turns it off.",
+            "role": "training",
         },
     )
     use_rslora: bool = field(
@@ -89,29 +102,39 @@ class RLoraConfig(PeftConfig):
         default=0,
         metadata={
             "help": "Seed of the initialization. Each layer draws from a generator seeded by this value and the "
-            "layer's name, so every rank and every run builds the same adapter."
+            "layer's name, so every rank and every run builds the same adapter.",
+            "role": "init",
         },
     )
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Module names (exact or suffix match), a regex, or 'all-linear'. Only nn.Linear modules "
-            "can be adapted. If None, PEFT's LoRA defaults for the architecture are used."
+            "(and GPT-2's Conv1D) can be adapted. If None, PEFT's LoRA defaults for the architecture are used.",
+            "role": "targets",
         },
     )
     exclude_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Module names or a regex of modules not to adapt."}
+        default=None,
+        metadata={"help": "Module names or a regex of modules not to adapt.", "role": "targets"},
     )
     layers_to_transform: list[int] | int | None = field(
-        default=None, metadata={"help": "Only adapt the decoder layers with these indices."}
+        default=None,
+        metadata={"help": "Only adapt the decoder layers with these indices.", "role": "targets"},
     )
     layers_pattern: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Name of the nn.ModuleList holding the layers (e.g. 'layers'), with layers_to_transform."},
+        metadata={
+            "help": "Name of the nn.ModuleList holding the layers (e.g. 'layers'), with layers_to_transform.",
+            "role": "targets",
+        },
     )
     modules_to_save: list[str] | None = field(
         default=None,
-        metadata={"help": "Modules besides the adapter layers to train fully and save (e.g. 'lm_head')."},
+        metadata={
+            "help": "Modules besides the adapter layers to train fully and save (e.g. 'lm_head').",
+            "role": "targets",
+        },
     )
 
     def __post_init__(self) -> None:
@@ -132,6 +155,18 @@ class RLoraConfig(PeftConfig):
         config.source = "/".join(p for p in (str(pretrained_model_name_or_path), subfolder) if p)
         return config
 
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """As PEFT's, and adds the R-LoRA section to the model card beside it. `PeftModel.save_pretrained` writes
+        its card before it saves the configs, and the config is the part of that save a PEFT method owns."""
+        super().save_pretrained(save_directory, **kwargs)
+        self.write_model_card(save_directory)
+
+    def write_model_card(self, directory: str) -> None:
+        """The R-LoRA section of `directory`/README.md (how to load the adapter, its settings)."""
+        from .model_card import write_card
+
+        write_card(directory, {name: getattr(self, name) for name in own_field_types()})
+
     def _validate(self) -> None:
         for key in own_field_types():
             check_type(key, getattr(self, key))
@@ -141,7 +176,7 @@ class RLoraConfig(PeftConfig):
                 raise RLoraConfigError(key, getattr(self, key), fix)
 
         require("r", self.r >= 1, "the rank must be an integer >= 1, e.g. r=8.")
-        require("num_heads", self.num_heads >= 1, "use an integer >= 1 (1 head is plain LoRA with no router).")
+        require("num_heads", self.num_heads >= 1, "use an integer >= 1 (one head is plain LoRA and keeps no router).")
         require(
             "lora_alpha",
             math.isfinite(self.lora_alpha) and self.lora_alpha > 0,
@@ -201,6 +236,16 @@ RLORA_FIELDS = (
     "router_top_k",
     "router_aux_loss_coef",
 )
+
+
+def fields_with_role(role: str | None) -> tuple[str, ...]:
+    """`RLoraConfig`'s own fields by the role in their metadata: "init" (they shape only a fresh adapter's
+    initial weights), "training" (they act only while training, so a run's own setting applies even to a
+    loaded adapter), "targets" (which modules are adapted), or None (the settings that define the adapter's
+    forward pass: a saved adapter's value governs when it is loaded)."""
+    return tuple(
+        name for name in own_field_types() if RLoraConfig.__dataclass_fields__[name].metadata.get("role") == role
+    )
 
 
 @cache

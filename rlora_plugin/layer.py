@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,12 +15,13 @@ from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from .config import RLoraConfig
-from .metrics import load_balancing_loss
 
-MERGE_REFUSAL = (
+MERGE_WHY = (
     "R-LoRA adapters cannot be merged into the base weights: each token mixes the heads B_i with its own "
-    "router gates g(x) = softmax(W_g x), so the update sum_i g_i(x) B_i A x is not one fixed matrix. "
-    "Run the model with the adapter attached (PeftModel.from_pretrained after `import rlora_plugin`), "
+    "router gates g(x) = softmax(W_g x), so the update sum_i g_i(x) B_i A x is not one fixed matrix"
+)
+MERGE_REFUSAL = (
+    f"{MERGE_WHY}. Run the model with the adapter attached (PeftModel.from_pretrained after `import rlora_plugin`), "
     "or call unload() to get the unchanged base model back. To merge, first export the adapter with its "
     "gates frozen to constants as a plain LoRA: `python -m rlora_plugin.export ADAPTER_DIR OUT_DIR --gates "
     "uniform` (or `--gates mean --data FILE`); that LoRA merges exactly."
@@ -57,8 +59,9 @@ def layer_seed(init_seed: int, layer_name: str) -> int:
 
 def initial_weights(
     config: RLoraConfig, in_features: int, out_features: int, layer_name: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Draw `A (r, d_in)`, `B_cat (d_out, N*r)` and the router `W_g (N, d_in)` in fp32.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Draw `A (r, d_in)`, `B_cat (d_out, N*r)` and the router `W_g (N, d_in)` in fp32; no router for one
+    head, whose single softmax gate is the constant 1 (a router there would get no gradient).
 
     Only the layer's sizes are read, never the base weight: under ZeRO-3 it is an empty partition.
     """
@@ -71,6 +74,10 @@ def initial_weights(
     else:  # HydraLoRA / LoRA
         lora_a = nn.init.kaiming_uniform_(torch.empty(r, in_features), a=math.sqrt(5), generator=gen)
         lora_b = torch.zeros(out_features, heads * r)
+        if not config.init_weights:  # PEFT's non-identity init (LoRA's init_lora_weights=False): B as nn.Linear
+            nn.init.kaiming_uniform_(lora_b, a=math.sqrt(5), generator=gen)
+    if heads == 1:
+        return lora_a, lora_b, None
     router = torch.zeros(heads, in_features)
     if config.router_init == "kaiming":
         nn.init.kaiming_uniform_(router, a=math.sqrt(5), generator=gen)
@@ -88,9 +95,10 @@ def in_out_features(base: nn.Module) -> tuple[int, int]:
 
 class RLoraLayer(BaseTunerLayer):
     """Per adapter: a shared down-projection `rlora_A (r, d_in)`, the heads side by side in
-    `rlora_B (d_out, N*r)` (head i is columns `i*r:(i+1)*r`), the router `rlora_router (N, d_in)`, and
-    with `init="random"` the frozen offset path `rlora_offset_A (r, d_in)`, `rlora_offset_B (d_out, r)`
-    that subtracts the initial adapter output (saved with the adapter, so reloads stay exact).
+    `rlora_B (d_out, N*r)` (head i is columns `i*r:(i+1)*r`), the router `rlora_router (N, d_in)` (none
+    for one head), and with `init="random"` (and `init_weights`) the frozen offset path
+    `rlora_offset_A (r, d_in)`, `rlora_offset_B (d_out, r)` that subtracts the initial adapter output
+    (saved with the adapter, so reloads stay exact).
     """
 
     adapter_layer_names = ("rlora_A", "rlora_B", "rlora_router")
@@ -115,10 +123,11 @@ class RLoraLayer(BaseTunerLayer):
         self.router_temperature: dict[str, float] = {}
         self.head_dropout: dict[str, str] = {}
         self.router_top_k: dict[str, int | None] = {}
-        # Set by rlora_plugin.metrics: gate statistics (only in training) and the open aux-loss list.
-        self._rlora_gate_stats = None
-        self._rlora_aux_losses: list | None = None
-        self._rlora_token_mask = None  # which tokens of the batch are real, set by metrics.TokenMask
+        # Callables `observer(layer, probs, gates, chosen)` told of every routing decision (see `route`): the
+        # metrics, the load-balancing loss (rlora_plugin.metrics) and gate recording (rlora_plugin.routing).
+        self.gate_observers: list[Callable[..., None]] = []
+        # Gates fixed to constants `(N,)` per adapter, instead of the router's (rlora_plugin.routing).
+        self.fixed_gates: dict[str, torch.Tensor] = {}
         self.rlora_dropout = nn.ModuleDict({})
         self.rlora_A = nn.ParameterDict({})
         self.rlora_B = nn.ParameterDict({})
@@ -150,8 +159,9 @@ class RLoraLayer(BaseTunerLayer):
         lora_a, lora_b, router = initial_weights(config, self.in_features, self.out_features, layer_name)
         self.rlora_A[adapter_name] = nn.Parameter(lora_a)
         self.rlora_B[adapter_name] = nn.Parameter(lora_b)
-        self.rlora_router[adapter_name] = nn.Parameter(router)
-        if config.init == "random":
+        if router is not None:
+            self.rlora_router[adapter_name] = nn.Parameter(router)
+        if config.init == "random" and config.init_weights:
             # offset(x) = s * mean_i(B_i^0) A^0 x equals the adapter output at step 0 for a uniform router.
             self.rlora_offset_A[adapter_name] = lora_a.clone()
             self.rlora_offset_B[adapter_name] = lora_b.view(self.out_features, heads, r).mean(dim=1)
@@ -165,18 +175,26 @@ class RLoraLayer(BaseTunerLayer):
         lora_a = self.rlora_A[adapter]
         x = self._cast_input_dtype(x, lora_a.dtype)
         r, heads, scaling = self.r[adapter], self.num_heads[adapter], self.scaling[adapter]
+        routed = adapter in self.rlora_router
         has_offset = adapter in self.rlora_offset_A
 
         # [h ; logits ; h0] = [A ; W_g ; A0] x: the rank-r features, router logits and offset features at once.
-        down = [lora_a, self.rlora_router[adapter]]
+        down, sizes = [lora_a], [r]
+        if routed:
+            down.append(self.rlora_router[adapter])
+            sizes.append(heads)
         if has_offset:
             down.append(self.rlora_offset_A[adapter])
+            sizes.append(r)
         # One split, not three slices: the backward of a slice allocates, fills and adds a tensor of the full size.
-        parts = F.linear(x, torch.cat(down)).split([r, heads, r][: len(down)], dim=-1)
-        features, logits = parts[0], parts[1].float()
-        tau = self.router_temperature[adapter]
-        gates = self.route(torch.softmax(logits if tau == 1.0 else logits / tau, dim=-1), adapter)
-        gates = gates.to(features.dtype) * scaling
+        parts = F.linear(x, torch.cat(down)).split(sizes, dim=-1)
+        features = parts[0]
+        if routed:
+            logits, tau = parts[1].float(), self.router_temperature[adapter]
+            probs = torch.softmax(logits if tau == 1.0 else logits / tau, dim=-1)
+        else:  # one head: its gate is 1
+            probs = features.new_ones(*features.shape[:-1], 1, dtype=torch.float32)
+        gates = self.route(probs, adapter).to(features.dtype) * scaling
 
         dropout = self.rlora_dropout[adapter]
         if self.head_dropout[adapter] == "shared":
@@ -188,7 +206,7 @@ class RLoraLayer(BaseTunerLayer):
 
         up = self.rlora_B[adapter]
         if has_offset:
-            mixed = torch.cat([mixed, parts[2] * -scaling], dim=-1)
+            mixed = torch.cat([mixed, parts[-1] * -scaling], dim=-1)
             up = torch.cat([up, self.rlora_offset_B[adapter]], dim=-1)
         if add_to is None:
             return F.linear(mixed, up)
@@ -198,20 +216,19 @@ class RLoraLayer(BaseTunerLayer):
         return torch.addmm(add_to.flatten(0, -2), mixed.flatten(0, -2), up.T).view(add_to.shape)
 
     def route(self, probs: torch.Tensor, adapter: str) -> torch.Tensor:
-        """The gates applied to the heads from the router's softmax `probs (..., N)` (fp32): dense, or the
-        top-k renormalized over the kept k. In training, also feeds the metrics collector and the
-        load-balancing loss when `rlora_plugin.metrics` has switched them on (both off otherwise)."""
+        """The gates applied to the heads from the router's softmax `probs (..., N)` (fp32): dense, the top-k
+        renormalized over the kept k, or constants fixed by `rlora_plugin.routing.fixed_gates`. Every
+        `gate_observers` callable sees `probs`, the gates and the top-k choice (None when dense)."""
         top_k = self.router_top_k.get(adapter)
         chosen = None
         gates = probs
-        if top_k and top_k < probs.shape[-1]:
+        if adapter in self.fixed_gates:
+            gates = self.fixed_gates[adapter].to(probs).expand_as(probs)
+        elif top_k and top_k < probs.shape[-1]:
             kept, chosen = probs.topk(top_k, dim=-1)
             gates = torch.zeros_like(probs).scatter(-1, chosen, kept / kept.sum(-1, keepdim=True))
-        if self.training:
-            if self._rlora_gate_stats is not None:
-                self._rlora_gate_stats.update(gates.detach(), self._rlora_token_mask)
-            if self._rlora_aux_losses is not None and torch.is_grad_enabled():
-                self._rlora_aux_losses.append(load_balancing_loss(probs, chosen, self._rlora_token_mask))
+        for observe in self.gate_observers:
+            observe(self, probs, gates, chosen)
         return gates
 
 

@@ -336,3 +336,36 @@ def test_bad_configs_fail_before_training(run1, tiny, work):
     assert not (work / "typo").exists()
     assert "Adapter 'rlora' is not built in and was not registered by a plugin" in noplugin.output
     assert not (work / "noplugin").exists()  # not even the debug log: it failed at validation
+
+
+def test_model_card_after_an_axolotl_run(run1):
+    """Axolotl writes its own README.md after the adapter: the plugin puts the R-LoRA section back."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(run1 / "README.md")
+    assert {"rlora", "peft", "axolotl"} <= set(card.data.tags), card.data.tags
+    assert "## R-LoRA adapter" in card.text and "import rlora_plugin" in card.text
+    assert f"| `num_heads` | `{N_HEADS}` |" in card.text
+
+
+def test_export_merges_with_axolotl_merge_lora(run1, tiny, work):
+    """`axolotl rlora-export` writes a plain LoRA that `axolotl merge-lora` (adapter: lora) merges into a full
+    model equal to the R-LoRA model with its gates fixed to the same constants."""
+    import torch
+    from axolotl_probe import probe_logits
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlora_plugin.routing import fixed_gates
+
+    export = work / "export"
+    run("export", [str(BIN / "axolotl"), "rlora-export", str(run1), str(export), "--gates", "uniform"], work).check()
+    assert json.loads((export / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    cfg = write_cfg(work, "merge_export", tiny, adapter="lora", lora_model_dir=str(export), rlora=None)
+    run("merge_export", [str(BIN / "axolotl"), "merge-lora", str(cfg)], work).check()
+    merged = probe_logits(AutoModelForCausalLM.from_pretrained(work / "merge_export" / "merged", dtype=torch.float32))
+    base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
+    routed = PeftModel.from_pretrained(base, run1)
+    with fixed_gates(routed, "uniform"):
+        expected = probe_logits(routed)
+    torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)

@@ -227,6 +227,13 @@ def test_lora_model_dir_is_checked_at_validation(tiny, tmp_path):
     assert "holds a LORA adapter" in message and "RLORA" in message and "adapter: lora" in message
 
 
+def test_lora_model_dir_under_dpo_is_refused(tiny, tmp_path):
+    """Axolotl's DPO path never loads `lora_model_dir`: refuse instead of ignoring it."""
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "RLORA"}')
+    message = refused(make_cfg(tiny, rl="dpo", lora_model_dir=str(tmp_path)))
+    assert "`lora_model_dir` is not loaded with `rl: dpo`" in message and "Fix:" in message
+
+
 def test_metrics_switch_and_routing_defaults(tiny):
     from rlora_plugin.axolotl_plugin.args import rlora_options
 
@@ -357,6 +364,27 @@ def test_load_adapter_from_lora_model_dir(tiny, base_model, tmp_path):
     assert not any(p.requires_grad for p in frozen.parameters())
 
 
+def test_lora_model_dir_warns_for_every_setting_that_defines_the_adapter(tiny, tmp_path, caplog):
+    """The warning lists every forward-defining field that disagrees (derived from RLoraConfig, not typed);
+    training-only settings (the aux-loss weight) follow this run's config; init-only ones are not compared."""
+    from transformers import AutoModelForCausalLM
+
+    from rlora_plugin.config import fields_with_role
+
+    assert set(fields_with_role(None)) >= {"router_temperature", "lora_dropout", "num_heads", "router_top_k"}
+    saved_cfg = validate(make_cfg(tiny, rlora={"num_heads": 3}))
+    model, _ = RLoraPlugin().load_adapter(AutoModelForCausalLM.from_pretrained(tiny["model"]), saved_cfg)
+    model.save_pretrained(tmp_path / "adapter")
+    block = {"num_heads": 3, "router_temperature": 2.0, "router_init": "kaiming", "router_aux_loss_coef": 0.25}
+    cfg = validate(make_cfg(tiny, rlora=block, lora_dropout=0.2, lora_model_dir=str(tmp_path / "adapter")))
+    with caplog.at_level("WARNING"):
+        _, peft_cfg = RLoraPlugin().load_adapter(AutoModelForCausalLM.from_pretrained(tiny["model"]), cfg)
+    warning = "\n".join(r.getMessage() for r in caplog.records if "governs these settings" in r.getMessage())
+    assert "router_temperature: config 2.0, saved 1.0" in warning and "lora_dropout: config 0.2, saved 0.1" in warning
+    assert "router_init" not in warning and "num_heads" not in warning  # init-only; equal
+    assert peft_cfg.router_temperature == 1.0 and peft_cfg.router_aux_loss_coef == 0.25
+
+
 class FakeTrainer:
     """What the plugin's callback and loss wrapper use of an AxolotlTrainer."""
 
@@ -412,6 +440,9 @@ def test_plugin_callback_and_aux_loss_wrapper(tiny, base_model):
     assert 1 < metrics["rlora/head_load_ratio"] <= metrics["rlora/head_load_ratio_worst"]
     callback.on_train_end(None, None, None)
 
-    off = validate(make_cfg(tiny, rlora={"metrics": False}))
-    assert plugin.add_callbacks_post_trainer(off, FakeTrainer(model)) == []
+    from transformers import AutoModelForCausalLM
+
+    off = validate(make_cfg(tiny, rlora={"metrics": False}))  # and no aux loss: the model's config says 0
+    off_model, _ = plugin.load_adapter(AutoModelForCausalLM.from_pretrained(tiny["model"]), off)
+    assert plugin.add_callbacks_post_trainer(off, FakeTrainer(off_model)) == []
     assert plugin.add_callbacks_post_trainer(validate(make_cfg(tiny, adapter="lora")), FakeTrainer(model)) == []

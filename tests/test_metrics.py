@@ -83,7 +83,8 @@ def test_only_training_forwards_are_recorded_and_disable_stops_it():
     collector.disable()
     model.train()
     model(tokens())
-    assert all(layer._rlora_gate_stats is None for layer in adapted_layers(model))
+    assert collector.gate_metrics() == {}
+    assert all(layer.gate_observers == [] for layer in adapted_layers(model)) and not model._forward_pre_hooks
 
 
 def test_zero_init_heads_report_similarity_zero_for_hydralora():
@@ -137,7 +138,7 @@ def test_aux_loss_changes_router_gradients():
     # nothing is recorded outside start()/stop(), nor in eval mode
     model = model_with()
     model.train()(tokens())
-    assert all(layer._rlora_aux_losses is None for layer in adapted_layers(model))
+    assert all(layer.gate_observers == [] for layer in adapted_layers(model))
     aux = RouterAuxLoss(model)
     aux.start()
     model.eval()(tokens())
@@ -146,7 +147,7 @@ def test_aux_loss_changes_router_gradients():
     aux.start()
     assert aux.stop() is None
     aux.close()
-    assert all(layer._rlora_aux_losses is None for layer in adapted_layers(model))
+    assert all(layer.gate_observers == [] for layer in adapted_layers(model)) and not model._forward_pre_hooks
 
 
 def test_aux_loss_under_non_reentrant_gradient_checkpointing():
@@ -212,7 +213,7 @@ def test_padding_is_left_out_of_gate_statistics_and_aux_loss():
     unmasked_other, (aux_unmasked_other,) = measure({"input_ids": repadded, "attention_mask": torch.ones_like(ids)})
     assert unmasked["rlora/router_entropy"] != pytest.approx(unmasked_other["rlora/router_entropy"], rel=1e-5)
     assert aux_unmasked != pytest.approx(aux_unmasked_other, rel=1e-5)
-    assert all(layer._rlora_token_mask is None for layer in adapted_layers(model))  # hooks removed
+    assert not model._forward_pre_hooks and all(layer.gate_observers == [] for layer in adapted_layers(model))
 
 
 def test_config_validation_of_routing_options():
@@ -240,6 +241,26 @@ def test_report_on_a_saved_adapter(tmp_path):
     assert all(abs(float(v[1])) < 0.9 for k, v in rows.items() if "layers.0.mlp.gate_proj" not in k)
     assert all(float(v[2]) == 0 and float(v[3]) > 0 for v in rows.values())  # zero router, live offset
     assert (tmp_path / "heads.png").read_bytes()[:4] == b"\x89PNG"
-    assert text.endswith(f"heatmap written to {tmp_path / 'heads.png'}")
-    assert report(tmp_path / "adapter").endswith("no heatmap written: pass --out FILE.png for one")
+    assert text.endswith(f"plot written to {tmp_path / 'heads.png'}")
+    assert report(tmp_path / "adapter").endswith("no plot written: pass --out FILE.png for one")
     assert main([str(tmp_path / "missing")]) == 2
+
+
+def test_report_plot_of_a_deep_adapter_is_one_readable_chart(tmp_path, capsys):
+    """Above 32 layers the image is the per-depth line plot alone (its size does not grow with depth), and
+    the text says the heatmaps were left out; the offset norm equals ||s * Bbar0 A0||_F."""
+    from PIL import Image
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlora_plugin.metrics import low_rank_norm
+    from rlora_plugin.report import main
+
+    torch.manual_seed(0)
+    deep = LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **(SIZES | {"num_hidden_layers": 12})))
+    get_peft_model(deep, RLoraConfig(target_modules=MLP, r=4, num_heads=3)).save_pretrained(tmp_path / "deep")
+    assert main([str(tmp_path / "deep"), "--out", str(tmp_path / "deep.png")]) == 0
+    assert "(no per-layer heatmaps above 32 layers)" in capsys.readouterr().out
+    width, height = Image.open(tmp_path / "deep.png").size
+    assert width <= 1000 and height <= 500, (width, height)
+    b, a = torch.randn(7, 3), torch.randn(3, 5)
+    assert low_rank_norm(b, a) == pytest.approx(float((b @ a).norm()), rel=1e-5)

@@ -60,13 +60,16 @@ def reference_update(
     a = layer.rlora_A["default"]
     heads = layer.rlora_B["default"].view(layer.out_features, n, r)
     h = x @ a.T
-    gates = torch.softmax((x @ layer.rlora_router["default"].T) / config.router_temperature, dim=-1)
+    if config.num_heads > 1:
+        gates = torch.softmax((x @ layer.rlora_router["default"].T) / config.router_temperature, dim=-1)
+    else:  # one head, no router
+        gates = torch.ones(*x.shape[:-1], 1)
     out = torch.zeros(*x.shape[:-1], layer.out_features)
     for i in range(n):
         h_i = h if head_masks is None else h * head_masks[i]
         out = out + gates[..., i : i + 1] * (h_i @ heads[:, i, :].T)
     out = s * out
-    if config.init == "random":
+    if config.init == "random" and config.init_weights:
         mean_head = initial.rlora_B["default"].detach().view(layer.out_features, n, r).mean(dim=1)
         out = out - s * (x @ initial.rlora_A["default"].detach().T) @ mean_head.T
     return out
@@ -301,6 +304,57 @@ def test_one_zero_head_is_plain_lora():
         theirs.lora_A["default"].weight.data.copy_(ours.rlora_A["default"])
         theirs.lora_B["default"].weight.data.copy_(ours.rlora_B["default"])
     torch.testing.assert_close(rlora(ids).logits, lora(ids).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_one_head_has_no_router_and_trains_every_parameter(tmp_path):
+    """A single softmax logit is constant: one head keeps no router (its gate is 1), so every trainable
+    parameter learns, and saving, reloading and the metrics work without it."""
+    from peft import PeftModel
+
+    from rlora_plugin.metrics import MetricsCollector, RouterAuxLoss
+
+    config = RLoraConfig(target_modules=MLP, num_heads=1, r=4, router_init="kaiming")
+    model = get_peft_model(tiny_llama(), config)
+    assert not any("rlora_router" in n for n, _ in model.named_parameters())
+    layer, initial = adapted_layers(model)[0].eval(), perturbed_layer(config)[1]
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(layer.routed_update(x, "default"), reference_update(layer, x, config, initial))
+    model.train()
+    ids = tokens()
+    collector, aux = MetricsCollector(model).enable(), RouterAuxLoss(model)
+    aux.start()
+    model(ids, labels=ids).loss.backward()
+    assert float(aux.stop()) == pytest.approx(1.0)  # N * f * P = 1 for one head
+    assert collector.compute()["rlora/router_entropy"] == 0.0
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in trainable)
+    perturb(model)
+    model.eval()
+    expected = model(ids).logits
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    assert torch.equal(reloaded(ids).logits, expected)
+
+
+@pytest.mark.parametrize("init", ["random", "zero"])
+def test_init_weights_false_is_not_an_identity(init):
+    """PEFT's `init_weights=False`: no offset path and no zero heads, so the adapter changes the output
+    from the start (upstream tests need it); the default stays exact."""
+    base = tiny_llama()
+    ids = tokens()
+    expected = base(ids).logits
+    config = RLoraConfig(target_modules=MLP, init=init, r=4, init_weights=False)
+    model = get_peft_model(base, config).eval()
+    layer = adapted_layers(model)[0]
+    assert len(layer.rlora_offset_A) == len(layer.rlora_offset_B) == 0
+    assert layer.rlora_B["default"].abs().min() > 0
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(layer.routed_update(x, "default"), reference_update(layer, x, config))
+    assert (model(ids).logits - expected).abs().max() > 1e-3
+    with model.disable_adapter():
+        torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"`init_weights` = 'no' is invalid"):
+        RLoraConfig(init_weights="no")
 
 
 def test_router_temperature_sharpens_gates():

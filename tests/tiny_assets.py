@@ -42,6 +42,18 @@ def chat_rows(n: int = 64, seed: int = 1) -> list[dict]:
     ]
 
 
+def preference_rows(n: int = 32, seed: int = 2) -> list[dict]:
+    """`prompt` / `chosen` / `rejected` rows (Axolotl's `chatml.prompt_pairs` fields): the chosen answer
+    names the animal of the question, the rejected one another animal."""
+    rng = random.Random(seed)
+    rows = []
+    for question, answer in _pairs(n, seed):
+        animal = question.removeprefix("What color is the ").removesuffix("?")
+        other = rng.choice([a for a in _ANIMALS if a != animal])
+        rows.append({"prompt": question, "chosen": answer, "rejected": answer.replace(animal, other)})
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
@@ -105,7 +117,7 @@ def build_model(out_dir: Path, tokenizer, seed: int = 0):
 
 
 def build_assets(root: Path) -> dict[str, Path]:
-    """Write model + tokenizer (one directory) and the two datasets under root; return their paths."""
+    """Write model + tokenizer (one directory) and the datasets under root; return their paths."""
     root.mkdir(parents=True, exist_ok=True)
     alpaca, chat = alpaca_rows(), chat_rows()
     corpus = [r["instruction"] + "\n" + r["output"] for r in alpaca]
@@ -117,6 +129,7 @@ def build_assets(root: Path) -> dict[str, Path]:
         "model": model_dir,
         "alpaca": write_jsonl(root / "alpaca.jsonl", alpaca),
         "chat": write_jsonl(root / "chat.jsonl", chat),
+        "preference": write_jsonl(root / "preference.jsonl", preference_rows()),
     }
 
 

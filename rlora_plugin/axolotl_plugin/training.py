@@ -5,11 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from axolotl.utils.logging import get_logger
-
 from rlora_plugin.metrics import RouterAuxLoss
 
-LOG = get_logger("axolotl.integrations.rlora_plugin")
+from . import LOG
 
 
 def install_aux_loss(trainer: Any, coef: float) -> RouterAuxLoss:

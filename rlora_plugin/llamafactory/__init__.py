@@ -45,6 +45,7 @@ from typing import Any
 
 import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type: building and loading need it)
 from rlora_plugin.config import RLORA_FIELDS, RLoraConfig, RLoraConfigError
+from rlora_plugin.layer import MERGE_WHY
 from rlora_plugin.registration import PEFT_TYPE_NAME
 
 CHECKED_VERSION = "0.9.5"
@@ -62,7 +63,6 @@ LORA_KEYS = {
 RLORA_KEYS = {f"rlora_{name}": name for name in (*RLORA_FIELDS, "init_seed")}
 METRICS_KEY = "rlora_metrics"
 
-_MERGE_WHY = "R-LoRA's router mixes its heads per token, so the adapter cannot be merged into the base weights"
 _EXPORT_FIX = (
     "export it with frozen gates as a plain LoRA that merges exactly (`python -m rlora_plugin.export ADAPTER_DIR "
     "OUT_DIR --gates uniform`), then run `llamafactory-cli export` on OUT_DIR with `finetuning_type: lora`; "
@@ -84,7 +84,7 @@ REFUSED = {
         "remove `loraplus_lr_ratio`",
     ),
     "create_new_adapter": (
-        f"it merges the loaded adapter into the base model first; {_MERGE_WHY}",
+        f"it merges the loaded adapter into the base model first; {MERGE_WHY}",
         "remove `create_new_adapter` (training from `adapter_name_or_path` continues that R-LoRA adapter)",
     ),
     "use_unsloth": (
@@ -236,7 +236,7 @@ def _adapters(paths: Any, subfolder: str | None = None) -> tuple[list[str], list
     if rlora and len(paths) > 1:
         raise LlamaFactoryConfigError(
             f"`adapter_name_or_path: {','.join(paths)}` stacks adapters, and LLaMA-Factory merges all but the "
-            f"last one; {_MERGE_WHY} ({rlora[0]}). Fix: give the R-LoRA adapter alone."
+            f"last one; {MERGE_WHY} ({rlora[0]}). Fix: give the R-LoRA adapter alone."
         )
     return paths, rlora
 
@@ -258,7 +258,7 @@ def _setup_lora_tuning(original):
             token=model_args.hf_hub_token,
         )
         logging.getLogger("llamafactory.rlora_plugin").info(
-            f"Loaded the R-LoRA adapter {rlora[0]} unmerged ({_MERGE_WHY})."
+            f"Loaded the R-LoRA adapter {rlora[0]} unmerged ({MERGE_WHY})."
         )
         return model
 
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None, callbacks: list[Any] = ()) -> int:
                 if command == "export" and rlora:
                     raise LlamaFactoryConfigError(
                         f"export: `adapter_name_or_path: {config['adapter_name_or_path']!r}` holds an R-LoRA "
-                        f"adapter ({rlora[0]}), and export merges it: {_MERGE_WHY}. Fix: {_EXPORT_FIX}."
+                        f"adapter ({rlora[0]}), and export merges it: {MERGE_WHY}. Fix: {_EXPORT_FIX}."
                     )
     except LlamaFactoryConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
