@@ -212,6 +212,12 @@ def _active_adapter(layer: nn.Module) -> str | None:
     return None
 
 
+def _full(weight: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2-sharded DTensor (an all-gather: every rank must call it, in the same order);
+    ops on the DTensor itself would leave partial sums on each rank."""
+    return weight.detach().full_tensor() if hasattr(weight, "full_tensor") else weight
+
+
 def similarity_metrics(model: nn.Module, per_kind: bool = True) -> dict[str, float]:
     """`rlora/head_cos_B`, `rlora/head_cos_BA` (and per module kind) from the adapter weights."""
     cos_b, cos_ba, by_kind = [], [], defaultdict(list)
@@ -220,11 +226,11 @@ def similarity_metrics(model: nn.Module, per_kind: bool = True) -> dict[str, flo
         if adapter is None or layer.num_heads[adapter] < 2:
             continue
         heads = layer.num_heads[adapter]
-        lora_b = layer.rlora_B[adapter]
-        if lora_b.dim() != 2 or lora_b.numel() == 0:  # a ZeRO-3 / FSDP partition, not the full weight
+        lora_a, lora_b = _full(layer.rlora_A[adapter]), _full(layer.rlora_B[adapter])
+        if lora_b.dim() != 2 or lora_b.numel() == 0:  # a ZeRO-3 / FSDP1 partition, not the full weight
             continue
-        cos_b.append(mean_off_diagonal(head_cosine_B(layer.rlora_B[adapter], heads)))
-        value = mean_off_diagonal(head_cosine_BA(layer.rlora_A[adapter], layer.rlora_B[adapter], heads))
+        cos_b.append(mean_off_diagonal(head_cosine_B(lora_b, heads)))
+        value = mean_off_diagonal(head_cosine_BA(lora_a, lora_b, heads))
         cos_ba.append(value)
         by_kind[module_kind(name)].append(value)
     if not cos_b:

@@ -446,3 +446,20 @@ def test_plugin_callback_and_aux_loss_wrapper(tiny, base_model):
     off_model, _ = plugin.load_adapter(AutoModelForCausalLM.from_pretrained(tiny["model"]), off)
     assert plugin.add_callbacks_post_trainer(off, FakeTrainer(off_model)) == []
     assert plugin.add_callbacks_post_trainer(validate(make_cfg(tiny, adapter="lora")), FakeTrainer(model)) == []
+
+
+def test_fsdp2_full_state_dict_resume_is_refused_before_axolotl_021(tiny, tmp_path):
+    """Axolotl 0.19 would resume an FSDP2 FULL_STATE_DICT checkpoint without its adapter weights."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    fsdp = {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}}
+    cfg = make_cfg(tiny, **fsdp, resume_from_checkpoint=str(tmp_path))
+    if Version(version("axolotl")) < Version("0.21"):
+        message = refused(cfg)
+        assert "not the adapter weights" in message and "SHARDED_STATE_DICT" in message
+    else:
+        validate(cfg)
+    sharded = {**fsdp, "fsdp_config": {**fsdp["fsdp_config"], "state_dict_type": "SHARDED_STATE_DICT"}}
+    validate(make_cfg(tiny, **sharded, resume_from_checkpoint=str(tmp_path)))

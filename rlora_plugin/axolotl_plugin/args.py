@@ -211,6 +211,7 @@ class RLoraArgs(BaseModel):
             if getattr(self, "lora_model_dir", None):
                 check_adapter_dir(self.lora_model_dir)
                 self._rlora_adapter_dir_is_loaded()
+            self._rlora_fsdp2_resume_restores_the_adapter()
             if self.rlora.router_aux_loss_coef > 0 and getattr(self, "gradient_checkpointing", None):
                 self._rlora_non_reentrant_checkpointing()
         return self
@@ -225,6 +226,24 @@ class RLoraArgs(BaseModel):
                 f"adapter: rlora: `lora_model_dir` is not loaded with `rl: {rl}`: Axolotl's preference-training "
                 "path builds a fresh adapter from the config and lets TRL wrap the model, so the saved adapter "
                 "would be ignored. Fix: remove `lora_model_dir` (or train without `rl`)."
+            )
+
+    def _rlora_fsdp2_resume_restores_the_adapter(self) -> None:
+        """Axolotl 0.19 resumes an FSDP2 FULL_STATE_DICT checkpoint without its adapter weights, silently (the
+        trainer state comes back, the adapter keeps its fresh init): tests/test_multiprocess.py shows it."""
+        resume = getattr(self, "resume_from_checkpoint", None) or getattr(self, "auto_resume_from_checkpoints", None)
+        if not resume or str(getattr(self, "fsdp_version", None) or "") != "2":
+            return
+        state_dict_type = _get(getattr(self, "fsdp_config", None), "state_dict_type") or "FULL_STATE_DICT"
+        from importlib.metadata import version
+
+        from packaging.version import Version
+
+        if state_dict_type == "FULL_STATE_DICT" and Version(version("axolotl")) < Version("0.21"):
+            raise ValueError(
+                "adapter: rlora: resuming an FSDP2 run from a FULL_STATE_DICT checkpoint restores the trainer state "
+                f"but not the adapter weights with Axolotl {version('axolotl')} (fixed in 0.21). Fix: checkpoint "
+                "with `fsdp_config.state_dict_type: SHARDED_STATE_DICT`, or use Axolotl >= 0.21."
             )
 
     def _rlora_non_reentrant_checkpointing(self) -> None:

@@ -27,7 +27,7 @@ import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type, needed to bui
 from rlora_plugin.callbacks import RLoraMetricsCallback
 from rlora_plugin.config import fields_with_role
 
-from . import LOG, cpu_distributed, quantization
+from . import LOG, cpu_distributed, fsdp, quantization
 from .args import ADAPTER_NAME, build_rlora_config, rlora_options, target_modules
 from .training import install_aux_loss
 
@@ -60,9 +60,11 @@ class RLoraPlugin(BasePlugin):
 
     def register(self, cfg):
         # Every rank, before Axolotl creates accelerate's first PartialState: on a CPU-only host a
-        # multi-process launch (DDP or DeepSpeed) needs the gloo backend (see cpu_distributed.py).
+        # multi-process launch (DDP, DeepSpeed or FSDP2) needs the gloo backend, and FSDP2 a CPU device mesh
+        # and accelerate's FSDP state (see cpu_distributed.py).
         if (cfg or {}).get("adapter") == ADAPTER_NAME and cpu_distributed.cpu_multiprocess():
             cpu_distributed.patch_cpu_backend()
+            cpu_distributed.patch_cpu_fsdp()
             LOG.info("R-LoRA: CPU-only multi-process run: accelerate will use the gloo backend")
         if quantization.wants_kbit(cfg):
             # Axolotl builds the bitsandbytes config (and the kbit preparation) only for lora/qlora.
@@ -119,10 +121,19 @@ class RLoraPlugin(BasePlugin):
         return model, peft_config
 
     def post_train(self, cfg, model):
-        # Axolotl writes its own model card (README.md) after the adapter is saved: put the R-LoRA section back.
-        if cfg.adapter != ADAPTER_NAME or not hasattr(model, "peft_config"):
+        # Called before and after Axolotl's final save; rank 0 writes. The second call completes an FSDP2 final
+        # adapter, and each puts the R-LoRA section back into the model card Axolotl has just written.
+        if cfg.adapter != ADAPTER_NAME or int(os.environ.get("RANK", "0")) != 0:
             return
-        model.peft_config[model.active_adapter].write_model_card(cfg.output_dir)
+        if cfg.fsdp_config and (added := fsdp.add_missing_buffers(model, cfg.output_dir)):
+            # main_process_only=False: the process group is gone, and Axolotl 0.19's main-process check needs it
+            LOG.info(
+                "R-LoRA: added the %d frozen offset tensors that the FSDP2 adapter save left out",
+                len(added),
+                main_process_only=False,
+            )
+        if hasattr(model, "peft_config"):
+            model.peft_config[model.active_adapter].write_model_card(cfg.output_dir)
 
     def add_callbacks_post_trainer(self, cfg, trainer):
         """The metrics callback and, with `rlora.router_aux_loss_coef > 0`, the load-balancing loss."""
