@@ -223,6 +223,21 @@ class RLoraConfig(PeftConfig):
         )
 
 
+# R-LoRA's own fields of `RLoraConfig`: not plain LoRA's, and not `init_seed`, whose default a host takes from
+# its run's seed. The one list a host framework exposes as R-LoRA settings (Axolotl's `rlora:` block,
+# LLaMA-Factory's `rlora_*` keys).
+RLORA_FIELDS = (
+    "num_heads",
+    "init",
+    "init_gamma",
+    "head_dropout",
+    "router_init",
+    "router_temperature",
+    "router_top_k",
+    "router_aux_loss_coef",
+)
+
+
 def fields_with_role(role: str | None) -> tuple[str, ...]:
     """`RLoraConfig`'s own fields by the role in their metadata: "init" (they shape only a fresh adapter's
     initial weights), "training" (they act only while training, so a run's own setting applies even to a

@@ -23,23 +23,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from rlora_plugin.config import RLoraConfig, RLoraConfigError, own_field_types
+from rlora_plugin.config import RLORA_FIELDS, RLoraConfig, RLoraConfigError, own_field_types
 from rlora_plugin.layer import MERGE_WHY
 from rlora_plugin.registration import PEFT_TYPE_NAME
 
 ADAPTER_NAME = "rlora"
 
 # R-LoRA's own fields of `RLoraConfig`, set in the nested `rlora:` block (with RLoraConfig's types and defaults).
-BLOCK_FIELDS = (
-    "num_heads",
-    "init",
-    "init_gamma",
-    "head_dropout",
-    "router_init",
-    "router_temperature",
-    "router_top_k",
-    "router_aux_loss_coef",
-)
+BLOCK_FIELDS = RLORA_FIELDS
 # The plain-LoRA fields of `RLoraConfig` -> the Axolotl key they come from (Axolotl's own keys keep their meaning).
 LORA_KEYS = {
     "r": "lora_r",

@@ -24,11 +24,12 @@ from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from peft import PeftModel, get_peft_model
 
 import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type, needed to build and to load)
+from rlora_plugin.callbacks import RLoraMetricsCallback
 from rlora_plugin.config import RLoraConfig, fields_with_role
 
 from . import LOG, cpu_distributed, fsdp, quantization
 from .args import ADAPTER_NAME, build_rlora_config, rlora_options, target_modules
-from .training import RLoraMetricsCallback, install_aux_loss
+from .training import install_aux_loss
 
 
 def _task_type(model: Any) -> str:
