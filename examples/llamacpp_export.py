@@ -83,7 +83,24 @@ def train_adapter(model_dir: Path, train_file: Path, out_dir: Path, steps: int, 
 
 def run(command: list[str]) -> None:
     print("$ " + " ".join(command), flush=True)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"failed ({done.returncode}):\n{done.stderr[-3000:]}")
+
+
+def byte_level_copy(model_dir: Path, out_dir: Path) -> Path:
+    """MODEL_DIR with a byte-level decoder in tokenizer.json, for convert_hf_to_gguf.py only. The tokenizer that
+    transformers builds from the GGUF file has a SentencePiece-style decoder; the converter then writes a
+    SentencePiece vocab, on which llama.cpp aborts when it tokenizes (`byte_to_token`). With the byte-level
+    decoder it writes the BPE vocab of the original file (pre-tokenizer `smollm`); the tokens are the same."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in model_dir.iterdir():
+        if item.name != "tokenizer.json" and not (out_dir / item.name).exists():
+            (out_dir / item.name).symlink_to(item.resolve())
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    tokenizer["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return out_dir
 
 
 def prompts_of(tokenizer, items: list[dict]) -> list[str]:  # noqa: ANN001
@@ -111,8 +128,8 @@ def peft_replies(model, tokenizer, prompts: list[str], stop: set[int]) -> list[l
 
 
 def llamacpp_replies(base_gguf: Path, lora_gguf: Path, prompts: list[str], stop: set[int], threads: int):
-    """Greedy replies from llama.cpp with the LoRA applied, and the prompt tokens of its own tokenizer (the text
-    goes in, as a server receives it)."""
+    """Greedy replies from llama.cpp with the LoRA applied (token ids, and the text of its own detokenizer), and
+    the prompt tokens of its own tokenizer (the text goes in, as a server receives it)."""
     llm = llama_cpp.Llama(model_path=str(base_gguf), lora_path=str(lora_gguf), n_ctx=512, n_threads=threads,
                           n_threads_batch=threads, seed=0, verbose=False)  # fmt: skip
     stop = stop | {llm.token_eos()}
@@ -126,7 +143,7 @@ def llamacpp_replies(base_gguf: Path, lora_gguf: Path, prompts: list[str], stop:
                 break
             reply.append(token)
         replies.append(reply)
-    return replies, prompt_ids
+    return replies, [llm.detokenize(r).decode(errors="replace") for r in replies], prompt_ids
 
 
 def accuracy(items: list[dict], answers: list[str]) -> dict[str, float]:
@@ -182,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     python, convert = sys.executable, args.llama_cpp_dir
     base_f32 = work / "base-f32.gguf"
     if not base_f32.exists():
-        run([python, str(convert / "convert_hf_to_gguf.py"), str(args.model_dir), "--outtype", "f32",
+        run([python, str(convert / "convert_hf_to_gguf.py"), str(byte_level_copy(args.model_dir, work / "base-hf")),
+             "--outtype", "f32",
              "--outfile", str(base_f32)])  # fmt: skip
     for name in gates:
         run([python, str(convert / "convert_lora_to_gguf.py"), str(work / f"lora-{name}"), "--base",
@@ -209,10 +227,11 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((f"PEFT, fixed_gates {name}", "HF fp32", name, [parse_reply(decode(r)) for r in reference], None))
         for base_name, base_file in bases.items():
             start = time.perf_counter()
-            replies, prompt_ids = llamacpp_replies(base_file, work / f"lora-{name}.gguf", prompts, stop, args.threads)
+            lora_gguf = work / f"lora-{name}.gguf"
+            replies, texts, prompt_ids = llamacpp_replies(base_file, lora_gguf, prompts, stop, args.threads)
             seconds[f"llama.cpp {base_name} {name}"] = time.perf_counter() - start
             same_prompt_tokens = sum(a == b for a, b in zip(prompt_ids, hf_ids, strict=True))
-            answers = [parse_reply(decode(r)) for r in replies]
+            answers = [parse_reply(text) for text in texts]
             same = (sum(a == b for a, b in zip(replies, reference, strict=True)),
                     sum(a == parse_reply(decode(b)) for a, b in zip(answers, reference, strict=True)))  # fmt: skip
             rows.append((f"llama.cpp + lora-{name}.gguf", base_name, name, answers, same))
@@ -220,6 +239,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def write_results(args, items, rows, seconds, same_prompt_tokens, mean) -> None:  # noqa: ANN001
+    adapter = json.loads((args.adapter_dir / "adapter_config.json").read_text())
     tasks = list(dict.fromkeys(it["task"] for it in items))
     header = ["engine", "base weights", "gates", *tasks, "**average**", "same tokens / same answer as PEFT"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -243,6 +263,9 @@ def write_results(args, items, rows, seconds, same_prompt_tokens, mean) -> None:
         f"llama-cpp-python {llama_cpp.__version__}",
         f"- {len(items)} test items of examples/multitask_data.py, greedy, at most {MAX_NEW_TOKENS} new tokens, "
         "one prompt at a time, exact match of the reply's first line (as examples/evaluate.py)",
+        f"- adapter {args.adapter_dir}: R-LoRA r={adapter['r']}, {adapter['num_heads']} heads, init "
+        f"{adapter['init']}, router_init {adapter['router_init']}, on {', '.join(sorted(adapter['target_modules']))}"
+        + (f"; trained here with {args.train_steps} PEFT steps of 8 rows" if "train" in seconds else ""),
         "- mean gates over the test prompts, range over the layers of each head's mean gate: "
         + ", ".join(f"{lo:.3f}-{hi:.3f}" for lo, hi in zip(*spread.aminmax(dim=0), strict=True))
         + f" (uniform: {1 / spread.shape[1]:.3f})",
@@ -252,7 +275,10 @@ def write_results(args, items, rows, seconds, same_prompt_tokens, mean) -> None:
         *lines,
         "",
         "Same tokens: the reply's token ids up to the end of the turn are identical to PEFT's with the same "
-        "fixed gates; same answer: the parsed replies are equal.",
+        "fixed gates; same answer: the parsed replies are equal (llama.cpp's reply as its own detokenizer writes "
+        "it). The f32 base GGUF holds the weights PEFT runs; the quantized file holds the same values before "
+        "de-quantization, but llama.cpp multiplies its blocks with activations quantized to 8 bits, so there only "
+        "the accuracy is expected to stay close. The LoRA GGUF files are f32.",
         "",
         "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()),
         "",
