@@ -90,9 +90,9 @@ def run(command: list[str]) -> None:
 
 def byte_level_copy(model_dir: Path, out_dir: Path) -> Path:
     """MODEL_DIR with a byte-level decoder in tokenizer.json, for convert_hf_to_gguf.py only. The tokenizer that
-    transformers builds from the GGUF file has a SentencePiece-style decoder; the converter then writes a
-    SentencePiece vocab, on which llama.cpp aborts when it tokenizes (`byte_to_token`). With the byte-level
-    decoder it writes the BPE vocab of the original file (pre-tokenizer `smollm`); the tokens are the same."""
+    transformers 5.16 builds from the GGUF file has a SentencePiece-style decoder (5.20 writes a byte-level one);
+    the converter then writes a SentencePiece vocab, on which llama.cpp aborts when it tokenizes (`byte_to_token`).
+    With the byte-level decoder it writes the BPE vocab of the original file (pre-tokenizer `smollm`)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for item in model_dir.iterdir():
         if item.name != "tokenizer.json" and not (out_dir / item.name).exists():
