@@ -48,40 +48,25 @@ def run1(tiny, work) -> Path:
     return work / "run1"
 
 
-def test_train_artifacts(run1, tiny):
-    import torch
-
+def test_saved_config_holds_the_run_settings(run1):
     config = json.loads((run1 / "adapter_config.json").read_text())
     assert config["peft_type"] == "RLORA"
     expected = {"r": RANK, "lora_alpha": 8, "lora_dropout": 0.1, "num_heads": N_HEADS, "init": "random"}
     expected |= {"init_gamma": 64.0, "head_dropout": "per_head", "router_init": "zero", "init_seed": 7}
     assert {k: config[k] for k in expected} == expected
 
+
+D_IN = {"q_proj": 64, "k_proj": 64, "v_proj": 64, "o_proj": 64, "gate_proj": 64, "up_proj": 64, "down_proj": 128}
+D_OUT = {"q_proj": 64, "k_proj": 32, "v_proj": 32, "o_proj": 64, "gate_proj": 128, "up_proj": 128, "down_proj": 64}
+
+
+def test_every_linear_layer_is_adapted_with_full_tensors(run1):
     tensors = adapter_tensors(run1)
     modules = {k.rsplit(".rlora_", 1)[0] for k in tensors}
     assert len(modules) == 14, sorted(modules)  # lora_target_linear: q,k,v,o,gate,up,down x 2 layers
     assert not any("lm_head" in m for m in modules)
-    d_in = {
-        "q_proj": 64,
-        "k_proj": 64,
-        "v_proj": 64,
-        "o_proj": 64,
-        "gate_proj": 64,
-        "up_proj": 64,
-        "down_proj": 128,
-    }
-    d_out = {
-        "q_proj": 64,
-        "k_proj": 32,
-        "v_proj": 32,
-        "o_proj": 64,
-        "gate_proj": 128,
-        "up_proj": 128,
-        "down_proj": 64,
-    }
     for module in modules:
-        kind = module.rsplit(".", 1)[1]
-        i, o = d_in[kind], d_out[kind]
+        i, o = D_IN[module.rsplit(".", 1)[1]], D_OUT[module.rsplit(".", 1)[1]]
         shapes = {k.rsplit(".rlora_", 1)[1]: tuple(v.shape) for k, v in tensors.items() if k.startswith(module + ".")}
         assert shapes == {
             "A": (RANK, i),
@@ -93,6 +78,8 @@ def test_train_artifacts(run1, tiny):
     router = next(v for k, v in tensors.items() if k.endswith("rlora_router"))
     assert router.abs().sum() > 0  # trained away from its zero init
 
+
+def test_checkpoints_and_a_falling_loss_with_eval(run1):
     for step in (3, 6):
         assert (run1 / f"checkpoint-{step}" / "adapter_model.safetensors").exists()
     losses = train_losses(run1)
@@ -100,8 +87,11 @@ def test_train_artifacts(run1, tiny):
     assert losses[6] < losses[1], losses
     history = json.loads((run1 / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
     assert any("eval_loss" in rec for rec in history)
-    # router / head metrics and the load-balancing loss, in every train record (logging_steps: 1)
-    records = {rec["step"]: rec for rec in history if "loss" in rec}
+
+
+def test_router_metrics_and_aux_loss_in_every_train_record(run1):
+    history = json.loads((run1 / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    records = {rec["step"]: rec for rec in history if "loss" in rec}  # logging_steps: 1
     for step, rec in records.items():
         for key in ("router_entropy", "head_load_max", "head_load_ratio", "head_cos_B", "head_cos_BA", "aux_loss"):
             assert f"rlora/{key}" in rec, (step, key, sorted(rec))
@@ -113,7 +103,10 @@ def test_train_artifacts(run1, tiny):
     assert records[6]["rlora/router_entropy"] < 1.0  # the router has learned something
     assert not any(k.startswith("rlora/") for rec in history if "eval_loss" in rec for k in rec)
 
-    # at init the adapted model equals the base model; the saved adapter reproduces the trained model
+
+def test_equal_to_the_base_at_init_and_reload_reproduces_the_trained_model(run1, tiny):
+    import torch
+
     init = torch.load(run1 / "probe_init.pt")
     torch.testing.assert_close(init["adapted"], init["base"], atol=1e-5, rtol=1e-5)
     trained = torch.load(run1 / "probe_trained.pt")["trained"]

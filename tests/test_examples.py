@@ -9,14 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from axolotl.utils.config import prepare_plugins, validate_config
-from axolotl.utils.dict import DictDefault
+from axolotl_validation import CPU, GPU, validated
 
 from rlora_plugin.axolotl_plugin.args import build_rlora_config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-GPU = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_80"}
-CPU = {"bf16": False, "fp8": False, "tf32": False, "n_gpu": 1, "compute_capability": None}
 
 
 def load_example(name: str, tiny: dict) -> dict:
@@ -26,12 +23,6 @@ def load_example(name: str, tiny: dict) -> dict:
         dataset["path"] = str(tiny["chat"] if dataset.get("type") == "chat_template" else tiny["alpaca"])
         dataset["ds_type"] = "json"
     return cfg
-
-
-def validated(cfg: dict, capabilities: dict) -> DictDefault:
-    cfg = DictDefault(cfg)
-    prepare_plugins(cfg)
-    return validate_config(cfg, capabilities=capabilities, env_capabilities={"torch_version": "2.13.0"})
 
 
 def test_cpu_example(tiny):
