@@ -61,23 +61,14 @@ def fetch(version: str) -> Path:
 
 def tiny_causal_lm() -> Path:
     """A tiny random Llama saved in the cache: the local stand-in for the hub models of PEFT's decoder tests."""
-    import torch
     import transformers
+    from tiny_models import tiny_llama
 
     # No "llama" in the path: PEFT's decoder tests skip every method's merge tests on a model id with "llama"
     # (a check meant for BEFT only).
     path = CACHE / f"tiny-causal-lm-transformers-{transformers.__version__}"
     if not (path / "config.json").is_file():
-        config = transformers.LlamaConfig(
-            vocab_size=97,
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-        torch.manual_seed(0)
-        transformers.LlamaForCausalLM(config).save_pretrained(path)
+        tiny_llama().save_pretrained(path)
     return path
 
 

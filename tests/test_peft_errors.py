@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from tiny_models import MLP, tiny_llama
+from tiny_models import MLP, SIZES, tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rlora_plugin import RLoraConfig
@@ -142,16 +142,7 @@ def test_a_sound_adapter_loads_as_a_second_adapter(saved_adapter):
 def test_loading_onto_a_base_of_other_shapes(tmp_path):
     get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP)).save_pretrained(tmp_path)
     torch.manual_seed(0)
-    wider = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=97,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    )
+    wider = LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **(SIZES | {"intermediate_size": 64})))
     with pytest.raises(
         ValueError,
         match=r"Cannot load R-LoRA adapter 'default' into .*gate_proj.*`rlora_B` has "
