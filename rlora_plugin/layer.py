@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -125,6 +126,7 @@ class RLoraLayer(BaseTunerLayer):
         self._rlora_gate_stats = None
         self._rlora_aux_losses: list | None = None
         self._rlora_token_mask = None  # which tokens of the batch are real, set by metrics.TokenMask
+        self._rlora_weight_cache: dict[str, tuple] = {}  # inference-time fused weights, see _fused_weights
         self.rlora_dropout = nn.ModuleDict({})
         self.rlora_A = nn.ParameterDict({})
         self.rlora_B = nn.ParameterDict({})
@@ -169,48 +171,85 @@ class RLoraLayer(BaseTunerLayer):
     def routed_update(self, x: torch.Tensor, adapter: str, add_to: torch.Tensor | None = None) -> torch.Tensor:
         """`s * sum_i g_i(x) B_i drop_i(A x) - offset(x)` in two matmuls, with no loop over heads; with
         `add_to` (the base layer's output), `add_to` plus that, the addition fused into the second matmul."""
-        lora_a = self.rlora_A[adapter]
-        x = self._cast_input_dtype(x, lora_a.dtype)
-        r, heads, scaling = self.r[adapter], self.num_heads[adapter], self.scaling[adapter]
-        routed = adapter in self.rlora_router
-        has_offset = adapter in self.rlora_offset_A
+        down, up, sizes, folded = self._fused_weights(adapter)
+        x = self._cast_input_dtype(x, down.dtype)
+        heads, scaling = self.num_heads[adapter], self.scaling[adapter]
+        routed, has_offset = heads > 1, len(sizes) > 1 + (heads > 1)
 
         # [h ; logits ; h0] = [A ; W_g ; A0] x: the rank-r features, router logits and offset features at once.
-        down, sizes = [lora_a], [r]
-        if routed:
-            down.append(self.rlora_router[adapter])
-            sizes.append(heads)
-        if has_offset:
-            down.append(self.rlora_offset_A[adapter])
-            sizes.append(r)
         # One split, not three slices: the backward of a slice allocates, fills and adds a tensor of the full size.
-        parts = F.linear(x, torch.cat(down)).split(sizes, dim=-1)
+        parts = F.linear(x, down).split(sizes, dim=-1)
         features = parts[0]
         if routed:
             logits, tau = parts[1].float(), self.router_temperature[adapter]
             probs = torch.softmax(logits if tau == 1.0 else logits / tau, dim=-1)
         else:  # one head: its gate is 1
             probs = features.new_ones(*features.shape[:-1], 1, dtype=torch.float32)
-        gates = self.route(probs, adapter).to(features.dtype) * scaling
+        gates = self.route(probs, adapter).to(features.dtype)
+        if not folded:
+            gates = gates * scaling
 
         dropout = self.rlora_dropout[adapter]
-        if self.head_dropout[adapter] == "shared":
+        if self.head_dropout[adapter] == "shared" and dropout.training:
             features = dropout(features)
         mixed = gates.unsqueeze(-1) * features.unsqueeze(-2)  # (..., N, r): s * g_i * h for every head
-        if self.head_dropout[adapter] == "per_head":
+        if self.head_dropout[adapter] == "per_head" and dropout.training:
             mixed = dropout(mixed)  # an independent mask for each head
         mixed = mixed.flatten(-2)
-
-        up = self.rlora_B[adapter]
         if has_offset:
-            mixed = torch.cat([mixed, parts[-1] * -scaling], dim=-1)
-            up = torch.cat([up, self.rlora_offset_B[adapter]], dim=-1)
+            mixed = torch.cat([mixed, parts[-1] if folded else parts[-1] * -scaling], dim=-1)
+
         if add_to is None:
             return F.linear(mixed, up)
         if add_to.dtype != up.dtype or add_to.dim() < 2:  # e.g. a bf16 base with fp32 adapter weights
             return add_to + F.linear(mixed, up).to(add_to.dtype)
         # addmm writes base + update in one pass, saving a (tokens, d_out) temporary and an add over it.
         return torch.addmm(add_to.flatten(0, -2), mixed.flatten(0, -2), up.T).view(add_to.shape)
+
+    def _fused_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, list[int], bool]:
+        """`down = [A ; W_g ; A0]`, `up = [B_cat, Bbar0]`, the row sizes of `down`, and whether `s` and the offset's
+        `-s` are folded into `up` (then the caller must not apply them).
+
+        With grad enabled (training) they are concatenated at every call, unfolded: autograd sees the plain math.
+        Without grad (generation, evaluation) they are built once and reused until a weight changes: decoding runs
+        every adapted layer once per token, where rebuilding them costs as much as the adapter's matmuls. An entry
+        is valid while each weight has the same identity, storage, dtype, device and in-place version counter
+        (optimizer steps and `load_state_dict` bump it; writes through `.data` do not). `s` is folded only when it
+        is a power of two, where scaling the weights instead of the activations gives the same bits. Not cached
+        while compiling, nor for DeepSpeed ZeRO-3 parameters (gathered anew for each forward).
+        """
+        # The stores' own dicts: ParameterDict's __getitem__ goes through Module.__getattr__, ~1 us per call.
+        lora_a, router = self.rlora_A._parameters[adapter], self.rlora_router._parameters.get(adapter)
+        offset_a, offset_b = self.rlora_offset_A._buffers.get(adapter), self.rlora_offset_B._buffers.get(adapter)
+        down = [t for t in (lora_a, router, offset_a) if t is not None]
+        up = [t for t in (self.rlora_B._parameters[adapter], offset_b) if t is not None]
+        sizes = [t.shape[0] for t in down]
+        scaling = self.scaling[adapter]
+        weights = down + up
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or any(hasattr(t, "ds_id") for t in weights):
+            return torch.cat(down), torch.cat(up, dim=-1), sizes, False
+        entry = self._rlora_weight_cache.get(adapter)
+        if entry is not None and entry[0] == scaling and len(entry[1]) == len(weights):
+            for t, (ref, alias, version) in zip(weights, entry[1], strict=True):
+                if not (
+                    ref() is t and t._version == version and t.data_ptr() == alias.data_ptr()
+                    and t.dtype == alias.dtype and t.device == alias.device
+                ):  # fmt: skip
+                    break
+            else:
+                return entry[2]
+        folded = math.frexp(scaling)[0] == 0.5
+        if folded:
+            up = [up[0] * scaling, *(u * -scaling for u in up[1:])]
+        built = (torch.cat(down), torch.cat(up, dim=-1), sizes, folded)
+        # The alias keeps the weight's storage alive: no new tensor can take its address while the entry exists.
+        sources = [(weakref.ref(t), t.detach(), t._version) for t in weights]
+        self._rlora_weight_cache[adapter] = (scaling, sources, built)
+        return built
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._rlora_weight_cache.pop(adapter_name, None)
+        super().delete_adapter(adapter_name)
 
     def route(self, probs: torch.Tensor, adapter: str) -> torch.Tensor:
         """The gates applied to the heads from the router's softmax `probs (..., N)` (fp32): dense, or the
