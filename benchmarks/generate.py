@@ -3,9 +3,10 @@ parameters (unmerged and merged) and R-LoRA, on SmolLM2-135M and on a Qwen2.5-0.
 
 Greedy decoding with the KV cache, fp32, CPU, `torch.no_grad()` and `eval()`, as `generate` runs it: one forward
 over the prompt (the prefill, logits of the last position only) and then one forward per new token (the decode).
-The variants share the base weights (one copy in memory), are timed interleaved round by round in rotating
-order, and every ratio is the median over rounds of the variant's time over LoRA-eq's in the same round, with
-the interquartile range: the paired method of `speed.py`, whose pieces this reuses. See benchmarks/README.md.
+The variants share the base weights (one copy in memory) and decode side by side, one forward each in turn
+(rotating the order every round), so load from other jobs hits them alike; every ratio is the median over
+rounds of the variant's time over LoRA-eq's in the same round, with the interquartile range: the paired method
+of `speed.py`, whose pieces this reuses. See benchmarks/README.md.
 
     python -m benchmarks.generate                    # both models, batch 1 and 8 (about 30 min on 2 busy cores)
     python -m benchmarks.generate --smollm2-dir DIR  # SmolLM2's real weights, from examples/prepare_smollm2.py
@@ -37,6 +38,7 @@ from benchmarks.speed import (
     equal_param_rank,
     machine,
     paired_time_ratio,
+    ratio,
     rlora_params,
     smollm2_config,
     summarize,
@@ -114,23 +116,43 @@ def build_variants(
     return models, counts
 
 
+class Clock:
+    """Wall and process CPU time of a variant, accumulated over the calls it is started and stopped around."""
+
+    def __init__(self) -> None:
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self) -> Clock:
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall += time.perf_counter() - self._wall
+        self.cpu += time.process_time() - self._cpu
+
+
 @torch.no_grad()
-def generate(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> tuple[list[float], list[float], torch.Tensor]:
-    """Greedy decoding with the KV cache: prefill seconds (wall, CPU), seconds per decoded token (wall, CPU), and
-    the new tokens."""
-    start, start_cpu = time.perf_counter(), time.process_time()
-    out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-    token = out.logits[:, -1:].argmax(-1)
-    tokens = [token]
-    prefilled, prefilled_cpu = time.perf_counter(), time.process_time()
+def generate_interleaved(
+    models: dict[str, nn.Module], order: list[str], ids: torch.Tensor, new_tokens: int
+) -> tuple[dict[str, Clock], dict[str, Clock], dict[str, torch.Tensor]]:
+    """Greedy decoding with the KV cache by every variant at once, one forward each in turn (`order`): first
+    every prefill, then decode step by step, so load from other jobs on the machine hits all variants within
+    a fraction of a second of each other. Returns each variant's prefill clock, decode clock (all steps after
+    the first token) and new tokens."""
+    prefill, decode, out, tokens = {}, {}, {}, {}
+    for key in order:
+        with Clock() as prefill[key]:
+            out[key] = models[key](input_ids=ids, use_cache=True, logits_to_keep=1)
+            tokens[key] = [out[key].logits[:, -1:].argmax(-1)]
+        decode[key] = Clock()
     for _ in range(new_tokens - 1):
-        out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        tokens.append(token)
-    done, done_cpu = time.perf_counter(), time.process_time()
-    steps = new_tokens - 1
-    decode = [(done - prefilled) / steps, (done_cpu - prefilled_cpu) / steps]
-    return [prefilled - start, prefilled_cpu - start_cpu], decode, torch.cat(tokens, dim=1)
+        for key in order:
+            with decode[key]:
+                out[key] = models[key](
+                    input_ids=tokens[key][-1], past_key_values=out[key].past_key_values, use_cache=True
+                )
+                tokens[key].append(out[key].logits[:, -1:].argmax(-1))
+    return prefill, decode, {key: torch.cat(t, dim=1) for key, t in tokens.items()}
 
 
 def run_model(
@@ -144,15 +166,14 @@ def run_model(
     assert counts["rlora"] == cfg.num_hidden_layers * sum(rlora_params(a, b, args.r, args.heads) for a, b in shapes)
     ids = torch.randint(0, cfg.vocab_size, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
     timers = {phase: [Variant(k, models[k], lambda: None, counts[k], 0) for k in keys] for phase in PHASES}
-    outputs = {}
     for rnd in range(args.warmup + args.rounds):
         order = keys[rnd % len(keys) :] + keys[: rnd % len(keys)]
-        for key in order:
-            prefill, decode, outputs[key] = generate(models[key], ids, args.new_tokens)
-            if rnd >= args.warmup:
-                for phase, (wall, cpu) in zip(PHASES, (prefill, decode), strict=True):
-                    timers[phase][keys.index(key)].times.append(wall)
-                    timers[phase][keys.index(key)].cpu_times.append(cpu)
+        prefill, decode, outputs = generate_interleaved(models, order, ids, args.new_tokens)
+        if rnd >= args.warmup:
+            for phase, clocks, steps in (("prefill", prefill, 1), ("decode", decode, args.new_tokens - 1)):
+                for v in timers[phase]:
+                    v.times.append(clocks[v.key].wall / steps)
+                    v.cpu_times.append(clocks[v.key].cpu / steps)
         print(f"  {name} batch {batch}: round {rnd + 1}/{args.warmup + args.rounds}", flush=True)
     # Same greedy tokens from the unmerged and the merged LoRA, and from R-LoRA with and without the cache.
     for a, b in (("lora_eq", "lora_merged"), ("rlora", "rlora_nocache")):
@@ -172,8 +193,9 @@ def summary_table(cases: list[CaseResult]) -> list[str]:
     keys = [k for k in VARIANT_LABELS if k in cases[0].variants]
     head = " | ".join(f"{VARIANT_LABELS[k]} / LoRA-eq" for k in keys if k != REFERENCE)
     lines = [
-        f"| model, batch | phase | LoRA-eq ms (median) | {head} | R-LoRA / base | R-LoRA <= 1.00x LoRA-eq |",
-        "|---" * (4 + len(keys)) + "|---|",
+        f"| model, batch | phase | LoRA-eq ms (median) | {head} | R-LoRA / base | R-LoRA / LoRA-eq, CPU time "
+        "| R-LoRA <= 1.00x LoRA-eq |",
+        "|---" * (5 + len(keys)) + "|",
     ]
     for c in cases:
         cells = []
@@ -184,7 +206,10 @@ def summary_table(cases: list[CaseResult]) -> list[str]:
         rl = [t / b for t, b in zip(c.variants["rlora"]["times_ms"], c.variants["base"]["times_ms"], strict=True)]
         met = "yes" if paired_time_ratio(c, "rlora")[0] <= 1.0 else "**no**"
         ms = c.variants[REFERENCE]["median_ms"]
-        lines.append(f"| {c.name} | {c.kind} | {ms:.1f} | {' | '.join(cells)} | {statistics.median(rl):.3f} | {met} |")
+        lines.append(
+            f"| {c.name} | {c.kind} | {ms:.1f} | {' | '.join(cells)} | {statistics.median(rl):.3f} | "
+            f"{ratio(c, 'rlora', 'cpu_ms'):.3f} | {met} |"
+        )
     return lines
 
 
@@ -213,7 +238,8 @@ def write_results(cases: list[CaseResult], args: argparse.Namespace, loads: list
         f"- fp32, greedy, KV cache, `no_grad` + `eval()`; prompt {args.prompt} tokens per row (random ids), "
         f"{args.new_tokens} new tokens; prefill = the forward over the prompt (last position's logits only), "
         f"decode = the mean time per new token after it; warm-up {args.warmup} round(s) excluded, {args.rounds} "
-        "timed rounds, variants interleaved in rotating order, base weights shared by all variants",
+        "timed rounds; the variants decode side by side, one forward each in turn (order rotated every round), "
+        "base weights shared by all variants",
         f"- adapters on {', '.join(MLP)} of every layer: R-LoRA r={args.r}, N={args.heads}, random init with its "
         f"offset path, per-head dropout 0.1 (off in eval); LoRA at equal trainable parameters ({eq_ranks}), "
         "dropout 0.1",
