@@ -171,10 +171,10 @@ class RLoraLayer(BaseTunerLayer):
     def routed_update(self, x: torch.Tensor, adapter: str, add_to: torch.Tensor | None = None) -> torch.Tensor:
         """`s * sum_i g_i(x) B_i drop_i(A x) - offset(x)` in two matmuls, with no loop over heads; with
         `add_to` (the base layer's output), `add_to` plus that, the addition fused into the second matmul."""
-        down, up, sizes, folded = self._fused_weights(adapter)
-        x = self._cast_input_dtype(x, down.dtype)
-        heads, scaling = self.num_heads[adapter], self.scaling[adapter]
-        routed, has_offset = heads > 1, len(sizes) > 1 + (heads > 1)
+        down, up, sizes, folded, routed, has_offset = self._fused_weights(adapter)
+        if x.dtype != down.dtype:
+            x = self._cast_input_dtype(x, down.dtype)
+        scaling = self.scaling[adapter]
 
         # [h ; logits ; h0] = [A ; W_g ; A0] x: the rank-r features, router logits and offset features at once.
         # One split, not three slices: the backward of a slice allocates, fills and adds a tensor of the full size.
@@ -189,7 +189,7 @@ class RLoraLayer(BaseTunerLayer):
         if not folded:
             gates = gates * scaling
 
-        dropout = self.rlora_dropout[adapter]
+        dropout = self._modules["rlora_dropout"]._modules[adapter]
         if self.head_dropout[adapter] == "shared" and dropout.training:
             features = dropout(features)
         mixed = gates.unsqueeze(-1) * features.unsqueeze(-2)  # (..., N, r): s * g_i * h for every head
@@ -206,45 +206,56 @@ class RLoraLayer(BaseTunerLayer):
         # addmm writes base + update in one pass, saving a (tokens, d_out) temporary and an add over it.
         return torch.addmm(add_to.flatten(0, -2), mixed.flatten(0, -2), up.T).view(add_to.shape)
 
-    def _fused_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, list[int], bool]:
-        """`down = [A ; W_g ; A0]`, `up = [B_cat, Bbar0]`, the row sizes of `down`, and whether `s` and the offset's
-        `-s` are folded into `up` (then the caller must not apply them).
+    def _fused_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, list[int], bool, bool, bool]:
+        """`down = [A ; W_g ; A0]`, `up = [B_cat, Bbar0]`, the row sizes of `down`, whether `s` and the offset's
+        `-s` are folded into `up` (then the caller must not apply them), and whether there are a router and an
+        offset path.
 
         With grad enabled (training) they are concatenated at every call, unfolded: autograd sees the plain math.
         Without grad (generation, evaluation) they are built once and reused until a weight changes: decoding runs
         every adapted layer once per token, where rebuilding them costs as much as the adapter's matmuls. An entry
-        is valid while each weight has the same identity, storage, dtype, device and in-place version counter
-        (optimizer steps and `load_state_dict` bump it; writes through `.data` do not). `s` is folded only when it
-        is a power of two, where scaling the weights instead of the activations gives the same bits. Not cached
-        while compiling, nor for DeepSpeed ZeRO-3 parameters (gathered anew for each forward).
+        is valid while each weight has the same identity, storage, dtype and in-place version counter (optimizer
+        steps and `load_state_dict` bump it; writes through `.data` do not). `s` is folded only when it is a power
+        of two, where scaling the weights instead of the activations gives the same bits. Not cached while
+        compiling, nor for DeepSpeed ZeRO-3 parameters (gathered anew for each forward).
         """
-        # The stores' own dicts: ParameterDict's __getitem__ goes through Module.__getattr__, ~1 us per call.
-        lora_a, router = self.rlora_A._parameters[adapter], self.rlora_router._parameters.get(adapter)
-        offset_a, offset_b = self.rlora_offset_A._buffers.get(adapter), self.rlora_offset_B._buffers.get(adapter)
-        down = [t for t in (lora_a, router, offset_a) if t is not None]
-        up = [t for t in (self.rlora_B._parameters[adapter], offset_b) if t is not None]
-        sizes = [t.shape[0] for t in down]
+        # The stores' own dicts: `self.rlora_A[adapter]` is two Module.__getattr__ calls, ~1 us each per layer.
+        stores = self._modules
+        weights = (
+            stores["rlora_A"]._parameters[adapter],
+            stores["rlora_router"]._parameters.get(adapter),
+            stores["rlora_offset_A"]._buffers.get(adapter),
+            stores["rlora_B"]._parameters[adapter],
+            stores["rlora_offset_B"]._buffers.get(adapter),
+        )
         scaling = self.scaling[adapter]
-        weights = down + up
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or any(hasattr(t, "ds_id") for t in weights):
-            return torch.cat(down), torch.cat(up, dim=-1), sizes, False
-        entry = self._rlora_weight_cache.get(adapter)
-        if entry is not None and entry[0] == scaling and len(entry[1]) == len(weights):
-            for t, (ref, alias, version) in zip(weights, entry[1], strict=True):
-                if not (
-                    ref() is t and t._version == version and t.data_ptr() == alias.data_ptr()
-                    and t.dtype == alias.dtype and t.device == alias.device
-                ):  # fmt: skip
+        cache = not (torch.is_grad_enabled() or torch.compiler.is_compiling() or hasattr(weights[0], "ds_id"))
+        entry = self._rlora_weight_cache.get(adapter) if cache else None
+        if entry is not None and entry[0] == scaling:
+            for t, source in zip(weights, entry[1], strict=True):
+                if t is None or source is None:
+                    if t is not source:  # a weight added or removed
+                        break
+                elif (
+                    source[0]() is not t or source[1] != t._version or source[2] != t.data_ptr() or source[3] != t.dtype
+                ):
                     break
             else:
                 return entry[2]
-        folded = math.frexp(scaling)[0] == 0.5
+        lora_a, router, offset_a, lora_b, offset_b = weights
+        down = [t for t in (lora_a, router, offset_a) if t is not None]
+        up = [lora_b] if offset_b is None else [lora_b, offset_b]
+        folded = cache and math.frexp(scaling)[0] == 0.5
         if folded:
-            up = [up[0] * scaling, *(u * -scaling for u in up[1:])]
-        built = (torch.cat(down), torch.cat(up, dim=-1), sizes, folded)
-        # The alias keeps the weight's storage alive: no new tensor can take its address while the entry exists.
-        sources = [(weakref.ref(t), t.detach(), t._version) for t in weights]
-        self._rlora_weight_cache[adapter] = (scaling, sources, built)
+            up = [u * (scaling if i == 0 else -scaling) for i, u in enumerate(up)]
+        sizes = [t.shape[0] for t in down]
+        built = (torch.cat(down), torch.cat(up, dim=-1), sizes, folded, router is not None, offset_a is not None)
+        if cache:
+            sources = [None if t is None else (weakref.ref(t), t._version, t.data_ptr(), t.dtype) for t in weights]
+            # The aliases keep the weights' storages alive: no new tensor can take one's address while the entry
+            # exists, so an equal address means the same storage (and device).
+            aliases = [t.detach() for t in weights if t is not None]
+            self._rlora_weight_cache[adapter] = (scaling, sources, built, aliases)
         return built
 
     def delete_adapter(self, adapter_name: str) -> None:
