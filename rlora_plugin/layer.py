@@ -217,7 +217,7 @@ class RLoraLayer(BaseTunerLayer):
         is valid while each weight has the same identity, storage, dtype and in-place version counter (optimizer
         steps and `load_state_dict` bump it; writes through `.data` do not). `s` is folded only when it is a power
         of two, where scaling the weights instead of the activations gives the same bits. Not cached while
-        compiling, nor for DeepSpeed ZeRO-3 parameters (gathered anew for each forward).
+        compiling, nor for DeepSpeed ZeRO-3 parameters (gathered anew for each forward) or inference tensors.
         """
         # The stores' own dicts: `self.rlora_A[adapter]` is two Module.__getattr__ calls, ~1 us each per layer.
         stores = self._modules
@@ -229,7 +229,13 @@ class RLoraLayer(BaseTunerLayer):
             stores["rlora_offset_B"]._buffers.get(adapter),
         )
         scaling = self.scaling[adapter]
-        cache = not (torch.is_grad_enabled() or torch.compiler.is_compiling() or hasattr(weights[0], "ds_id"))
+        lora_a = weights[0]  # inference tensors (made under torch.inference_mode) have no version counter
+        cache = not (
+            torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or hasattr(lora_a, "ds_id")
+            or lora_a.is_inference()
+        )
         entry = self._rlora_weight_cache.get(adapter) if cache else None
         if entry is not None and entry[0] == scaling:
             for t, source in zip(weights, entry[1], strict=True):

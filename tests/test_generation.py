@@ -166,3 +166,13 @@ def test_no_weight_cache_for_zero3_partitioned_parameters():
         layer.rlora_A["default"].ds_id = 0  # what DeepSpeed ZeRO-3 sets on the parameters it partitions
     logits(model, ids)
     assert all(not layer._rlora_weight_cache for layer in adapted_layers(model))
+
+
+def test_inference_mode_and_weights_made_under_it():
+    model, ids = rlora_model(), tokens()
+    with torch.inference_mode():
+        inferred = model(input_ids=ids).logits
+    assert torch.equal(inferred, logits(model, ids))
+    with torch.inference_mode():  # weights without a version counter: concatenated per call
+        made_there = rlora_model()
+        assert torch.equal(made_there(input_ids=ids).logits, inferred)
