@@ -282,7 +282,7 @@ def plot(cases: list[CaseResult], path: Path) -> None:
         ax.bar(xs, ys, width, yerr=err, capsize=2, label=VARIANT_LABELS[key], color=colors[key])
     ax.axhline(1.0, color="black", lw=0.8, label="LoRA-eq unmerged (target: R-LoRA <= 1)")
     ax.set_xticks(range(len(cases)))
-    ax.set_xticklabels([f"{c.name}\n{c.kind}" for c in cases], fontsize=8)
+    ax.set_xticklabels([f"{c.name.replace(', ', chr(10))}\n{c.kind}" for c in cases], fontsize=8)
     ax.set_ylabel("time / LoRA-eq unmerged, same round")
     lows = [paired_time_ratio(c, k)[1] for c in cases for k in keys]
     ax.set_ylim(min(0.8, min(lows) - 0.02), None)
