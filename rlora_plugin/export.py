@@ -2,7 +2,8 @@
 
     python -m rlora_plugin.export ADAPTER_DIR OUT_DIR --gates uniform
     python -m rlora_plugin.export ADAPTER_DIR OUT_DIR --gates 0.1,0.3,0.2,0.2,0.2
-    axolotl rlora-export ADAPTER_DIR OUT_DIR --gates uniform
+    python -m rlora_plugin.export ADAPTER_DIR OUT_DIR --gates mean --data task.jsonl [--base-model DIR]
+    axolotl rlora-export ADAPTER_DIR OUT_DIR --gates mean --data task.jsonl
 
 A per-token router cannot be merged, but with constant gates `c_i` every layer's update is one fixed matrix
 of rank at most 2r. The export writes it as a standard LoRA (`peft_type: LORA`, scaling 1): it loads without
@@ -14,6 +15,7 @@ trained router was not constant it differs from the routed model, so measure wha
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,26 +23,55 @@ from pathlib import Path
 import torch
 
 from .layer import adapter_scaling, frozen_gate_lora
+from .routing import PEFT_PREFIX, parse_gates, record_gates
 from .saved import WEIGHTS, read_adapter
 
-PREFIX = "base_model.model."  # how PEFT prefixes module names in a saved adapter
+
+def prompts_of(data_file: str | Path, tokenizer) -> list[str]:  # noqa: ANN001
+    """The prompts of a jsonl dataset: chat rows (`messages`, as in the example; everything before the last
+    assistant turn, in the tokenizer's chat template) or alpaca rows (`instruction` and `input`)."""
+    prompts = []
+    for number, line in enumerate(Path(data_file).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "messages" in row or "conversations" in row:
+            messages = row.get("messages") or row["conversations"]
+            last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
+            prompts.append(tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True))
+        elif "instruction" in row:
+            prompts.append("\n\n".join(p for p in (row["instruction"], row.get("input")) if p))
+        else:
+            raise ValueError(
+                f"{data_file}, line {number}: no `messages` (chat) or `instruction` (alpaca) field; --data needs "
+                "a jsonl file in one of those formats."
+            )
+    if not prompts:
+        raise ValueError(f"{data_file} holds no prompts.")
+    return prompts
 
 
-def parse_gates(text: str, num_heads: int) -> torch.Tensor:
-    """`--gates`: 'uniform', or N comma-separated constants >= 0 that sum to 1 (a softmax's range)."""
-    if text == "uniform":
-        return torch.full((num_heads,), 1.0 / num_heads)
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        values = None
-    fix = f"give 'uniform' or {num_heads} comma-separated numbers >= 0 that sum to 1, e.g. --gates uniform"
-    if values is None or len(values) != num_heads:
-        raise ValueError(f"--gates {text!r} is invalid for an adapter with {num_heads} heads: {fix}.")
-    gates = torch.tensor(values)
-    if (gates < 0).any() or abs(float(gates.sum()) - 1.0) > 1e-4:
-        raise ValueError(f"--gates {text!r} is invalid: the gates must be >= 0 and sum to 1 ({fix}).")
-    return gates
+def mean_gates(
+    adapter_dir: str | Path, data_file: str | Path, base_model: str | None = None, batch_size: int = 8
+) -> dict[str, torch.Tensor]:
+    """Each layer's mean gate over the real tokens of the prompts in `data_file`, with the adapter on its base
+    model (`base_model`, or the one the adapter records); one task's prompts give a per-task LoRA."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config, _, _ = read_adapter(adapter_dir)
+    base_model = base_model or config.base_model_name_or_path
+    if not base_model:
+        raise ValueError(f"{adapter_dir} records no base model: pass --base-model.")
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), str(adapter_dir)).eval()
+    prompts = prompts_of(data_file, tokenizer)
+    with torch.no_grad(), record_gates(model) as record:
+        for start in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+            model(**batch)
+    return record.mean()
 
 
 def export_lora(
@@ -52,12 +83,12 @@ def export_lora(
     from safetensors.torch import save_file
 
     config, modules, others = read_adapter(adapter_dir)
-    if isinstance(gates, str):
+    if not isinstance(gates, dict):
         gates = parse_gates(gates, config.num_heads)
     scaling = adapter_scaling(config)
     tensors, targets = {}, []
     for key, parts in modules.items():
-        name = key.removeprefix(PREFIX)
+        name = key.removeprefix(PEFT_PREFIX)
         layer_gates = gates[name] if isinstance(gates, dict) else gates
         lora_a, lora_b = frozen_gate_lora(
             parts["A"], parts["B"], layer_gates.float(), scaling, parts.get("offset_A"), parts.get("offset_B")
@@ -81,14 +112,32 @@ def export_lora(
     return out_dir
 
 
+def resolve_gates(
+    adapter_dir: str | Path, gates: str, data: str | None = None, base_model: str | None = None
+) -> str | dict[str, torch.Tensor]:
+    """`--gates mean` needs `--data`, and only it takes `--data`."""
+    if (gates == "mean") != (data is not None):
+        raise ValueError(
+            "--gates mean needs --data FILE (the prompts to average the gates over), and --data is "
+            f"used only with --gates mean (got --gates {gates!r}, --data {data!r})."
+        )
+    return mean_gates(adapter_dir, data, base_model) if gates == "mean" else gates
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlora_plugin.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("adapter_dir", help="a saved R-LoRA adapter (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("out_dir", help="where to write the plain LoRA adapter")
-    parser.add_argument("--gates", default="uniform", help="'uniform' (default) or N comma-separated constants")
+    parser.add_argument(
+        "--gates", default="uniform", help="'uniform' (default), 'mean' (with --data) or N comma-separated constants"
+    )
+    parser.add_argument("--data", help="with --gates mean: a jsonl dataset (chat `messages` or alpaca rows)")
+    parser.add_argument("--base-model", help="with --gates mean: the base model (default: the adapter's record)")
     args = parser.parse_args(argv)
     try:
-        out = export_lora(args.adapter_dir, args.out_dir, args.gates)
+        out = export_lora(
+            args.adapter_dir, args.out_dir, resolve_gates(args.adapter_dir, args.gates, args.data, args.base_model)
+        )
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

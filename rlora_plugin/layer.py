@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,12 +16,13 @@ from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from .config import RLoraConfig
-from .metrics import load_balancing_loss
 
-MERGE_REFUSAL = (
+MERGE_WHY = (
     "R-LoRA adapters cannot be merged into the base weights: each token mixes the heads B_i with its own "
-    "router gates g(x) = softmax(W_g x), so the update sum_i g_i(x) B_i A x is not one fixed matrix. "
-    "Run the model with the adapter attached (PeftModel.from_pretrained after `import rlora_plugin`), "
+    "router gates g(x) = softmax(W_g x), so the update sum_i g_i(x) B_i A x is not one fixed matrix"
+)
+MERGE_REFUSAL = (
+    f"{MERGE_WHY}. Run the model with the adapter attached (PeftModel.from_pretrained after `import rlora_plugin`), "
     "or call unload() to get the unchanged base model back. To merge, first export the adapter with its "
     "gates frozen to constants as a plain LoRA: `python -m rlora_plugin.export ADAPTER_DIR OUT_DIR --gates "
     "uniform` (or `--gates mean --data FILE`); that LoRA merges exactly."
@@ -122,10 +124,11 @@ class RLoraLayer(BaseTunerLayer):
         self.router_temperature: dict[str, float] = {}
         self.head_dropout: dict[str, str] = {}
         self.router_top_k: dict[str, int | None] = {}
-        # Set by rlora_plugin.metrics: gate statistics (only in training) and the open aux-loss list.
-        self._rlora_gate_stats = None
-        self._rlora_aux_losses: list | None = None
-        self._rlora_token_mask = None  # which tokens of the batch are real, set by metrics.TokenMask
+        # Callables `observer(layer, probs, gates, chosen)` told of every routing decision (see `route`): the
+        # metrics, the load-balancing loss (rlora_plugin.metrics) and gate recording (rlora_plugin.routing).
+        self.gate_observers: list[Callable[..., None]] = []
+        # Gates fixed to constants `(N,)` per adapter, instead of the router's (rlora_plugin.routing).
+        self.fixed_gates: dict[str, torch.Tensor] = {}
         self._rlora_weight_cache: dict[str, tuple] = {}  # inference-time fused weights, see _fused_weights
         self.rlora_dropout = nn.ModuleDict({})
         self.rlora_A = nn.ParameterDict({})
@@ -269,20 +272,19 @@ class RLoraLayer(BaseTunerLayer):
         super().delete_adapter(adapter_name)
 
     def route(self, probs: torch.Tensor, adapter: str) -> torch.Tensor:
-        """The gates applied to the heads from the router's softmax `probs (..., N)` (fp32): dense, or the
-        top-k renormalized over the kept k. In training, also feeds the metrics collector and the
-        load-balancing loss when `rlora_plugin.metrics` has switched them on (both off otherwise)."""
+        """The gates applied to the heads from the router's softmax `probs (..., N)` (fp32): dense, the top-k
+        renormalized over the kept k, or constants fixed by `rlora_plugin.routing.fixed_gates`. Every
+        `gate_observers` callable sees `probs`, the gates and the top-k choice (None when dense)."""
         top_k = self.router_top_k.get(adapter)
         chosen = None
         gates = probs
-        if top_k and top_k < probs.shape[-1]:
+        if adapter in self.fixed_gates:
+            gates = self.fixed_gates[adapter].to(probs).expand_as(probs)
+        elif top_k and top_k < probs.shape[-1]:
             kept, chosen = probs.topk(top_k, dim=-1)
             gates = torch.zeros_like(probs).scatter(-1, chosen, kept / kept.sum(-1, keepdim=True))
-        if self.training:
-            if self._rlora_gate_stats is not None:
-                self._rlora_gate_stats.update(gates.detach(), self._rlora_token_mask)
-            if self._rlora_aux_losses is not None and torch.is_grad_enabled():
-                self._rlora_aux_losses.append(load_balancing_loss(probs, chosen, self._rlora_token_mask))
+        for observe in self.gate_observers:
+            observe(self, probs, gates, chosen)
         return gates
 
 

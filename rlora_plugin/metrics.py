@@ -29,6 +29,8 @@ from collections import defaultdict
 import torch
 from torch import nn
 
+from .layer import RLoraLayer
+
 PREFIX = "rlora/"
 _EPS = 1e-12
 _RATIO_CAP = 1e6  # a head that never gets a gate (top-k) would make the ratio infinite
@@ -62,6 +64,12 @@ def head_cosine_BA(lora_a: torch.Tensor, lora_b: torch.Tensor, num_heads: int) -
     mixed = heads @ gram_a  # B_j (A A^T), (N, d_out, r)
     gram = heads.flatten(1) @ mixed.flatten(1).T  # sum_{o,k} B_i[o,k] (B_j A A^T)[o,k] = tr(B_i^T B_j A A^T)
     return _cosine_from_gram(gram)
+
+
+def low_rank_norm(b: torch.Tensor, a: torch.Tensor) -> float:
+    """`||B A||_F` without forming `B A`: `sqrt(tr((B^T B)(A A^T)))`."""
+    b, a = b.detach().float(), a.detach().float()
+    return float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt())
 
 
 def mean_off_diagonal(matrix: torch.Tensor) -> float:
@@ -144,29 +152,47 @@ class GateStats:
 
 
 class TokenMask:
-    """Tells every R-LoRA layer of `model` which tokens of the batch are real, from the `attention_mask`
-    keyword the model is called with (as the HF Trainer calls it; 0 = padding, and packed sequence ids are
-    nonzero), so gate statistics and the load-balancing loss leave padding out.
+    """Which tokens of the batch are real, from the `attention_mask` keyword the model is called with (as the
+    HF Trainer and `generate` call it; 0 = padding, and packed sequence ids are nonzero), so gate statistics,
+    the load-balancing loss and recorded gates leave padding out.
 
-    A forward pre-hook on the model. The mask stays set until the next call, so a forward that gradient
-    checkpointing recomputes during backward sees its own batch's mask.
+    A forward pre-hook on the model. `current` (one 1.0/0.0 per token of the batch, or None) stays set until
+    the next call, so a forward that gradient checkpointing recomputes during backward sees its own batch's
+    mask. A layer that sees other tokens than the batch's `(B, T)` (a decoding step) counts all of them.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.layers = [layer for _, layer in rlora_layers(model)]
+        self.current: torch.Tensor | None = None
         self.handle = model.register_forward_pre_hook(self._set, with_kwargs=True)
 
     def _set(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
         # float once per forward, so that the layers' fp32 statistics need no conversion
-        flat = (mask.reshape(-1) != 0).float() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-        for layer in self.layers:
-            layer._rlora_token_mask = flat
+        self.current = (mask.reshape(-1) != 0).float() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     def remove(self) -> None:
         self.handle.remove()
+        self.current = None
+
+
+class GateObservers:
+    """One callable attached to every R-LoRA layer's `gate_observers`, with the batch's token mask; `detach()`
+    takes both off again."""
+
+    def __init__(self, model: nn.Module, observe) -> None:  # noqa: ANN001
+        self.token_mask = TokenMask(model)
+        self.layers = [layer for _, layer in rlora_layers(model)]
+        self._observe = observe
         for layer in self.layers:
-            layer._rlora_token_mask = None
+            layer.gate_observers.append(self._call)
+
+    def _call(self, layer: nn.Module, probs: torch.Tensor, gates: torch.Tensor, chosen: torch.Tensor | None) -> None:
+        self._observe(layer, probs, gates, chosen, self.token_mask.current)
+
+    def detach(self) -> None:
+        for layer in self.layers:
+            layer.gate_observers.remove(self._call)
+        self.token_mask.remove()
 
 
 def module_kind(name: str) -> str:
@@ -176,8 +202,6 @@ def module_kind(name: str) -> str:
 
 
 def rlora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from .layer import RLoraLayer
-
     return [(name, m) for name, m in model.named_modules() if isinstance(m, RLoraLayer)]
 
 
@@ -188,6 +212,12 @@ def _active_adapter(layer: nn.Module) -> str | None:
     return None
 
 
+def _full(weight: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2-sharded DTensor (an all-gather: every rank must call it, in the same order);
+    ops on the DTensor itself would leave partial sums on each rank."""
+    return weight.detach().full_tensor() if hasattr(weight, "full_tensor") else weight
+
+
 def similarity_metrics(model: nn.Module, per_kind: bool = True) -> dict[str, float]:
     """`rlora/head_cos_B`, `rlora/head_cos_BA` (and per module kind) from the adapter weights."""
     cos_b, cos_ba, by_kind = [], [], defaultdict(list)
@@ -196,11 +226,11 @@ def similarity_metrics(model: nn.Module, per_kind: bool = True) -> dict[str, flo
         if adapter is None or layer.num_heads[adapter] < 2:
             continue
         heads = layer.num_heads[adapter]
-        lora_b = layer.rlora_B[adapter]
-        if lora_b.dim() != 2 or lora_b.numel() == 0:  # a ZeRO-3 / FSDP partition, not the full weight
+        lora_a, lora_b = _full(layer.rlora_A[adapter]), _full(layer.rlora_B[adapter])
+        if lora_b.dim() != 2 or lora_b.numel() == 0:  # a ZeRO-3 / FSDP1 partition, not the full weight
             continue
-        cos_b.append(mean_off_diagonal(head_cosine_B(layer.rlora_B[adapter], heads)))
-        value = mean_off_diagonal(head_cosine_BA(layer.rlora_A[adapter], layer.rlora_B[adapter], heads))
+        cos_b.append(mean_off_diagonal(head_cosine_B(lora_b, heads)))
+        value = mean_off_diagonal(head_cosine_BA(lora_a, lora_b, heads))
         cos_ba.append(value)
         by_kind[module_kind(name)].append(value)
     if not cos_b:
@@ -212,7 +242,8 @@ def similarity_metrics(model: nn.Module, per_kind: bool = True) -> dict[str, flo
 
 
 class MetricsCollector:
-    """Switches gate recording on in every R-LoRA layer of `model` and turns it into metrics.
+    """Records the training-mode gates of every R-LoRA layer of `model` while enabled, and turns them into
+    metrics.
 
     Only training-mode forwards are recorded (not evaluation or generation). With gradient
     checkpointing a recomputed forward is recorded twice, which leaves the averages unchanged.
@@ -222,28 +253,28 @@ class MetricsCollector:
         self.layers = rlora_layers(model)
         self.model = model
         self.per_kind = per_kind
-        self.token_mask: TokenMask | None = None
-        self.enabled = False
+        self.stats: dict[nn.Module, GateStats] = {}
+        self.observers: GateObservers | None = None
 
     def enable(self) -> MetricsCollector:
-        for _, layer in self.layers:
-            layer._rlora_gate_stats = GateStats()
-        self.token_mask = self.token_mask or TokenMask(self.model)
-        self.enabled = True
+        self.stats = {layer: GateStats() for _, layer in self.layers}
+        self.observers = self.observers or GateObservers(self.model, self._record)
         return self
 
+    def _record(self, layer, probs, gates, chosen, token_mask) -> None:  # noqa: ANN001
+        if layer.training:
+            self.stats[layer].update(gates.detach(), token_mask)
+
     def disable(self) -> None:
-        for _, layer in self.layers:
-            layer._rlora_gate_stats = None
-        if self.token_mask is not None:
-            self.token_mask.remove()
-            self.token_mask = None
-        self.enabled = False
+        if self.observers is not None:
+            self.observers.detach()
+            self.observers = None
+        self.stats = {}
 
     def gate_metrics(self, reset: bool = True) -> dict[str, float]:
         entropies, ratios, load_max, by_kind = [], [], [], defaultdict(list)
         for name, layer in self.layers:
-            stats = layer._rlora_gate_stats
+            stats = self.stats.get(layer)
             tokens = float(stats.tokens) if stats is not None and stats.tokens is not None else 0.0
             if not tokens:
                 continue
@@ -254,7 +285,7 @@ class MetricsCollector:
             ratios.append(load_ratio(load))
             load_max.append(float(load.max()))
             if reset:
-                layer._rlora_gate_stats = GateStats()
+                self.stats[layer] = GateStats()
         if not entropies:
             return {}
         out = {
@@ -275,18 +306,6 @@ class MetricsCollector:
         return out
 
 
-class _Discard(list):
-    """Stands in for the open list between stop() and the next start(): the layers keep computing their
-    loss (a non-reentrant gradient checkpoint must recompute exactly the ops of the original forward),
-    but nothing is kept."""
-
-    def append(self, item) -> None:  # noqa: ANN001
-        pass
-
-
-_DISCARD = _Discard()
-
-
 class RouterAuxLoss:
     """Collects the layers' load-balancing losses of one forward pass.
 
@@ -297,27 +316,29 @@ class RouterAuxLoss:
 
     Only forwards in training mode with gradients enabled record a loss, and only between start() and
     stop(): a forward recomputed by gradient checkpointing during backward records nothing. After the first
-    start() the layers compute the loss in every training forward (so that a recomputed forward matches the
-    original one); close() switches that off.
+    start() the layers compute the loss in every training forward (so that a recomputed forward runs exactly
+    the ops of the original one); close() switches that off.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.layers = [layer for _, layer in rlora_layers(model)]
-        self.token_mask: TokenMask | None = None
+        self.observers: GateObservers | None = None
+        self.open: list[torch.Tensor] | None = None  # the losses of the current start()/stop() window
         self.total = 0.0  # detached running sum of the values returned by stop(), for logging
         self.count = 0
 
+    def _record(self, layer, probs, gates, chosen, token_mask) -> None:  # noqa: ANN001
+        if layer.training and torch.is_grad_enabled():
+            loss = load_balancing_loss(probs, chosen, token_mask)
+            if self.open is not None:
+                self.open.append(loss)
+
     def start(self) -> None:
-        self.token_mask = self.token_mask or TokenMask(self.model)
-        for layer in self.layers:
-            layer._rlora_aux_losses = []
+        self.observers = self.observers or GateObservers(self.model, self._record)
+        self.open = []
 
     def stop(self) -> torch.Tensor | None:
-        losses = []
-        for layer in self.layers:
-            losses.extend(layer._rlora_aux_losses or [])
-            layer._rlora_aux_losses = _DISCARD
+        losses, self.open = self.open or [], None
         if not losses:
             return None
         loss = torch.stack([t.to(losses[0].device) for t in losses]).mean()
@@ -326,11 +347,10 @@ class RouterAuxLoss:
         return loss
 
     def close(self) -> None:
-        for layer in self.layers:
-            layer._rlora_aux_losses = None
-        if self.token_mask is not None:
-            self.token_mask.remove()
-            self.token_mask = None
+        if self.observers is not None:
+            self.observers.detach()
+            self.observers = None
+        self.open = None
 
     def pop_mean(self) -> float | None:
         """Mean of the losses returned by stop() since the last call (None if none), and reset."""

@@ -9,11 +9,12 @@ import sys
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from test_peft_layer import MLP, SIZES, adapted_layers, tiny_llama, tokens
+from tiny_models import MLP, SIZES, adapted_layers, tiny_llama, tokens
 
 from rlora_plugin import RLoraConfig
-from rlora_plugin.export import export_lora, main, parse_gates
+from rlora_plugin.export import export_lora, main
 from rlora_plugin.layer import frozen_gate_lora
+from rlora_plugin.routing import parse_gates
 
 
 def test_frozen_gate_lora_is_the_layer_update_with_constant_gates():
@@ -86,9 +87,9 @@ torch.save(merged(torch.tensor({tokens().tolist()!r})).logits, {str(work / "logi
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("0.5,0.5", r"--gates '0.5,0.5' is invalid for an adapter with 3 heads"),
-        ("0.5,0.4,0.4", r"the gates must be >= 0 and sum to 1"),
-        ("-0.1,0.6,0.5", r"the gates must be >= 0 and sum to 1"),
+        ("0.5,0.5", r"gates '0.5,0.5' are invalid for an adapter with 3 heads"),
+        ("0.5,0.4,0.4", r"they must be >= 0 and sum to 1"),
+        ("-0.1,0.6,0.5", r"they must be >= 0 and sum to 1"),
         ("mean-ish", r"give 'uniform' or 3 comma-separated numbers"),
     ],
 )

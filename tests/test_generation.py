@@ -4,7 +4,7 @@ base, and the inference-time weight cache of `RLoraLayer._fused_weights` (equal 
 import pytest
 import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from test_peft_layer import MLP, adapted_layers, perturb, tiny_llama, tokens
+from tiny_models import MLP, adapted_layers, perturb, tiny_llama, tokens
 
 from rlora_plugin import RLoraConfig
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, PeftModel, PeftType, get_peft_model
 from safetensors.torch import load_file
-from test_peft_layer import MLP, adapted_layers, perturb, tiny_llama, tokens
+from tiny_models import MLP, adapted_layers, perturb, tiny_llama, tokens
 
 import rlora_plugin
-from rlora_plugin import RLoraConfig
+from rlora_plugin import RLoraConfig, RLoraLinear
 
 
 def trained_model(**config):
@@ -218,3 +218,25 @@ def test_saved_adapter_has_a_model_card_that_says_how_to_load_it(tmp_path):
     assert card.text.count("## R-LoRA adapter") == 1
     for text in ("pip install rlora-plugin", "import rlora_plugin", "Unknown PEFT type RLORA", "| `num_heads` | `3` |"):
         assert text in card.text, text
+
+
+def test_transformers_adapter_paths(tmp_path):
+    """After `import rlora_plugin`, transformers' own adapter loading works: `AutoModelForCausalLM` on an adapter
+    directory (it loads the recorded base, then the adapter) and `model.load_adapter` on a transformers model."""
+    from transformers import AutoModelForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), RLoraConfig(target_modules=MLP))
+    perturb(model)
+    model.eval().save_pretrained(tmp_path / "adapter")
+    ids = tokens()
+    with torch.no_grad():
+        expected = model(ids).logits
+        auto = AutoModelForCausalLM.from_pretrained(tmp_path / "adapter").eval()
+        assert any(isinstance(m, RLoraLinear) for m in auto.modules())
+        torch.testing.assert_close(auto(ids).logits, expected, rtol=0, atol=0)
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+        plain.load_adapter(str(tmp_path / "adapter"))
+        torch.testing.assert_close(plain(ids).logits, expected, rtol=0, atol=0)
+        plain.disable_adapters()
+        torch.testing.assert_close(plain(ids).logits, tiny_llama()(ids).logits, rtol=0, atol=0)

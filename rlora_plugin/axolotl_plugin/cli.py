@@ -22,12 +22,15 @@ def rlora_report(adapter_dir: str, out: str | None) -> None:
 @click.command("rlora-export")
 @click.argument("adapter_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--gates", default="uniform", show_default=True, help="'uniform' or N comma-separated constants.")
-def rlora_export(adapter_dir: str, out_dir: str, gates: str) -> None:
+@click.option("--gates", default="uniform", show_default=True, help="'uniform', 'mean' or N constants.")
+@click.option("--data", default=None, help="With --gates mean: a jsonl dataset (chat or alpaca rows).")
+@click.option("--base-model", default=None, help="With --gates mean: the base model (default: the adapter's).")
+def rlora_export(adapter_dir: str, out_dir: str, gates: str, data: str | None, base_model: str | None) -> None:
     """Export an R-LoRA adapter with frozen gates as a plain LoRA (mergeable, servable anywhere)."""
-    from rlora_plugin.export import export_lora
+    from rlora_plugin.export import export_lora, resolve_gates
 
     try:
-        click.echo(f"plain LoRA (frozen gates {gates}) written to {export_lora(adapter_dir, out_dir, gates)}")
+        out = export_lora(adapter_dir, out_dir, resolve_gates(adapter_dir, gates, data, base_model))
+        click.echo(f"plain LoRA (frozen gates {gates}) written to {out}")
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc

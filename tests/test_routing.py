@@ -1,0 +1,142 @@
+"""Inference-time routing controls (record, override, fix the gates) and the export with per-layer mean gates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from tiny_models import MLP, adapted_layers, perturb, tiny_llama, tokens
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlora_plugin import RLoraConfig
+from rlora_plugin.export import main, mean_gates, prompts_of
+from rlora_plugin.routing import fixed_gates, record_gates, routing
+
+
+def routed_model(**config) -> PeftModel:
+    """An R-LoRA model with a kaiming router and trained-looking weights: its gates differ per token."""
+    config = dict(target_modules=MLP, num_heads=3, r=4, router_init="kaiming") | config
+    model = get_peft_model(tiny_llama(), RLoraConfig(**config))
+    perturb(model)
+    return model.eval()
+
+
+def test_recorded_gates_leave_padding_out():
+    model = routed_model()
+    ids = tokens(batch=2, length=7)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding, as generate pads
+    with torch.no_grad(), record_gates(model) as padded:
+        model(input_ids=ids, attention_mask=mask)
+    with torch.no_grad(), record_gates(model) as alone:
+        model(input_ids=ids[:1])
+        model(input_ids=ids[1:, 3:])
+    assert set(padded.gates) == set(alone.gates) == {f"model.layers.{i}.mlp.{m}" for i in (0, 1) for m in MLP}
+    for name, gates in padded.gates.items():
+        assert gates.shape == (7 + 4, 3)  # real tokens only
+        torch.testing.assert_close(gates, alone.gates[name], atol=1e-6, rtol=1e-5)
+        assert gates.std(dim=0).max() > 1e-4  # a kaiming router: gates differ per token
+    torch.testing.assert_close(sum(padded.mean().values()) / len(padded.gates), torch.ones(3) / 3, atol=0.2, rtol=0)
+    assert all(layer.gate_observers == [] for layer in adapted_layers(model))  # detached after the block
+
+
+def test_recording_covers_generation_steps():
+    model = routed_model()
+    prompt = tokens(batch=1, length=4)
+    with torch.no_grad(), record_gates(model) as record:
+        model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False)
+    # prefill sees the 4 prompt tokens, each of the 2 later steps one new token (the 3rd token needs no forward)
+    assert {g.shape[0] for g in record.gates.values()} == {4 + 2}
+
+
+def test_routing_overrides_top_k_and_temperature_only_inside_the_block():
+    model = routed_model()
+    ids = tokens()
+    with torch.no_grad():
+        dense = model(ids).logits
+        with routing(model, top_k=1), record_gates(model) as record:
+            sparse = model(ids).logits
+        assert not torch.allclose(dense, sparse)
+        assert all(((g == 0) | (g == 1)).all() for g in record.gates.values())  # one-hot gates
+        with routing(model, temperature=1e-3), record_gates(model) as cold:
+            model(ids)
+        assert all(g.max(dim=-1).values.median() > 0.99 for g in cold.gates.values())  # nearly one-hot
+        torch.testing.assert_close(model(ids).logits, dense, rtol=0, atol=0)  # restored
+    assert model.peft_config["default"].router_top_k is None and model.peft_config["default"].router_temperature == 1
+    with pytest.raises(ValueError, match=r"routing: top_k=4 is invalid: use an integer in \[1, 3\], or 0"):
+        with routing(model, top_k=4):
+            pass
+    with pytest.raises(ValueError, match=r"routing: temperature=0 is invalid"):
+        with routing(model, temperature=0):
+            pass
+
+
+def test_fixed_uniform_gates_equal_a_zero_router():
+    model = routed_model()
+    ids = tokens()
+    with torch.no_grad(), fixed_gates(model, "uniform"), record_gates(model) as record:
+        fixed = model(ids).logits
+    assert all(torch.allclose(g, torch.full_like(g, 1 / 3)) for g in record.gates.values())
+    with torch.no_grad():
+        for layer in adapted_layers(model):
+            layer.rlora_router["default"].zero_()
+        torch.testing.assert_close(model(ids).logits, fixed)
+    with pytest.raises(ValueError, match=r"gates \[0.5, 0.5\] are invalid for an adapter with 3 heads"):
+        with fixed_gates(model, [0.5, 0.5]):
+            pass
+
+
+def test_export_with_constant_gates_equals_the_fixed_gate_model(tmp_path):
+    model = routed_model(router_top_k=2)
+    ids = tokens()
+    model.save_pretrained(tmp_path / "rlora")
+    with torch.no_grad(), fixed_gates(model, [0.2, 0.3, 0.5]):
+        expected = model(ids).logits
+    assert main([str(tmp_path / "rlora"), str(tmp_path / "lora"), "--gates", "0.2,0.3,0.5"]) == 0
+    lora = PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(lora(ids).logits, expected, atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            routed = model(ids).logits
+        assert (routed - expected).abs().max() > 1e-4  # freezing changes a routed model: measure it
+
+
+@pytest.fixture
+def adapter_on_disk(tiny, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    config = RLoraConfig(target_modules=MLP, num_heads=3, r=4, router_init="kaiming")
+    model = get_peft_model(base, config)
+    perturb(model)
+    model.save_pretrained(tmp_path / "rlora")
+    return tmp_path
+
+
+def test_mean_gates_are_over_the_real_tokens_of_the_prompts(tiny, adapter_on_disk):
+    gates = mean_gates(adapter_on_disk / "rlora", tiny["chat"], batch_size=8)
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), adapter_on_disk / "rlora")
+    prompts = prompts_of(tiny["chat"], tokenizer)
+    assert len(prompts) == 64 and prompts[0].endswith("<|assistant|>\n")
+    with torch.no_grad(), record_gates(model.eval()) as record:
+        for prompt in prompts:  # one at a time: no padding at all
+            model(**tokenizer(prompt, return_tensors="pt"))
+    for name, mean in record.mean().items():
+        torch.testing.assert_close(gates[name], mean, atol=1e-6, rtol=1e-5)
+
+
+def test_mean_gate_export_equals_the_model_with_those_gates(tiny, adapter_on_disk):
+    work = adapter_on_disk
+    assert main([str(work / "rlora"), str(work / "lora"), "--gates", "mean", "--data", str(tiny["chat"])]) == 0
+    gates = mean_gates(work / "rlora", tiny["chat"])
+    ids = tokens()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), work / "rlora").eval()
+    lora = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), work / "lora").eval()
+    with torch.no_grad(), fixed_gates(model, gates):
+        torch.testing.assert_close(lora(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_mean_needs_data_and_data_needs_mean(tiny, adapter_on_disk, capsys):
+    assert main([str(adapter_on_disk / "rlora"), str(adapter_on_disk / "lora"), "--gates", "mean"]) == 2
+    assert "--gates mean needs --data FILE" in capsys.readouterr().err
+    args = [str(adapter_on_disk / "rlora"), str(adapter_on_disk / "lora"), "--data", str(tiny["chat"])]
+    assert main(args) == 2
