@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -128,6 +129,7 @@ class RLoraLayer(BaseTunerLayer):
         self.gate_observers: list[Callable[..., None]] = []
         # Gates fixed to constants `(N,)` per adapter, instead of the router's (rlora_plugin.routing).
         self.fixed_gates: dict[str, torch.Tensor] = {}
+        self._rlora_weight_cache: dict[str, tuple] = {}  # inference-time fused weights, see _fused_weights
         self.rlora_dropout = nn.ModuleDict({})
         self.rlora_A = nn.ParameterDict({})
         self.rlora_B = nn.ParameterDict({})
@@ -172,48 +174,102 @@ class RLoraLayer(BaseTunerLayer):
     def routed_update(self, x: torch.Tensor, adapter: str, add_to: torch.Tensor | None = None) -> torch.Tensor:
         """`s * sum_i g_i(x) B_i drop_i(A x) - offset(x)` in two matmuls, with no loop over heads; with
         `add_to` (the base layer's output), `add_to` plus that, the addition fused into the second matmul."""
-        lora_a = self.rlora_A[adapter]
-        x = self._cast_input_dtype(x, lora_a.dtype)
-        r, heads, scaling = self.r[adapter], self.num_heads[adapter], self.scaling[adapter]
-        routed = adapter in self.rlora_router
-        has_offset = adapter in self.rlora_offset_A
+        down, up, sizes, folded, routed, has_offset = self._fused_weights(adapter)
+        if x.dtype != down.dtype:
+            x = self._cast_input_dtype(x, down.dtype)
+        scaling = self.scaling[adapter]
 
         # [h ; logits ; h0] = [A ; W_g ; A0] x: the rank-r features, router logits and offset features at once.
-        down, sizes = [lora_a], [r]
-        if routed:
-            down.append(self.rlora_router[adapter])
-            sizes.append(heads)
-        if has_offset:
-            down.append(self.rlora_offset_A[adapter])
-            sizes.append(r)
         # One split, not three slices: the backward of a slice allocates, fills and adds a tensor of the full size.
-        parts = F.linear(x, torch.cat(down)).split(sizes, dim=-1)
+        parts = F.linear(x, down).split(sizes, dim=-1)
         features = parts[0]
         if routed:
             logits, tau = parts[1].float(), self.router_temperature[adapter]
             probs = torch.softmax(logits if tau == 1.0 else logits / tau, dim=-1)
         else:  # one head: its gate is 1
             probs = features.new_ones(*features.shape[:-1], 1, dtype=torch.float32)
-        gates = self.route(probs, adapter).to(features.dtype) * scaling
+        gates = self.route(probs, adapter).to(features.dtype)
+        if not folded:
+            gates = gates * scaling
 
-        dropout = self.rlora_dropout[adapter]
-        if self.head_dropout[adapter] == "shared":
+        dropout = self._modules["rlora_dropout"]._modules[adapter]
+        if self.head_dropout[adapter] == "shared" and dropout.training:
             features = dropout(features)
         mixed = gates.unsqueeze(-1) * features.unsqueeze(-2)  # (..., N, r): s * g_i * h for every head
-        if self.head_dropout[adapter] == "per_head":
+        if self.head_dropout[adapter] == "per_head" and dropout.training:
             mixed = dropout(mixed)  # an independent mask for each head
         mixed = mixed.flatten(-2)
-
-        up = self.rlora_B[adapter]
         if has_offset:
-            mixed = torch.cat([mixed, parts[-1] * -scaling], dim=-1)
-            up = torch.cat([up, self.rlora_offset_B[adapter]], dim=-1)
+            mixed = torch.cat([mixed, parts[-1] if folded else parts[-1] * -scaling], dim=-1)
+
         if add_to is None:
             return F.linear(mixed, up)
         if add_to.dtype != up.dtype or add_to.dim() < 2:  # e.g. a bf16 base with fp32 adapter weights
             return add_to + F.linear(mixed, up).to(add_to.dtype)
         # addmm writes base + update in one pass, saving a (tokens, d_out) temporary and an add over it.
         return torch.addmm(add_to.flatten(0, -2), mixed.flatten(0, -2), up.T).view(add_to.shape)
+
+    def _fused_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, list[int], bool, bool, bool]:
+        """`down = [A ; W_g ; A0]`, `up = [B_cat, Bbar0]`, the row sizes of `down`, whether `s` and the offset's
+        `-s` are folded into `up` (then the caller must not apply them), and whether there are a router and an
+        offset path.
+
+        With grad enabled (training) they are concatenated at every call, unfolded: autograd sees the plain math.
+        Without grad (generation, evaluation) they are built once and reused until a weight changes: decoding runs
+        every adapted layer once per token, where rebuilding them costs as much as the adapter's matmuls. An entry
+        is valid while each weight has the same identity, storage, dtype and in-place version counter (optimizer
+        steps and `load_state_dict` bump it; writes through `.data` do not). `s` is folded only when it is a power
+        of two, where scaling the weights instead of the activations gives the same bits. Not cached while
+        compiling, nor for DeepSpeed ZeRO-3 parameters (gathered anew for each forward) or inference tensors.
+        """
+        # The stores' own dicts: `self.rlora_A[adapter]` is two Module.__getattr__ calls, ~1 us each per layer.
+        stores = self._modules
+        weights = (
+            stores["rlora_A"]._parameters[adapter],
+            stores["rlora_router"]._parameters.get(adapter),
+            stores["rlora_offset_A"]._buffers.get(adapter),
+            stores["rlora_B"]._parameters[adapter],
+            stores["rlora_offset_B"]._buffers.get(adapter),
+        )
+        scaling = self.scaling[adapter]
+        lora_a = weights[0]  # inference tensors (made under torch.inference_mode) have no version counter
+        cache = not (
+            torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or hasattr(lora_a, "ds_id")
+            or lora_a.is_inference()
+        )
+        entry = self._rlora_weight_cache.get(adapter) if cache else None
+        if entry is not None and entry[0] == scaling:
+            for t, source in zip(weights, entry[1], strict=True):
+                if t is None or source is None:
+                    if t is not source:  # a weight added or removed
+                        break
+                elif (
+                    source[0]() is not t or source[1] != t._version or source[2] != t.data_ptr() or source[3] != t.dtype
+                ):
+                    break
+            else:
+                return entry[2]
+        lora_a, router, offset_a, lora_b, offset_b = weights
+        down = [t for t in (lora_a, router, offset_a) if t is not None]
+        up = [lora_b] if offset_b is None else [lora_b, offset_b]
+        folded = cache and math.frexp(scaling)[0] == 0.5
+        if folded:
+            up = [u * (scaling if i == 0 else -scaling) for i, u in enumerate(up)]
+        sizes = [t.shape[0] for t in down]
+        built = (torch.cat(down), torch.cat(up, dim=-1), sizes, folded, router is not None, offset_a is not None)
+        if cache:
+            sources = [None if t is None else (weakref.ref(t), t._version, t.data_ptr(), t.dtype) for t in weights]
+            # The aliases keep the weights' storages alive: no new tensor can take one's address while the entry
+            # exists, so an equal address means the same storage (and device).
+            aliases = [t.detach() for t in weights if t is not None]
+            self._rlora_weight_cache[adapter] = (scaling, sources, built, aliases)
+        return built
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._rlora_weight_cache.pop(adapter_name, None)
+        super().delete_adapter(adapter_name)
 
     def route(self, probs: torch.Tensor, adapter: str) -> torch.Tensor:
         """The gates applied to the heads from the router's softmax `probs (..., N)` (fp32): dense, the top-k
