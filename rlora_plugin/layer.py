@@ -233,8 +233,13 @@ class RLoraLayer(BaseTunerLayer):
         )
         scaling = self.scaling[adapter]
         lora_a = weights[0]  # inference tensors (made under torch.inference_mode) have no version counter
+        if self.training:
+            # Between training steps weights can change where the version counter does not see it (DeepSpeed
+            # ZeRO-1/2 copies updated weights in through `.data`): every training forward starts the cache over.
+            self._rlora_weight_cache.clear()
         cache = not (
-            torch.is_grad_enabled()
+            self.training
+            or torch.is_grad_enabled()
             or torch.compiler.is_compiling()
             or hasattr(lora_a, "ds_id")
             or lora_a.is_inference()

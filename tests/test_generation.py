@@ -129,6 +129,20 @@ def test_weight_cache_follows_optimizer_steps():
     assert torch.equal(after, logits(model, ids, grad=True))
 
 
+def test_a_training_forward_starts_the_weight_cache_over():
+    """DeepSpeed ZeRO-1/2 write updated weights in through `.data`, which the version counter does not see:
+    the training forward before such a step must drop the cache."""
+    model, ids = rlora_model(), tokens()
+    logits(model, ids)  # eval: the cache is built
+    layer = adapted_layers(model)[0]
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    with torch.no_grad():
+        layer.rlora_B["default"].data.add_(0.5)  # like DeepSpeed's optimizer: no version bump
+    model.eval()
+    assert torch.equal(logits(model, ids), logits(model, ids, grad=True))
+
+
 def test_weight_cache_follows_loaded_set_and_deleted_adapters(tmp_path):
     other = rlora_model(seed=11)
     other.save_pretrained(tmp_path / "other")
