@@ -34,21 +34,12 @@ from pathlib import Path
 from axolotl.integrations.base import BasePlugin
 from transformers import TrainerCallback
 
+from benchmarks import tiny_assets
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CONFIGS = ("single", "ddp", "zero2", "zero3")
-DS_COMMON = {  # also used by tests/test_multiprocess.py
-    "train_batch_size": "auto",
-    "train_micro_batch_size_per_gpu": "auto",
-    "gradient_accumulation_steps": "auto",
-    "gradient_clipping": "auto",
-    "bf16": {"enabled": False},
-    "fp16": {"enabled": False},
-}
-DEEPSPEED = {
-    "zero2": {"zero_optimization": {"stage": 2}, **DS_COMMON},
-    "zero3": {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}, **DS_COMMON},
-}
+DEEPSPEED = {name: ROOT / "examples" / f"{name}.json" for name in ("zero2", "zero3")}  # what users are pointed at
 
 
 # ---------------------------------------------------------------- the in-run probe (imported by Axolotl)
@@ -82,8 +73,6 @@ class ScaleProbePlugin(BasePlugin):
 
 # ---------------------------------------------------------------- the driver
 def build_assets(root: Path, hidden: int, layers: int) -> dict:
-    sys.path.insert(0, str(ROOT / "tests"))
-    import tiny_assets
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -150,9 +139,7 @@ def run_config(name: str, work: Path, assets: dict, args) -> dict:
         "dataset_num_proc": 1,
     }
     if name in DEEPSPEED:
-        ds = work / f"{name}.json"
-        ds.write_text(json.dumps(DEEPSPEED[name]))
-        cfg["deepspeed"] = str(ds)
+        cfg["deepspeed"] = str(DEEPSPEED[name])
     path = work / f"{name}.yml"
     path.write_text(yaml.safe_dump(cfg))
     bindir = Path(sys.executable).parent

@@ -27,6 +27,10 @@ def main(out_dir: Path) -> None:
     # The GGUF metadata names <|im_start|> as EOS; SmolLM2-Instruct's turns end with <|im_end|>.
     tokenizer.eos_token, tokenizer.pad_token = "<|im_end|>", "<|endoftext|>"
     model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=GGUF_FILE)  # de-quantized to fp32
+    # transformers >= 5.20 keeps the GGUF quantizer on the de-quantized model, and it refuses to save ("not
+    # serializable"): the weights are plain fp32 tensors, so drop it (the saved weights equal 5.16's)
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)

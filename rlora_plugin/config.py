@@ -63,13 +63,17 @@ class RLoraConfig(PeftConfig):
     )
     init_gamma: float = field(
         default=64.0,
-        metadata={"help": "gamma of the random init: weights scale as d_out^(1/4) / sqrt(gamma). Must be > 0."},
+        metadata={
+            "help": "gamma of the random init: weights scale as d_out^(1/4) / sqrt(gamma). Must be > 0.",
+            "role": "init",
+        },
     )
     router_init: Literal["zero", "kaiming"] = field(
         default="zero",
         metadata={
             "help": "'zero': uniform gates at step 0, so the adapted model equals the base model exactly at "
-            "init; 'kaiming': the authors' choice, exact at init only approximately."
+            "init; 'kaiming': the authors' choice, exact at init only approximately.",
+            "role": "init",
         },
     )
     router_temperature: float = field(
@@ -87,7 +91,8 @@ class RLoraConfig(PeftConfig):
         metadata={
             "help": "Weight of the Switch/Mixtral load-balancing loss N * sum_i f_i P_i (averaged over layers) "
             "added to the training loss by the Axolotl plugin (or by you, through "
-            "rlora_plugin.metrics.RouterAuxLoss). 0 turns it off."
+            "rlora_plugin.metrics.RouterAuxLoss). 0 turns it off.",
+            "role": "training",
         },
     )
     use_rslora: bool = field(
@@ -97,29 +102,39 @@ class RLoraConfig(PeftConfig):
         default=0,
         metadata={
             "help": "Seed of the initialization. Each layer draws from a generator seeded by this value and the "
-            "layer's name, so every rank and every run builds the same adapter."
+            "layer's name, so every rank and every run builds the same adapter.",
+            "role": "init",
         },
     )
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Module names (exact or suffix match), a regex, or 'all-linear'. Only nn.Linear modules "
-            "can be adapted. If None, PEFT's LoRA defaults for the architecture are used."
+            "(and GPT-2's Conv1D) can be adapted. If None, PEFT's LoRA defaults for the architecture are used.",
+            "role": "targets",
         },
     )
     exclude_modules: list[str] | str | None = field(
-        default=None, metadata={"help": "Module names or a regex of modules not to adapt."}
+        default=None,
+        metadata={"help": "Module names or a regex of modules not to adapt.", "role": "targets"},
     )
     layers_to_transform: list[int] | int | None = field(
-        default=None, metadata={"help": "Only adapt the decoder layers with these indices."}
+        default=None,
+        metadata={"help": "Only adapt the decoder layers with these indices.", "role": "targets"},
     )
     layers_pattern: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Name of the nn.ModuleList holding the layers (e.g. 'layers'), with layers_to_transform."},
+        metadata={
+            "help": "Name of the nn.ModuleList holding the layers (e.g. 'layers'), with layers_to_transform.",
+            "role": "targets",
+        },
     )
     modules_to_save: list[str] | None = field(
         default=None,
-        metadata={"help": "Modules besides the adapter layers to train fully and save (e.g. 'lm_head')."},
+        metadata={
+            "help": "Modules besides the adapter layers to train fully and save (e.g. 'lm_head').",
+            "role": "targets",
+        },
     )
 
     def __post_init__(self) -> None:
@@ -206,6 +221,31 @@ class RLoraConfig(PeftConfig):
             not (self.layers_pattern and self.layers_to_transform is None),
             "it only applies together with `layers_to_transform`.",
         )
+
+
+# R-LoRA's own fields of `RLoraConfig`: not plain LoRA's, and not `init_seed`, whose default a host takes from
+# its run's seed. The one list a host framework exposes as R-LoRA settings (Axolotl's `rlora:` block,
+# LLaMA-Factory's `rlora_*` keys).
+RLORA_FIELDS = (
+    "num_heads",
+    "init",
+    "init_gamma",
+    "head_dropout",
+    "router_init",
+    "router_temperature",
+    "router_top_k",
+    "router_aux_loss_coef",
+)
+
+
+def fields_with_role(role: str | None) -> tuple[str, ...]:
+    """`RLoraConfig`'s own fields by the role in their metadata: "init" (they shape only a fresh adapter's
+    initial weights), "training" (they act only while training, so a run's own setting applies even to a
+    loaded adapter), "targets" (which modules are adapted), or None (the settings that define the adapter's
+    forward pass: a saved adapter's value governs when it is loaded)."""
+    return tuple(
+        name for name in own_field_types() if RLoraConfig.__dataclass_fields__[name].metadata.get("role") == role
+    )
 
 
 @cache

@@ -16,10 +16,12 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import RLoraConfig
 
-MERGE_REFUSAL = (
+MERGE_WHY = (
     "R-LoRA adapters cannot be merged into the base weights: each token mixes the heads B_i with its own "
-    "router gates g(x) = softmax(W_g x), so the update sum_i g_i(x) B_i A x is not one fixed matrix. "
-    "Run the model with the adapter attached (PeftModel.from_pretrained after `import rlora_plugin`), "
+    "router gates g(x) = softmax(W_g x), so the update sum_i g_i(x) B_i A x is not one fixed matrix"
+)
+MERGE_REFUSAL = (
+    f"{MERGE_WHY}. Run the model with the adapter attached (PeftModel.from_pretrained after `import rlora_plugin`), "
     "or call unload() to get the unchanged base model back. To merge, first export the adapter with its "
     "gates frozen to constants as a plain LoRA: `python -m rlora_plugin.export ADAPTER_DIR OUT_DIR --gates "
     "uniform` (or `--gates mean --data FILE`); that LoRA merges exactly."

@@ -66,6 +66,12 @@ def head_cosine_BA(lora_a: torch.Tensor, lora_b: torch.Tensor, num_heads: int) -
     return _cosine_from_gram(gram)
 
 
+def low_rank_norm(b: torch.Tensor, a: torch.Tensor) -> float:
+    """`||B A||_F` without forming `B A`: `sqrt(tr((B^T B)(A A^T)))`."""
+    b, a = b.detach().float(), a.detach().float()
+    return float(((b.T @ b) * (a @ a.T)).sum().clamp_min(0).sqrt())
+
+
 def mean_off_diagonal(matrix: torch.Tensor) -> float:
     """Mean of the off-diagonal entries of a square matrix (the mean pairwise similarity); 1.0 if N = 1."""
     n = matrix.shape[0]
@@ -206,6 +212,12 @@ def _active_adapter(layer: nn.Module) -> str | None:
     return None
 
 
+def _full(weight: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2-sharded DTensor (an all-gather: every rank must call it, in the same order);
+    ops on the DTensor itself would leave partial sums on each rank."""
+    return weight.detach().full_tensor() if hasattr(weight, "full_tensor") else weight
+
+
 def similarity_metrics(model: nn.Module, per_kind: bool = True) -> dict[str, float]:
     """`rlora/head_cos_B`, `rlora/head_cos_BA` (and per module kind) from the adapter weights."""
     cos_b, cos_ba, by_kind = [], [], defaultdict(list)
@@ -214,11 +226,11 @@ def similarity_metrics(model: nn.Module, per_kind: bool = True) -> dict[str, flo
         if adapter is None or layer.num_heads[adapter] < 2:
             continue
         heads = layer.num_heads[adapter]
-        lora_b = layer.rlora_B[adapter]
-        if lora_b.dim() != 2 or lora_b.numel() == 0:  # a ZeRO-3 / FSDP partition, not the full weight
+        lora_a, lora_b = _full(layer.rlora_A[adapter]), _full(layer.rlora_B[adapter])
+        if lora_b.dim() != 2 or lora_b.numel() == 0:  # a ZeRO-3 / FSDP1 partition, not the full weight
             continue
-        cos_b.append(mean_off_diagonal(head_cosine_B(layer.rlora_B[adapter], heads)))
-        value = mean_off_diagonal(head_cosine_BA(layer.rlora_A[adapter], layer.rlora_B[adapter], heads))
+        cos_b.append(mean_off_diagonal(head_cosine_B(lora_b, heads)))
+        value = mean_off_diagonal(head_cosine_BA(lora_a, lora_b, heads))
         cos_ba.append(value)
         by_kind[module_kind(name)].append(value)
     if not cos_b:

@@ -7,7 +7,8 @@ Reads only `adapter_model.safetensors` and `adapter_config.json` (no base model)
 adapted layer: the mean pairwise cosine similarity between the heads B_i and between their effective
 updates B_i A (1: the heads are copies of each other; the R-LoRA paper reports about 0.76-0.80 for trained
 HydraLoRA heads), the Frobenius norm of the router W_g and of the frozen offset map s * mean_i(B_i^0) A^0.
-With `--out`, writes a PNG with the head-to-head cosine similarity of B_i A for every layer.
+With `--out`, writes a PNG: the mean head similarity per layer (one line per module kind) and, for small
+adapters, a head-to-head heatmap of cos(B_i A, B_j A) for every layer.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from .config import RLoraConfig
 from .layer import adapter_scaling
-from .metrics import head_cosine_B, head_cosine_BA, mean_off_diagonal, module_kind
+from .metrics import head_cosine_B, head_cosine_BA, low_rank_norm, mean_off_diagonal, module_kind
 from .saved import read_adapter
 
 
@@ -48,9 +49,8 @@ def analyse(config: RLoraConfig, modules: dict[str, dict[str, torch.Tensor]]) ->
             continue
         cos_ba = head_cosine_BA(parts["A"], parts["B"], heads)
         offset = None
-        if "offset_A" in parts and "offset_B" in parts:  # ||B0 A0||_F = sqrt(tr((B0^T B0)(A0 A0^T)))
-            a0, b0 = parts["offset_A"], parts["offset_B"]
-            offset = scaling * float(((b0.T @ b0) * (a0 @ a0.T)).sum().clamp_min(0).sqrt())
+        if "offset_A" in parts and "offset_B" in parts:
+            offset = scaling * low_rank_norm(parts["offset_B"], parts["offset_A"])
         reports.append(
             LayerReport(
                 name=name,
@@ -85,42 +85,63 @@ def format_table(config: RLoraConfig, reports: list[LayerReport]) -> str:
     return "\n".join(lines)
 
 
-def plot_heatmaps(reports: list[LayerReport], out: str | Path, title: str = "") -> Path:
-    """One heatmap of cos(B_i A, B_j A) per layer: module kinds as columns, depth as rows."""
+HEATMAP_LAYERS = 32  # up to this many adapted layers the image also holds every layer's head-to-head heatmap
+
+
+def _depth(name: str) -> str:
+    """The numeric parts of a module name (the decoder layer index): `model.layers.3.mlp.up_proj` -> `3`."""
+    return ".".join(p for p in name.split(".") if p.isdigit()) or "-"
+
+
+def plot_report(reports: list[LayerReport], out: str | Path, title: str = "") -> Path:
+    """Mean head similarity per depth, one line per module kind (readable at any depth); for small adapters
+    (up to `HEATMAP_LAYERS` layers) also one head-to-head heatmap per layer, depth as rows, kinds as columns."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     kinds = list(dict.fromkeys(module_kind(r.name) for r in reports))
-    # one row per depth (the numeric parts of the module name, e.g. the decoder layer index)
     by_depth: dict[str, dict[str, LayerReport]] = {}
     for rep in reports:
-        digits = [p for p in rep.name.split(".") if p.isdigit()]
-        by_depth.setdefault(".".join(digits) or "-", {})[module_kind(rep.name)] = rep
+        by_depth.setdefault(_depth(rep.name), {})[module_kind(rep.name)] = rep
     depths = list(by_depth)
-    size = 1.6
-    fig, axes = plt.subplots(
-        len(depths),
-        len(kinds),
-        figsize=(size * len(kinds) + 1.2, size * len(depths) + 0.8),
-        squeeze=False,
-    )
-    image = None
-    for i, depth in enumerate(depths):
-        for j, kind in enumerate(kinds):
-            ax = axes[i][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            rep = by_depth[depth].get(kind)
-            if rep is None:
-                ax.axis("off")
-                continue
-            image = ax.imshow(rep.cos_ba_matrix.numpy(), vmin=-1, vmax=1, cmap="coolwarm")
-            ax.set_title(f"{depth} {kind}\nmean {rep.cos_ba:.2f}", fontsize=7)
-    if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.6, label="cos(B_i A, B_j A)")
-    fig.suptitle(title or "R-LoRA head-to-head similarity of B_i A", fontsize=9)
+    grid = len(reports) <= HEATMAP_LAYERS
+    cell = 1.5
+    width = max(7.0, cell * len(kinds) + 1.5) if grid else 7.0
+    heights = [3.0] + ([cell * len(depths)] if grid else [])
+    fig = plt.figure(figsize=(width, sum(heights) + 0.6), layout="constrained")
+    figures = fig.subfigures(len(heights), 1, height_ratios=heights, squeeze=False)[:, 0]
+
+    ax = figures[0].subplots()
+    positions = range(len(depths))
+    for kind in kinds:
+        ax.plot(positions, [by_depth[d][kind].cos_ba if kind in by_depth[d] else float("nan") for d in depths],
+                marker="o", markersize=3, label=kind)  # fmt: skip
+    ax.set_xticks(list(positions), depths, fontsize=7)
+    ax.set_xlabel("layer (depth)")
+    ax.set_ylabel("mean cos(B_i A, B_j A)")
+    ax.set_ylim(-1.05, 1.05)
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.legend(fontsize=7, ncols=min(len(kinds), 4), loc="lower left")
+    ax.set_title(title or "R-LoRA head similarity per layer", fontsize=9)
+
+    if grid:
+        axes = figures[1].subplots(len(depths), len(kinds), squeeze=False)
+        image = None
+        for i, depth in enumerate(depths):
+            for j, kind in enumerate(kinds):
+                cell_ax, rep = axes[i][j], by_depth[depth].get(kind)
+                if rep is None:
+                    cell_ax.axis("off")
+                    continue
+                heads = rep.cos_ba_matrix.shape[0]
+                image = cell_ax.imshow(rep.cos_ba_matrix.numpy(), vmin=-1, vmax=1, cmap="coolwarm")
+                cell_ax.set_xticks(range(heads), range(heads), fontsize=5)
+                cell_ax.set_yticks(range(heads), range(heads), fontsize=5)
+                cell_ax.set_title(f"{depth} {kind}: {rep.cos_ba:.2f}", fontsize=6)
+        if image is not None:
+            figures[1].colorbar(image, ax=axes, shrink=0.8, label="cos(B_i A, B_j A), head i vs head j")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -129,22 +150,23 @@ def plot_heatmaps(reports: list[LayerReport], out: str | Path, title: str = "") 
 
 
 def report(adapter_dir: str | Path, out: str | Path | None = None) -> str:
-    """Print-ready table for the adapter in `adapter_dir`; with `out`, also write the heatmap PNG."""
+    """Print-ready table for the adapter in `adapter_dir`; with `out`, also write the plot (PNG)."""
     config, modules, _ = read_adapter(adapter_dir)
     reports = analyse(config, modules)
     text = format_table(config, reports)
     if out is not None:
-        path = plot_heatmaps(reports, out, title=f"{Path(adapter_dir).name}: cos(B_i A, B_j A) per layer")
-        text += f"\n\nheatmap written to {path}"
+        path = plot_report(reports, out, title=f"{Path(adapter_dir).name}: head similarity per layer")
+        grid = "" if len(reports) <= HEATMAP_LAYERS else f" (no per-layer heatmaps above {HEATMAP_LAYERS} layers)"
+        text += f"\n\nplot written to {path}{grid}"
     else:
-        text += "\n\nno heatmap written: pass --out FILE.png for one"
+        text += "\n\nno plot written: pass --out FILE.png for one"
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlora_plugin.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("adapter_dir", help="directory with adapter_model.safetensors and adapter_config.json")
-    parser.add_argument("--out", help="write a PNG heatmap of head-to-head similarity per layer here")
+    parser.add_argument("--out", help="write a PNG plot of head similarity per layer here")
     args = parser.parse_args(argv)
     try:
         print(report(args.adapter_dir, args.out))

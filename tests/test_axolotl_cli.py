@@ -16,158 +16,24 @@ check that a plain `PeftModel.from_pretrained` reload reproduces the trained mod
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import axolotl  # noqa: F401  (these tests need it: fail, never skip, without it)
 import pytest
-import yaml
+from axolotl_runs import (
+    BIN,
+    N_HEADS,
+    RANK,
+    Run,
+    accelerate_train,
+    adapter_tensors,
+    reload_logits,
+    run,
+    train_losses,
+    write_cfg,
+)
 
 pytestmark = pytest.mark.cli
-
-BIN = Path(sys.executable).parent
-TESTS = Path(__file__).resolve().parent
-PLUGINS = ["rlora_plugin.RLoraPlugin", "axolotl_probe.ProbePlugin"]
-N_HEADS, RANK = 3, 4
-TIMEOUT = 900
-
-
-def _env(work: Path) -> dict:
-    env = dict(os.environ)
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        PYTHONPATH=os.pathsep.join(p for p in (str(TESTS), env.get("PYTHONPATH")) if p),
-        AXOLOTL_DO_NOT_TRACK="1",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        HF_HOME=str(work / "hf_home"),  # no user accelerate config, isolated datasets cache
-        TOKENIZERS_PARALLELISM="false",
-        WANDB_MODE="disabled",
-    )
-    env.pop("CUDA_VISIBLE_DEVICES", None)
-    return env
-
-
-class Run:
-    def __init__(self, name: str, cmd: list[str], work: Path, stdin: str | None = None):
-        self.name, self.log = name, work / f"{name}.log"
-        self.start = time.monotonic()
-        self.stdin = stdin
-        self._log_file = open(self.log, "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=work,
-            env=_env(work),
-            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-
-    def wait(self) -> Run:
-        try:
-            self.proc.communicate(self.stdin, timeout=TIMEOUT)
-        finally:
-            self._log_file.close()
-        self.seconds = time.monotonic() - self.start
-        self.returncode = self.proc.returncode
-        self.output = self.log.read_text(errors="replace")
-        print(f"{self.name}: rc={self.returncode} in {self.seconds:.0f}s")
-        return self
-
-    def check(self) -> Run:
-        assert self.returncode == 0, f"{self.name} failed (rc {self.returncode}):\n{self.output[-6000:]}"
-        return self
-
-
-def run(name: str, cmd: list[str], work: Path, stdin: str | None = None) -> Run:
-    return Run(name, cmd, work, stdin).wait()
-
-
-def accelerate_train(cfg_path: Path) -> list[str]:
-    return [
-        str(BIN / "accelerate"), "launch", "--num_processes", "1", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "axolotl.cli.train", str(cfg_path),
-    ]  # fmt: skip
-
-
-def write_cfg(work: Path, name: str, tiny: dict, **overrides) -> Path:
-    cfg = {
-        "base_model": str(tiny["model"]),
-        "plugins": PLUGINS,
-        "adapter": "rlora",
-        "lora_r": RANK,
-        "lora_alpha": 8,
-        "lora_dropout": 0.1,
-        "lora_target_linear": True,
-        "rlora": {"num_heads": N_HEADS, "router_aux_loss_coef": 0.01},
-        "datasets": [
-            {"path": str(tiny["alpaca"]), "ds_type": "json", "type": "alpaca"},
-            {
-                "path": str(tiny["chat"]),
-                "ds_type": "json",
-                "type": "chat_template",
-                "chat_template": "tokenizer_default",
-                "field_messages": "messages",
-                "roles_to_train": ["assistant"],
-            },
-        ],
-        "dataset_prepared_path": str(work / "prepared"),
-        "val_set_size": 0.1,
-        "output_dir": str(work / name),
-        "sequence_len": 128,
-        "sample_packing": True,
-        "gradient_checkpointing": True,
-        "micro_batch_size": 2,
-        "gradient_accumulation_steps": 1,
-        "max_steps": 6,
-        "learning_rate": 0.01,
-        "optimizer": "adamw_torch",
-        "lr_scheduler": "constant",
-        "logging_steps": 1,
-        "eval_steps": 6,
-        "save_steps": 3,
-        "seed": 7,
-        "bf16": False,
-        "fp16": False,
-        "tf32": False,
-        "dataloader_num_workers": 0,  # a worker process re-imports axolotl: ~10 s per dataloader
-        "dataset_num_proc": 1,
-    }
-    cfg.update(overrides)
-    cfg = {k: v for k, v in cfg.items() if v is not None}
-    path = work / f"{name}.yml"
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
-
-
-def train_losses(out: Path) -> dict[int, float]:
-    states = sorted(out.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
-    history = json.loads(states[-1].read_text())["log_history"]
-    return {rec["step"]: rec["loss"] for rec in history if "loss" in rec}
-
-
-def adapter_tensors(out: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(out / "adapter_model.safetensors")
-
-
-def reload_logits(tiny: dict, adapter_dir: Path):
-    """Logits of a plain PEFT reload (base model + adapter) on the probe input."""
-    import torch
-    from axolotl_probe import probe_logits
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    import rlora_plugin  # noqa: F401
-
-    base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
-    return probe_logits(PeftModel.from_pretrained(base, adapter_dir))
 
 
 @pytest.fixture(scope="module")
@@ -182,40 +48,25 @@ def run1(tiny, work) -> Path:
     return work / "run1"
 
 
-def test_train_artifacts(run1, tiny):
-    import torch
-
+def test_saved_config_holds_the_run_settings(run1):
     config = json.loads((run1 / "adapter_config.json").read_text())
     assert config["peft_type"] == "RLORA"
     expected = {"r": RANK, "lora_alpha": 8, "lora_dropout": 0.1, "num_heads": N_HEADS, "init": "random"}
     expected |= {"init_gamma": 64.0, "head_dropout": "per_head", "router_init": "zero", "init_seed": 7}
     assert {k: config[k] for k in expected} == expected
 
+
+D_IN = {"q_proj": 64, "k_proj": 64, "v_proj": 64, "o_proj": 64, "gate_proj": 64, "up_proj": 64, "down_proj": 128}
+D_OUT = {"q_proj": 64, "k_proj": 32, "v_proj": 32, "o_proj": 64, "gate_proj": 128, "up_proj": 128, "down_proj": 64}
+
+
+def test_every_linear_layer_is_adapted_with_full_tensors(run1):
     tensors = adapter_tensors(run1)
     modules = {k.rsplit(".rlora_", 1)[0] for k in tensors}
     assert len(modules) == 14, sorted(modules)  # lora_target_linear: q,k,v,o,gate,up,down x 2 layers
     assert not any("lm_head" in m for m in modules)
-    d_in = {
-        "q_proj": 64,
-        "k_proj": 64,
-        "v_proj": 64,
-        "o_proj": 64,
-        "gate_proj": 64,
-        "up_proj": 64,
-        "down_proj": 128,
-    }
-    d_out = {
-        "q_proj": 64,
-        "k_proj": 32,
-        "v_proj": 32,
-        "o_proj": 64,
-        "gate_proj": 128,
-        "up_proj": 128,
-        "down_proj": 64,
-    }
     for module in modules:
-        kind = module.rsplit(".", 1)[1]
-        i, o = d_in[kind], d_out[kind]
+        i, o = D_IN[module.rsplit(".", 1)[1]], D_OUT[module.rsplit(".", 1)[1]]
         shapes = {k.rsplit(".rlora_", 1)[1]: tuple(v.shape) for k, v in tensors.items() if k.startswith(module + ".")}
         assert shapes == {
             "A": (RANK, i),
@@ -227,6 +78,8 @@ def test_train_artifacts(run1, tiny):
     router = next(v for k, v in tensors.items() if k.endswith("rlora_router"))
     assert router.abs().sum() > 0  # trained away from its zero init
 
+
+def test_checkpoints_and_a_falling_loss_with_eval(run1):
     for step in (3, 6):
         assert (run1 / f"checkpoint-{step}" / "adapter_model.safetensors").exists()
     losses = train_losses(run1)
@@ -234,8 +87,11 @@ def test_train_artifacts(run1, tiny):
     assert losses[6] < losses[1], losses
     history = json.loads((run1 / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
     assert any("eval_loss" in rec for rec in history)
-    # router / head metrics and the load-balancing loss, in every train record (logging_steps: 1)
-    records = {rec["step"]: rec for rec in history if "loss" in rec}
+
+
+def test_router_metrics_and_aux_loss_in_every_train_record(run1):
+    history = json.loads((run1 / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    records = {rec["step"]: rec for rec in history if "loss" in rec}  # logging_steps: 1
     for step, rec in records.items():
         for key in ("router_entropy", "head_load_max", "head_load_ratio", "head_cos_B", "head_cos_BA", "aux_loss"):
             assert f"rlora/{key}" in rec, (step, key, sorted(rec))
@@ -247,7 +103,10 @@ def test_train_artifacts(run1, tiny):
     assert records[6]["rlora/router_entropy"] < 1.0  # the router has learned something
     assert not any(k.startswith("rlora/") for rec in history if "eval_loss" in rec for k in rec)
 
-    # at init the adapted model equals the base model; the saved adapter reproduces the trained model
+
+def test_equal_to_the_base_at_init_and_reload_reproduces_the_trained_model(run1, tiny):
+    import torch
+
     init = torch.load(run1 / "probe_init.pt")
     torch.testing.assert_close(init["adapted"], init["base"], atol=1e-5, rtol=1e-5)
     trained = torch.load(run1 / "probe_trained.pt")["trained"]

@@ -9,10 +9,8 @@ import pytest
 os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 
 import torch  # noqa: E402
-from axolotl.cli.config import gpu_capabilities  # noqa: E402
 from axolotl.integrations.base import PluginManager  # noqa: E402
-from axolotl.utils.config import prepare_plugins, validate_config  # noqa: E402
-from axolotl.utils.dict import DictDefault  # noqa: E402
+from axolotl_validation import validated  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
@@ -45,17 +43,9 @@ def make_cfg(tiny, **overrides) -> dict:
     return {k: v for k, v in cfg.items() if v is not None}
 
 
-def validate(cfg: dict) -> DictDefault:
-    """What `axolotl.cli.config.load_cfg` does up to validation: register plugins, then validate."""
-    cfg = DictDefault(cfg)
-    prepare_plugins(cfg)
-    capabilities, env_capabilities = gpu_capabilities()
-    return validate_config(cfg, capabilities=capabilities, env_capabilities=env_capabilities)
-
-
 def refused(cfg: dict) -> str:
     with pytest.raises((ValidationError, ValueError)) as info:
-        validate(cfg)
+        validated(cfg)
     return str(info.value)
 
 
@@ -80,7 +70,7 @@ def test_schema_adds_only_the_rlora_block():
 
 
 def test_valid_config_defaults_and_no_lora_kernels(tiny):
-    cfg = validate(make_cfg(tiny, seed=11))
+    cfg = validated(make_cfg(tiny, seed=11))
     assert cfg.adapter == "rlora"
     assert cfg.rlora["num_heads"] == 5 and cfg.rlora["init"] == "random"
     # Axolotl auto-enables its fused LoRA kernels only for adapter lora/qlora: never for rlora.
@@ -105,7 +95,7 @@ def test_rlora_block_values_reach_the_peft_config(tiny):
         "router_top_k": 2,
         "router_aux_loss_coef": 0.01,
     }
-    cfg = validate(
+    cfg = validated(
         make_cfg(
             tiny,
             rlora=block,
@@ -123,7 +113,7 @@ def test_rlora_block_values_reach_the_peft_config(tiny):
     assert peft_cfg.target_modules == {"q_proj", "v_proj"}
     assert peft_cfg.layers_to_transform == [1] and peft_cfg.use_rslora is True
     assert set(peft_cfg.modules_to_save) == {"lm_head"}
-    assert build_rlora_config(validate(make_cfg(tiny))).init_seed == 0  # no seed at all
+    assert build_rlora_config(validated(make_cfg(tiny))).init_seed == 0  # no seed at all
 
 
 @pytest.mark.parametrize(
@@ -153,7 +143,7 @@ def test_merge_refusal_explains_why(tiny):
 
 
 def test_kernels_explicitly_off_are_fine(tiny):
-    validate(make_cfg(tiny, lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False))
+    validated(make_cfg(tiny, lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False))
 
 
 @pytest.mark.parametrize(
@@ -237,8 +227,8 @@ def test_lora_model_dir_under_dpo_is_refused(tiny, tmp_path):
 def test_metrics_switch_and_routing_defaults(tiny):
     from rlora_plugin.axolotl_plugin.args import rlora_options
 
-    assert rlora_options(validate(make_cfg(tiny, rlora={"metrics": False}))).metrics is False
-    peft_cfg = build_rlora_config(validate(make_cfg(tiny, rlora={"router_top_k": 0})))
+    assert rlora_options(validated(make_cfg(tiny, rlora={"metrics": False}))).metrics is False
+    peft_cfg = build_rlora_config(validated(make_cfg(tiny, rlora={"router_top_k": 0})))
     assert peft_cfg.router_top_k is None and peft_cfg.router_aux_loss_coef == 0.0  # 0 means dense
 
 
@@ -253,7 +243,7 @@ def test_aux_loss_with_reentrant_checkpointing_is_refused(tiny):
     )
     assert "rlora.router_aux_loss_coef" in message and "use_reentrant: false" in message
     # unset: non-reentrant is asked for (Axolotl 0.19 would default to reentrant)
-    cfg = validate(make_cfg(tiny, rlora={"router_aux_loss_coef": 0.01}, gradient_checkpointing=True))
+    cfg = validated(make_cfg(tiny, rlora={"router_aux_loss_coef": 0.01}, gradient_checkpointing=True))
     assert cfg.gradient_checkpointing_kwargs == {"use_reentrant": False}
 
 
@@ -281,7 +271,7 @@ def test_missing_plugin_fails_clearly(tiny):
 
 def test_other_adapters_are_untouched(tiny):
     # merge_lora etc. stay legal for adapter: lora even with the plugin listed
-    cfg = validate(make_cfg(tiny, adapter="lora", merge_lora=True, rlora={"num_heads": 0}))
+    cfg = validated(make_cfg(tiny, adapter="lora", merge_lora=True, rlora={"num_heads": 0}))
     assert cfg.adapter == "lora"
     plugin = RLoraPlugin()
     assert plugin.load_adapter(torch.nn.Linear(2, 2), cfg) is None
@@ -298,7 +288,7 @@ def base_model(tiny):
 
 
 def test_load_adapter_fresh_and_config_only(tiny, base_model):
-    cfg = validate(make_cfg(tiny, rlora={"num_heads": 3}, seed=3))
+    cfg = validated(make_cfg(tiny, rlora={"num_heads": 3}, seed=3))
     plugin = RLoraPlugin()
     none, only_config = plugin.load_adapter(base_model, cfg, config_only=True)
     assert none is None and isinstance(only_config, RLoraConfig)
@@ -321,7 +311,7 @@ def test_load_adapter_fresh_and_config_only(tiny, base_model):
 def test_a_local_base_model_is_recorded_as_an_absolute_path(tiny, base_model, monkeypatch):
     """The adapter must find its base from any working directory (AutoPeftModelForCausalLM reads it)."""
     monkeypatch.chdir(tiny["model"].parent)
-    cfg = validate(make_cfg(tiny, base_model=tiny["model"].name))
+    cfg = validated(make_cfg(tiny, base_model=tiny["model"].name))
     model, peft_cfg = RLoraPlugin().load_adapter(base_model, cfg)
     assert peft_cfg.base_model_name_or_path == str(tiny["model"].resolve())
     assert RLoraPlugin().load_adapter(base_model, cfg, config_only=True)[1].base_model_name_or_path == str(
@@ -330,7 +320,7 @@ def test_a_local_base_model_is_recorded_as_an_absolute_path(tiny, base_model, mo
 
 
 def test_target_linear_plus_modules_is_the_union(tiny, base_model):
-    cfg = validate(make_cfg(tiny, lora_target_modules=["lm_head"]))
+    cfg = validated(make_cfg(tiny, lora_target_modules=["lm_head"]))
     _, peft_cfg = RLoraPlugin().load_adapter(base_model, cfg)
     assert "lm_head" in peft_cfg.target_modules and "q_proj" in peft_cfg.target_modules
 
@@ -338,7 +328,7 @@ def test_target_linear_plus_modules_is_the_union(tiny, base_model):
 def test_load_adapter_from_lora_model_dir(tiny, base_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    cfg = validate(make_cfg(tiny, rlora={"num_heads": 2}))
+    cfg = validated(make_cfg(tiny, rlora={"num_heads": 2}))
     model, _ = RLoraPlugin().load_adapter(base_model, cfg)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -351,7 +341,7 @@ def test_load_adapter_from_lora_model_dir(tiny, base_model, tmp_path):
         expected = model(input_ids=ids).logits
 
     # the config disagrees with the saved adapter: the saved one wins (with a warning)
-    cfg = validate(make_cfg(tiny, rlora={"num_heads": 4}, lora_model_dir=str(tmp_path / "adapter")))
+    cfg = validated(make_cfg(tiny, rlora={"num_heads": 4}, lora_model_dir=str(tmp_path / "adapter")))
     fresh_base = AutoModelForCausalLM.from_pretrained(tiny["model"])
     loaded, peft_cfg = RLoraPlugin().load_adapter(fresh_base, cfg)
     assert peft_cfg.num_heads == 2
@@ -362,6 +352,27 @@ def test_load_adapter_from_lora_model_dir(tiny, base_model, tmp_path):
 
     frozen, _ = RLoraPlugin().load_adapter(AutoModelForCausalLM.from_pretrained(tiny["model"]), cfg, inference=True)
     assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_lora_model_dir_warns_for_every_setting_that_defines_the_adapter(tiny, tmp_path, caplog):
+    """The warning lists every forward-defining field that disagrees (derived from RLoraConfig, not typed);
+    training-only settings (the aux-loss weight) follow this run's config; init-only ones are not compared."""
+    from transformers import AutoModelForCausalLM
+
+    from rlora_plugin.config import fields_with_role
+
+    assert set(fields_with_role(None)) >= {"router_temperature", "lora_dropout", "num_heads", "router_top_k"}
+    saved_cfg = validated(make_cfg(tiny, rlora={"num_heads": 3}))
+    model, _ = RLoraPlugin().load_adapter(AutoModelForCausalLM.from_pretrained(tiny["model"]), saved_cfg)
+    model.save_pretrained(tmp_path / "adapter")
+    block = {"num_heads": 3, "router_temperature": 2.0, "router_init": "kaiming", "router_aux_loss_coef": 0.25}
+    cfg = validated(make_cfg(tiny, rlora=block, lora_dropout=0.2, lora_model_dir=str(tmp_path / "adapter")))
+    with caplog.at_level("WARNING"):
+        _, peft_cfg = RLoraPlugin().load_adapter(AutoModelForCausalLM.from_pretrained(tiny["model"]), cfg)
+    warning = "\n".join(r.getMessage() for r in caplog.records if "governs these settings" in r.getMessage())
+    assert "router_temperature: config 2.0, saved 1.0" in warning and "lora_dropout: config 0.2, saved 0.1" in warning
+    assert "router_init" not in warning and "num_heads" not in warning  # init-only; equal
+    assert peft_cfg.router_temperature == 1.0 and peft_cfg.router_aux_loss_coef == 0.25
 
 
 class FakeTrainer:
@@ -387,7 +398,7 @@ def test_plugin_callback_and_aux_loss_wrapper(tiny, base_model):
     from types import SimpleNamespace
 
     block = {"num_heads": 3, "router_init": "kaiming", "router_aux_loss_coef": 0.5}
-    cfg = validate(make_cfg(tiny, rlora=block, lora_dropout=0.0))  # no dropout: repeated forwards agree
+    cfg = validated(make_cfg(tiny, rlora=block, lora_dropout=0.0))  # no dropout: repeated forwards agree
     plugin = RLoraPlugin()
     model, _ = plugin.load_adapter(base_model, cfg)
     model.train()
@@ -419,6 +430,26 @@ def test_plugin_callback_and_aux_loss_wrapper(tiny, base_model):
     assert 1 < metrics["rlora/head_load_ratio"] <= metrics["rlora/head_load_ratio_worst"]
     callback.on_train_end(None, None, None)
 
-    off = validate(make_cfg(tiny, rlora={"metrics": False}))
-    assert plugin.add_callbacks_post_trainer(off, FakeTrainer(model)) == []
-    assert plugin.add_callbacks_post_trainer(validate(make_cfg(tiny, adapter="lora")), FakeTrainer(model)) == []
+    from transformers import AutoModelForCausalLM
+
+    off = validated(make_cfg(tiny, rlora={"metrics": False}))  # and no aux loss: the model's config says 0
+    off_model, _ = plugin.load_adapter(AutoModelForCausalLM.from_pretrained(tiny["model"]), off)
+    assert plugin.add_callbacks_post_trainer(off, FakeTrainer(off_model)) == []
+    assert plugin.add_callbacks_post_trainer(validated(make_cfg(tiny, adapter="lora")), FakeTrainer(model)) == []
+
+
+def test_fsdp2_full_state_dict_resume_is_refused_before_axolotl_021(tiny, tmp_path):
+    """Axolotl 0.19 would resume an FSDP2 FULL_STATE_DICT checkpoint without its adapter weights."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    fsdp = {"fsdp_version": 2, "fsdp_config": {"reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}}
+    cfg = make_cfg(tiny, **fsdp, resume_from_checkpoint=str(tmp_path))
+    if Version(version("axolotl")) < Version("0.21"):
+        message = refused(cfg)
+        assert "not the adapter weights" in message and "SHARDED_STATE_DICT" in message
+    else:
+        validated(cfg)
+    sharded = {**fsdp, "fsdp_config": {**fsdp["fsdp_config"], "state_dict_type": "SHARDED_STATE_DICT"}}
+    validated(make_cfg(tiny, **sharded, resume_from_checkpoint=str(tmp_path)))

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 
 import pytest
-from test_axolotl_cli import BIN, reload_logits, run, write_cfg
+from axolotl_runs import BIN, reload_logits, run, write_cfg
 
 pytestmark = pytest.mark.cli
 
@@ -82,3 +82,5 @@ def test_dpo_logs_metrics_and_uses_the_base_as_reference(dpo_run, tiny):
     base = probe_logits(AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32))
     assert (trained - base).abs().max() > 1e-3
     torch.testing.assert_close(reload_logits(tiny, dpo_run), trained, atol=1e-5, rtol=1e-5)
+    # and the model card has the R-LoRA section (post_train gets the base model TRL wrapped, not a PeftModel)
+    assert "## R-LoRA adapter" in (dpo_run / "README.md").read_text()

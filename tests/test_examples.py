@@ -9,14 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from axolotl.utils.config import prepare_plugins, validate_config
-from axolotl.utils.dict import DictDefault
+from axolotl_validation import CPU, GPU, validated
 
 from rlora_plugin.axolotl_plugin.args import build_rlora_config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-GPU = {"bf16": True, "fp8": False, "tf32": True, "n_gpu": 1, "compute_capability": "sm_80"}
-CPU = {"bf16": False, "fp8": False, "tf32": False, "n_gpu": 1, "compute_capability": None}
 
 
 def load_example(name: str, tiny: dict) -> dict:
@@ -26,12 +23,6 @@ def load_example(name: str, tiny: dict) -> dict:
         dataset["path"] = str(tiny["chat"] if dataset.get("type") == "chat_template" else tiny["alpaca"])
         dataset["ds_type"] = "json"
     return cfg
-
-
-def validated(cfg: dict, capabilities: dict) -> DictDefault:
-    cfg = DictDefault(cfg)
-    prepare_plugins(cfg)
-    return validate_config(cfg, capabilities=capabilities, env_capabilities={"torch_version": "2.13.0"})
 
 
 def test_cpu_example(tiny):
@@ -68,3 +59,25 @@ def test_reference_lists_every_rlora_key(tiny):
     )  # fmt: skip
     peft = build_rlora_config(validated(cfg, CPU))
     assert (peft.num_heads, peft.init_gamma, peft.router_init, peft.router_temperature) == (5, 64, "zero", 1.0)
+
+
+def _readme_table_keys(after: str) -> set[str]:
+    """The backticked names in the first column of the README table that follows the line containing `after`."""
+    lines = (EXAMPLES.parent / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if after in line)
+    rows = []
+    for line in lines[start + 1 :]:
+        if rows and not line.startswith("|"):
+            break
+        if line.startswith("| `"):
+            rows.append(line.split("|")[1])
+    return {name.strip("` ") for row in rows for name in row.split(",")}
+
+
+def test_readme_option_tables_list_exactly_the_fields():
+    """Adding an option means one RLoraConfig field: the README's tables must follow (and this test says so)."""
+    from rlora_plugin.axolotl_plugin.args import RLoraOptions
+    from rlora_plugin.config import own_field_types
+
+    assert _readme_table_keys("Every `rlora:` key") == set(RLoraOptions.model_fields)
+    assert _readme_table_keys("`RLoraConfig` fields (all saved") == set(own_field_types())

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from test_peft_layer import MLP, SIZES, adapted_layers, tiny_llama, tokens
+from tiny_models import MLP, SIZES, adapted_layers, tiny_llama, tokens
 
 from rlora_plugin import RLoraConfig
 from rlora_plugin.export import export_lora, main

@@ -2,10 +2,8 @@
 
 import pytest
 import torch
-from peft import get_peft_model
-from test_peft_layer import MLP, SIZES, adapted_layers, tiny_llama, tokens
+from tiny_models import MLP, SIZES, adapted_layers, model_with, tokens
 
-from rlora_plugin import RLoraConfig
 from rlora_plugin.metrics import (
     MetricsCollector,
     RouterAuxLoss,
@@ -17,11 +15,6 @@ from rlora_plugin.metrics import (
     similarity_metrics,
     split_heads,
 )
-
-
-def model_with(**kwargs):
-    config = dict(target_modules=MLP, r=4, num_heads=3, lora_dropout=0.0) | kwargs
-    return get_peft_model(tiny_llama(), RLoraConfig(**config))
 
 
 def test_identical_heads_have_similarity_one():
@@ -214,33 +207,3 @@ def test_padding_is_left_out_of_gate_statistics_and_aux_loss():
     assert unmasked["rlora/router_entropy"] != pytest.approx(unmasked_other["rlora/router_entropy"], rel=1e-5)
     assert aux_unmasked != pytest.approx(aux_unmasked_other, rel=1e-5)
     assert not model._forward_pre_hooks and all(layer.gate_observers == [] for layer in adapted_layers(model))
-
-
-def test_config_validation_of_routing_options():
-    with pytest.raises(ValueError, match=r"`router_top_k` = 4 is invalid"):
-        RLoraConfig(num_heads=3, router_top_k=4)
-    with pytest.raises(ValueError, match=r"`router_aux_loss_coef` = -1 is invalid"):
-        RLoraConfig(router_aux_loss_coef=-1)
-    assert RLoraConfig(router_top_k=0).router_top_k is None  # 0 means dense: one spelling, None
-
-
-def test_report_on_a_saved_adapter(tmp_path):
-    from rlora_plugin.report import main, report
-
-    model = model_with(num_heads=4)
-    layer = adapted_layers(model)[0]
-    with torch.no_grad():  # make the first layer's heads identical: similarity 1 in the report
-        b = layer.rlora_B["default"]
-        b.copy_(b[:, :4].repeat(1, 4))
-    model.save_pretrained(tmp_path / "adapter")
-    text = report(tmp_path / "adapter", tmp_path / "heads.png")
-    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.startswith("base_model.")}
-    assert len(rows) == 2 * len(MLP)
-    first = rows["base_model.model.model.layers.0.mlp.gate_proj"]
-    assert float(first[0]) == pytest.approx(1.0) and float(first[1]) == pytest.approx(1.0)
-    assert all(abs(float(v[1])) < 0.9 for k, v in rows.items() if "layers.0.mlp.gate_proj" not in k)
-    assert all(float(v[2]) == 0 and float(v[3]) > 0 for v in rows.values())  # zero router, live offset
-    assert (tmp_path / "heads.png").read_bytes()[:4] == b"\x89PNG"
-    assert text.endswith(f"heatmap written to {tmp_path / 'heads.png'}")
-    assert report(tmp_path / "adapter").endswith("no heatmap written: pass --out FILE.png for one")
-    assert main([str(tmp_path / "missing")]) == 2

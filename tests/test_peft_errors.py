@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from test_peft_layer import MLP, tiny_llama
+from tiny_models import MLP, tiny_llama
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rlora_plugin import RLoraConfig
@@ -158,3 +158,11 @@ def test_loading_onto_a_base_of_other_shapes(tmp_path):
         r"shape \(48, 40\).*out_features=64.*needs \(64, 40\).*base model it was trained on",
     ):
         PeftModel.from_pretrained(wider, tmp_path)
+
+
+def test_config_validation_of_routing_options():
+    with pytest.raises(ValueError, match=r"`router_top_k` = 4 is invalid"):
+        RLoraConfig(num_heads=3, router_top_k=4)
+    with pytest.raises(ValueError, match=r"`router_aux_loss_coef` = -1 is invalid"):
+        RLoraConfig(router_aux_loss_coef=-1)
+    assert RLoraConfig(router_top_k=0).router_top_k is None  # 0 means dense: one spelling, None

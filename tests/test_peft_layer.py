@@ -3,6 +3,7 @@
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from tiny_models import MLP, SIZES, adapted_layers, perturb, tiny_llama, tokens
 from torch import nn
 from transformers import (
     GPTNeoXConfig,
@@ -16,22 +17,6 @@ from transformers import (
 )
 
 from rlora_plugin import RLoraConfig, RLoraLinear
-
-MLP = ["gate_proj", "up_proj", "down_proj"]
-SIZES = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **SIZES)).eval()
-
-
-def tokens(batch: int = 2, length: int = 9, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, SIZES["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def adapted_layers(model: nn.Module) -> list[RLoraLinear]:
-    return [m for m in model.modules() if isinstance(m, RLoraLinear)]
 
 
 class FixedMask(nn.Module):
@@ -81,15 +66,6 @@ def perturbed_layer(config: RLoraConfig) -> tuple[RLoraLinear, RLoraLinear]:
     model = get_peft_model(tiny_llama(), config)
     perturb(model)
     return adapted_layers(model)[0], adapted_layers(get_peft_model(tiny_llama(), config))[0]
-
-
-def perturb(model: nn.Module, seed: int = 3) -> None:
-    """Move every trainable adapter weight away from its initial value, as training would."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
 
 
 @pytest.mark.parametrize("init", ["random", "zero"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, PeftModel, PeftType, get_peft_model
 from safetensors.torch import load_file
-from test_peft_layer import MLP, adapted_layers, perturb, tiny_llama, tokens
+from tiny_models import MLP, adapted_layers, perturb, tiny_llama, tokens
 
 import rlora_plugin
 from rlora_plugin import RLoraConfig, RLoraLinear

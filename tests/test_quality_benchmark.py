@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from axolotl_validation import CPU, validated
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from test_examples import CPU, validated
 from transformers import AutoModelForCausalLM
 
 from benchmarks.quality import __main__ as quality

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import axolotl  # noqa: F401  (these tests need it: fail, never skip, without it)
 import pytest
-from test_axolotl_cli import BIN, Run, train_losses, write_cfg
+from axolotl_runs import BIN, Run, train_losses, write_cfg
 
 pytestmark = pytest.mark.cli
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from test_peft_layer import MLP, adapted_layers, perturb, tiny_llama, tokens
+from tiny_models import MLP, adapted_layers, perturb, tiny_llama, tokens
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlora_plugin import RLoraConfig

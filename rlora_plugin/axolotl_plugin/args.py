@@ -23,22 +23,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from rlora_plugin.config import RLoraConfig, RLoraConfigError, own_field_types
+from rlora_plugin.config import RLORA_FIELDS, RLoraConfig, RLoraConfigError, own_field_types
+from rlora_plugin.layer import MERGE_WHY
 from rlora_plugin.registration import PEFT_TYPE_NAME
 
 ADAPTER_NAME = "rlora"
 
 # R-LoRA's own fields of `RLoraConfig`, set in the nested `rlora:` block (with RLoraConfig's types and defaults).
-BLOCK_FIELDS = (
-    "num_heads",
-    "init",
-    "init_gamma",
-    "head_dropout",
-    "router_init",
-    "router_temperature",
-    "router_top_k",
-    "router_aux_loss_coef",
-)
+BLOCK_FIELDS = RLORA_FIELDS
 # The plain-LoRA fields of `RLoraConfig` -> the Axolotl key they come from (Axolotl's own keys keep their meaning).
 LORA_KEYS = {
     "r": "lora_r",
@@ -58,7 +50,6 @@ def axolotl_key(field_name: str) -> str:
     return LORA_KEYS.get(field_name, f"rlora.{field_name}")
 
 
-_MERGE_WHY = "R-LoRA's router mixes its heads per token, so the adapter cannot be merged into the base weights"
 _MERGE_FIX = (
     "remove `merge_lora` (and do not run `axolotl merge-lora` on an R-LoRA adapter); serve it unmerged with "
     "`axolotl inference` and `lora_model_dir`, or with `import rlora_plugin` + `PeftModel.from_pretrained`; "
@@ -68,7 +59,7 @@ _MERGE_FIX = (
 
 # key -> (why, fix) for options that are refused when set to a truthy value with `adapter: rlora`.
 REFUSED = {
-    "merge_lora": (_MERGE_WHY, _MERGE_FIX),
+    "merge_lora": (MERGE_WHY, _MERGE_FIX),
     "gptq": (
         "R-LoRA adapts torch.nn.Linear layers only, not GPTQ's quantized linear layers",
         "set `gptq: false` and use a full-precision base model",
@@ -220,6 +211,7 @@ class RLoraArgs(BaseModel):
             if getattr(self, "lora_model_dir", None):
                 check_adapter_dir(self.lora_model_dir)
                 self._rlora_adapter_dir_is_loaded()
+            self._rlora_fsdp2_resume_restores_the_adapter()
             if self.rlora.router_aux_loss_coef > 0 and getattr(self, "gradient_checkpointing", None):
                 self._rlora_non_reentrant_checkpointing()
         return self
@@ -234,6 +226,24 @@ class RLoraArgs(BaseModel):
                 f"adapter: rlora: `lora_model_dir` is not loaded with `rl: {rl}`: Axolotl's preference-training "
                 "path builds a fresh adapter from the config and lets TRL wrap the model, so the saved adapter "
                 "would be ignored. Fix: remove `lora_model_dir` (or train without `rl`)."
+            )
+
+    def _rlora_fsdp2_resume_restores_the_adapter(self) -> None:
+        """Axolotl 0.19 resumes an FSDP2 FULL_STATE_DICT checkpoint without its adapter weights, silently (the
+        trainer state comes back, the adapter keeps its fresh init): tests/test_multiprocess.py shows it."""
+        resume = getattr(self, "resume_from_checkpoint", None) or getattr(self, "auto_resume_from_checkpoints", None)
+        if not resume or str(getattr(self, "fsdp_version", None) or "") != "2":
+            return
+        state_dict_type = _get(getattr(self, "fsdp_config", None), "state_dict_type") or "FULL_STATE_DICT"
+        from importlib.metadata import version
+
+        from packaging.version import Version
+
+        if state_dict_type == "FULL_STATE_DICT" and Version(version("axolotl")) < Version("0.21"):
+            raise ValueError(
+                "adapter: rlora: resuming an FSDP2 run from a FULL_STATE_DICT checkpoint restores the trainer state "
+                f"but not the adapter weights with Axolotl {version('axolotl')} (fixed in 0.21). Fix: checkpoint "
+                "with `fsdp_config.state_dict_type: SHARDED_STATE_DICT`, or use Axolotl >= 0.21."
             )
 
     def _rlora_non_reentrant_checkpointing(self) -> None:
@@ -272,22 +282,35 @@ def rlora_options(cfg: Any) -> RLoraOptions:
     return RLoraOptions.model_validate(dict(block))
 
 
-def rlora_config_kwargs(cfg: Any, target_modules: Any = None) -> dict[str, Any]:
+def target_modules(cfg: Any, model: Any = None) -> Any:
+    """Axolotl's target rule: `lora_target_modules`; `lora_target_linear` means PEFT's 'all-linear'; both
+    together, the union (as Axolotl's LoRA loader does, via its own `find_all_linear_names`), which needs the
+    model: without one (config validation) the listed modules stand for it."""
+    modules = _get(cfg, "lora_target_modules") or None
+    if not _get(cfg, "lora_target_linear"):
+        return modules
+    if not modules:
+        return "all-linear"
+    modules = modules if isinstance(modules, list) else [modules]
+    if model is None:
+        return sorted(set(modules))
+    from axolotl.loaders.adapter import find_all_linear_names
+
+    return sorted(set(modules) | set(find_all_linear_names(model)))
+
+
+def rlora_config_kwargs(cfg: Any, targets: Any = None) -> dict[str, Any]:
     """`RLoraConfig` keyword arguments from an Axolotl config (a DictDefault or the pydantic model)."""
     options = rlora_options(cfg)
     init_seed = options.init_seed
     if init_seed is None:
         init_seed = _get(cfg, "seed") or 0
-    if target_modules is None:
-        target_modules = _get(cfg, "lora_target_modules") or None
-        if _get(cfg, "lora_target_linear"):
-            target_modules = "all-linear"
     kwargs = {
         "r": _get(cfg, "lora_r"),
         "lora_alpha": _get(cfg, "lora_alpha"),
         "lora_dropout": _get(cfg, "lora_dropout"),
         "use_rslora": bool(_get(cfg, "peft_use_rslora")),
-        "target_modules": target_modules,
+        "target_modules": targets if targets is not None else target_modules(cfg),
         "exclude_modules": _get(cfg, "lora_exclude_modules") or None,
         "layers_to_transform": _get(cfg, "peft_layers_to_transform"),
         "layers_pattern": _get(cfg, "peft_layers_pattern"),
@@ -299,10 +322,10 @@ def rlora_config_kwargs(cfg: Any, target_modules: Any = None) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def build_rlora_config(cfg: Any, target_modules: Any = None, **extra: Any) -> RLoraConfig:
+def build_rlora_config(cfg: Any, targets: Any = None, **extra: Any) -> RLoraConfig:
     """Build an `RLoraConfig` from an Axolotl config; its errors are re-raised naming the Axolotl key."""
     try:
-        return RLoraConfig(**rlora_config_kwargs(cfg, target_modules), **extra)
+        return RLoraConfig(**rlora_config_kwargs(cfg, targets), **extra)
     except RLoraConfigError as exc:
         raise ValueError(f"adapter: rlora: invalid config key `{axolotl_key(exc.key)}`: {exc}") from exc
 

@@ -21,29 +21,15 @@ from pathlib import Path
 from typing import Any
 
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
-from axolotl.utils.logging import get_logger
 from peft import PeftModel, get_peft_model
 
 import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type, needed to build and to load)
+from rlora_plugin.callbacks import RLoraMetricsCallback
+from rlora_plugin.config import RLoraConfig, fields_with_role
 
-from . import cpu_distributed, quantization
-from .args import ADAPTER_NAME, build_rlora_config, rlora_options
-from .training import RLoraMetricsCallback, install_aux_loss
-
-# Under "axolotl." so that Axolotl's log filter shows INFO records (it keeps only WARNING+ of other loggers).
-LOG = get_logger("axolotl.integrations.rlora_plugin")
-
-# Settings that are fixed by an adapter saved in `lora_model_dir`; a config that disagrees is warned about.
-_SAVED_FIELDS = (
-    "r",
-    "lora_alpha",
-    "num_heads",
-    "init",
-    "head_dropout",
-    "router_init",
-    "use_rslora",
-    "router_top_k",
-)
+from . import LOG, cpu_distributed, fsdp, quantization
+from .args import ADAPTER_NAME, build_rlora_config, rlora_options, target_modules
+from .training import install_aux_loss
 
 
 def _task_type(model: Any) -> str:
@@ -53,20 +39,6 @@ def _task_type(model: Any) -> str:
     if "TokenClassification" in name:
         return "TOKEN_CLS"
     return "CAUSAL_LM"
-
-
-def _target_modules(model: Any, cfg: Any) -> Any:
-    """`lora_target_linear` means PEFT's 'all-linear'; with `lora_target_modules` too, the union of both
-    (as Axolotl's LoRA loader does, via its own `find_all_linear_names`)."""
-    if not cfg.lora_target_linear:
-        return cfg.lora_target_modules or None
-    modules = cfg.lora_target_modules
-    if not modules:
-        return "all-linear"
-    from axolotl.loaders.adapter import find_all_linear_names
-
-    modules = modules if isinstance(modules, list) else [modules]
-    return sorted(set(modules) | set(find_all_linear_names(model)))
 
 
 def _record_base_model(peft_config: Any, cfg: Any) -> None:
@@ -88,9 +60,11 @@ class RLoraPlugin(BasePlugin):
 
     def register(self, cfg):
         # Every rank, before Axolotl creates accelerate's first PartialState: on a CPU-only host a
-        # multi-process launch (DDP or DeepSpeed) needs the gloo backend (see cpu_distributed.py).
+        # multi-process launch (DDP, DeepSpeed or FSDP2) needs the gloo backend, and FSDP2 a CPU device mesh
+        # and accelerate's FSDP state (see cpu_distributed.py).
         if (cfg or {}).get("adapter") == ADAPTER_NAME and cpu_distributed.cpu_multiprocess():
             cpu_distributed.patch_cpu_backend()
+            cpu_distributed.patch_cpu_fsdp()
             LOG.info("R-LoRA: CPU-only multi-process run: accelerate will use the gloo backend")
         if quantization.wants_kbit(cfg):
             # Axolotl builds the bitsandbytes config (and the kbit preparation) only for lora/qlora.
@@ -112,7 +86,7 @@ class RLoraPlugin(BasePlugin):
     def load_adapter(self, model, cfg, inference: bool = False, config_only: bool = False):
         if cfg.adapter != ADAPTER_NAME:
             return None
-        peft_config = build_rlora_config(cfg, _target_modules(model, cfg), task_type=_task_type(model))
+        peft_config = build_rlora_config(cfg, target_modules(cfg, model), task_type=_task_type(model))
         _record_base_model(peft_config, cfg)
         if config_only:
             # Preference (TRL) paths want only the config; TRL wraps the model itself.
@@ -127,7 +101,7 @@ class RLoraPlugin(BasePlugin):
             saved = model.peft_config[model.active_adapter]
             differ = [
                 f"{f}: config {getattr(peft_config, f)!r}, saved {getattr(saved, f)!r}"
-                for f in _SAVED_FIELDS
+                for f in fields_with_role(None)  # the settings that define the saved adapter's forward pass
                 if getattr(peft_config, f) != getattr(saved, f)
             ]
             if differ:
@@ -135,6 +109,8 @@ class RLoraPlugin(BasePlugin):
                     "R-LoRA: the adapter in lora_model_dir governs these settings, not the config: %s",
                     "; ".join(differ),
                 )
+            for field in fields_with_role("training"):  # this run's training settings apply to it
+                setattr(saved, field, getattr(peft_config, field))
             peft_config = saved
         else:
             model = get_peft_model(model, peft_config, **model_kwargs)
@@ -145,20 +121,34 @@ class RLoraPlugin(BasePlugin):
         return model, peft_config
 
     def post_train(self, cfg, model):
-        # Axolotl writes its own model card (README.md) after the adapter is saved: put the R-LoRA section back.
-        if cfg.adapter != ADAPTER_NAME or not hasattr(model, "peft_config"):
+        # Called before and after Axolotl's final save; rank 0 writes. The second call completes an FSDP2 final
+        # adapter, and each puts the R-LoRA section back into the model card Axolotl has just written.
+        if cfg.adapter != ADAPTER_NAME or int(os.environ.get("RANK", "0")) != 0:
             return
-        model.peft_config[model.active_adapter].write_model_card(cfg.output_dir)
+        if cfg.fsdp_config and (added := fsdp.add_missing_buffers(model, cfg.output_dir)):
+            # main_process_only=False: the process group is gone, and Axolotl 0.19's main-process check needs it
+            LOG.info(
+                "R-LoRA: added the %d frozen offset tensors that the FSDP2 adapter save left out",
+                len(added),
+                main_process_only=False,
+            )
+        # a PeftModel, or (after DPO, where TRL wrapped it) the base model PEFT injected the adapter into
+        configs = getattr(model, "peft_config", None) or {}
+        active = getattr(model, "active_adapter", None)  # a PeftModel's is a name; a transformers model's a method
+        config = configs.get(active if isinstance(active, str) else "default")
+        if isinstance(config, RLoraConfig):
+            config.write_model_card(cfg.output_dir)
 
     def add_callbacks_post_trainer(self, cfg, trainer):
         """The metrics callback and, with `rlora.router_aux_loss_coef > 0`, the load-balancing loss."""
         if cfg.adapter != ADAPTER_NAME:
             return []
         options = rlora_options(cfg)
+        coef = trainer.model.peft_config[trainer.model.active_adapter].router_aux_loss_coef
         aux = None
-        if options.router_aux_loss_coef > 0:
-            aux = install_aux_loss(trainer, options.router_aux_loss_coef)
-            LOG.info("R-LoRA: router load-balancing loss with coefficient %s", options.router_aux_loss_coef)
+        if coef > 0:
+            aux = install_aux_loss(trainer, coef)
+            LOG.info("R-LoRA: router load-balancing loss with coefficient %s", coef)
         if not options.metrics and aux is None:
             return []
         return [RLoraMetricsCallback(trainer, metrics=options.metrics, aux=aux)]

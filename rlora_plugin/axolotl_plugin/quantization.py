@@ -22,8 +22,9 @@ from __future__ import annotations
 from typing import Any
 
 from .args import ADAPTER_NAME
+from .patching import wrap_once
 
-_MARK = "_rlora_kbit"
+CHECKED = "Axolotl 0.19.0 and 0.21.0"
 
 
 def wants_kbit(cfg: Any) -> bool:
@@ -57,31 +58,31 @@ def patch_model_loader() -> None:
     """Wrap Axolotl's `ModelLoader` quantization steps for `adapter: rlora` (idempotent; no effect on others)."""
     from axolotl.loaders.model import ModelLoader
 
-    set_config, prepare = ModelLoader._set_quantization_config, ModelLoader._prepare_model_for_quantization
-    if getattr(set_config, _MARK, False):
-        return
+    def set_quantization_config(original):
+        def _set_quantization_config(self):
+            original(self)
+            if wants_kbit(self.cfg) and "quantization_config" not in self.model_kwargs:
+                # A checkpoint saved already quantized carries its own config, which transformers applies.
+                if not getattr(self.model_config, "quantization_config", None):
+                    self.model_kwargs["quantization_config"] = bnb_config(self.cfg)
 
-    def _set_quantization_config(self):
-        set_config(self)
-        if wants_kbit(self.cfg) and "quantization_config" not in self.model_kwargs:
-            # A checkpoint saved already quantized carries its own config, which transformers applies.
-            quantized = getattr(self.model_config, "quantization_config", None)
-            if not quantized:
-                self.model_kwargs["quantization_config"] = bnb_config(self.cfg)
+        return _set_quantization_config
 
-    def _prepare_model_for_quantization(self):
-        prepare(self)
-        if not wants_kbit(self.cfg):
-            return
-        from peft import prepare_model_for_kbit_training
-        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    def prepare_model_for_quantization(original):
+        def _prepare_model_for_quantization(self):
+            original(self)
+            if not wants_kbit(self.cfg):
+                return
+            from peft import prepare_model_for_kbit_training
+            from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
-        if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
-            return  # as Axolotl does for QLoRA: keep every dtype as loaded
-        self.model = prepare_model_for_kbit_training(
-            self.model, use_gradient_checkpointing=bool(self.cfg.gradient_checkpointing)
-        )
+            if self.is_fsdp_enabled or is_deepspeed_zero3_enabled():
+                return  # as Axolotl does for QLoRA: keep every dtype as loaded
+            self.model = prepare_model_for_kbit_training(
+                self.model, use_gradient_checkpointing=bool(self.cfg.gradient_checkpointing)
+            )
 
-    setattr(_set_quantization_config, _MARK, True)
-    ModelLoader._set_quantization_config = _set_quantization_config
-    ModelLoader._prepare_model_for_quantization = _prepare_model_for_quantization
+        return _prepare_model_for_quantization
+
+    wrap_once(ModelLoader, "_set_quantization_config", set_quantization_config, CHECKED)
+    wrap_once(ModelLoader, "_prepare_model_for_quantization", prepare_model_for_quantization, CHECKED)

@@ -1,66 +1,13 @@
-"""Trainer-side wiring of the router metrics and the load-balancing loss (math: rlora_plugin.metrics)."""
+"""Trainer-side wiring of the load-balancing loss (math: rlora_plugin.metrics; the metrics callback:
+rlora_plugin.callbacks)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from axolotl.utils.logging import get_logger
-from transformers import TrainerCallback
+from rlora_plugin.metrics import RouterAuxLoss
 
-from rlora_plugin.metrics import MetricsCollector, RouterAuxLoss
-
-LOG = get_logger("axolotl.integrations.rlora_plugin")
-
-
-class RLoraMetricsCallback(TrainerCallback):
-    """Logs the `rlora/...` metrics through the trainer's own logging, every `logging_steps`.
-
-    Gate statistics are summed by the layers during the training forwards that happen anyway (see
-    `rlora_plugin.metrics.MetricsCollector`); head similarities are computed from the weights only at
-    logging steps. On a step where the trainer is about to log (`control.should_log`, set by the
-    DefaultFlowCallback that runs before this one), the values go to the trainer's own metric buffer, which
-    its `log()` folds into the record every reporter receives (and `trainer_state.json`'s `log_history`):
-    `store_metrics` of `AxolotlTrainer` and TRL's ORPO/CPO trainers, or the `_metrics["train"]` lists that
-    TRL's DPO, KTO and GRPO trainers average in their `log()` override.
-    """
-
-    def __init__(self, trainer: Any, metrics: bool, aux: RouterAuxLoss | None = None) -> None:
-        self.trainer = trainer
-        self.collector = MetricsCollector(trainer.model) if metrics else None
-        self.aux = aux
-        self._pending: dict[str, float] = {}
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.collector is not None:
-            self.collector.enable()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.collector is not None:
-            self.collector.disable()
-        if self.aux is not None:
-            self.aux.close()  # takes the observers and the token-mask hook off the model
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if not control.should_log:
-            return
-        values = self.collector.compute() if self.collector is not None else {}
-        if self.aux is not None and (aux := self.aux.pop_mean()) is not None:
-            values["rlora/aux_loss"] = aux
-        if not values:
-            return
-        trl_metrics = getattr(self.trainer, "_metrics", None)
-        if hasattr(self.trainer, "store_metrics"):
-            self.trainer.store_metrics(values, train_eval="train")
-        elif isinstance(trl_metrics, dict) and "train" in trl_metrics:
-            for key, value in values.items():
-                trl_metrics["train"][key].append(value)
-        else:  # a plain HF Trainer: add them to the next train record the callbacks see
-            self._pending = values
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._pending and logs is not None and "loss" in logs:
-            logs.update(self._pending)
-            self._pending = {}
+from . import LOG
 
 
 def install_aux_loss(trainer: Any, coef: float) -> RouterAuxLoss:

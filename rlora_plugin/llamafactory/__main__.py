@@ -1,0 +1,7 @@
+"""`python -m rlora_plugin.llamafactory COMMAND CONFIG.yaml`: see rlora_plugin.llamafactory."""
+
+import sys
+
+from rlora_plugin.llamafactory import main
+
+sys.exit(main())

@@ -1,0 +1,372 @@
+"""The LLaMA-Factory launcher (`python -m rlora_plugin.llamafactory`) on a tiny local Llama, on CPU.
+
+Runs only in a venv with LLaMA-Factory (`.ci/install-llamafactory.sh`), selected by its marker:
+`python -m pytest -m llamafactory tests/test_llamafactory.py` (conftest.py leaves these tests out of any run
+whose `-m` does not name the marker; the path keeps pytest from importing the Axolotl test modules). Without
+llamafactory they fail, never skip.
+- config refusals (a misspelled `rlora_*` key, bad values, plain-LoRA-only features), in-process and fast;
+- `train` through the launcher: LLaMA-Factory's data (local `dataset_info.json`, alpaca, its `default`
+  template), trainer and checkpoints; the saved adapter is RLORA, the router metrics reach the log history,
+  and a plain `PeftModel.from_pretrained` reload reproduces the in-process logits of the trained model;
+- `resume_from_checkpoint` reproduces the uninterrupted run's last loss;
+- two CPU processes (DDP under torchrun, through the launcher) give the one-process losses;
+- `stage: dpo` uses the model with the adapter switched off as its reference;
+- `chat` and `api` load the adapter unmerged and generate; `export` is refused, and its fix (the frozen-gate
+  export, then LLaMA-Factory's own export of that plain LoRA) works.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.llamafactory
+
+REPO = Path(__file__).resolve().parent.parent
+N_HEADS, RANK, STEPS = 3, 4, 4
+PROBE_IDS = [[5, 17, 42, 9, 23, 11, 30, 7]]
+TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def lf():
+    """The launcher module; importing it imports llamafactory, so a venv without it fails here."""
+    import llamafactory  # noqa: F401
+
+    from rlora_plugin import llamafactory as launcher
+
+    return launcher
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # torchrun of this venv
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p),
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_MODE="disabled",
+    )
+    return env
+
+
+def _run(
+    work: Path, *args: str, stdin: str | None = None, code: str | None = None, **env: str
+) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "rlora_plugin.llamafactory", *args]
+    proc = subprocess.run(
+        cmd, cwd=work, env={**_env(), **env}, input=stdin, capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
+    (work / f"{args[0]}-{len(list(work.glob('*.log')))}.log").write_text(proc.stdout + proc.stderr)
+    return proc
+
+
+def _write(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _losses(path: Path) -> dict[int, float]:
+    history = json.loads((path / "trainer_state.json").read_text())["log_history"]
+    return {r["step"]: r["loss"] for r in history if "loss" in r}
+
+
+def _train_cfg(tiny: dict, output_dir: Path, **over) -> dict:
+    """An ordinary LLaMA-Factory SFT config with `finetuning_type: rlora`; its dataset_info.json is written next
+    to the output directory (LLaMA-Factory joins `file_name` to `dataset_dir`; an absolute path stays one)."""
+    info = {"tiny_alpaca": {"file_name": str(tiny["alpaca"])}}
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    (output_dir.parent / "dataset_info.json").write_text(json.dumps(info))
+    return {
+        "model_name_or_path": str(tiny["model"]),
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "rlora",
+        "lora_rank": RANK,
+        "lora_alpha": 8,
+        "lora_dropout": 0.1,
+        "lora_target": "q_proj,v_proj,down_proj",
+        "rlora_num_heads": N_HEADS,
+        "rlora_init_gamma": 16.0,
+        "dataset": "tiny_alpaca",
+        "dataset_dir": str(output_dir.parent),
+        "template": "default",
+        "cutoff_len": 64,
+        "output_dir": str(output_dir),
+        "overwrite_output_dir": True,
+        "per_device_train_batch_size": 4,
+        "max_steps": STEPS,
+        "logging_steps": 2,
+        "save_steps": 2,
+        "learning_rate": 2.0e-3,
+        "report_to": "none",
+        "seed": 7,
+        **over,
+    }
+
+
+# Saves the trained model's logits on PROBE_IDS at train end (the model in memory, before any reload).
+_PROBE = f"""
+import sys, torch
+from transformers import TrainerCallback
+from rlora_plugin.llamafactory import main
+
+class Probe(TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        model.eval()
+        with torch.no_grad():
+            torch.save(model(input_ids=torch.tensor({PROBE_IDS})).logits, args.output_dir + "/probe_logits.pt")
+
+sys.exit(main(sys.argv[1:], callbacks=[Probe()]))
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(lf, tiny, tmp_path_factory):
+    """One training run through the launcher (probe callback added), with a checkpoint every 2 steps."""
+    work = tmp_path_factory.mktemp("lf_train")
+    out = work / "out"
+    proc = _run(work, "train", str(_write(work / "train.yaml", _train_cfg(tiny, out))), code=_PROBE)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"work": work, "out": out, "log": proc.stdout + proc.stderr}
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        ({"rlora_num_head": 3}, "unknown key `rlora_num_head: 3`. Fix: did you mean `rlora_num_heads`?"),
+        ({"rlora_init": "gaussian"}, "invalid `rlora_init: 'gaussian'`: choose one of 'random', 'zero'"),
+        ({"rlora_num_heads": True}, "invalid `rlora_num_heads: True`: use an integer"),
+        ({"lora_rank": 0}, "invalid `lora_rank: 0`: the rank must be an integer >= 1"),
+        ({"rlora_metrics": "yes"}, "invalid `rlora_metrics: 'yes'`: use true or false"),
+        ({"use_dora": True}, "does not support `use_dora: True`: DoRA is a variant of plain LoRA"),
+        ({"pissa_init": True}, "does not support `pissa_init: True`: PiSSA initializes plain LoRA"),
+        ({"loraplus_lr_ratio": 16.0}, "does not support `loraplus_lr_ratio: 16.0`"),
+        ({"create_new_adapter": True}, "does not support `create_new_adapter: True`"),
+        ({"rlora_router_aux_loss_coef": 0.01}, "does not support `rlora_router_aux_loss_coef: 0.01`"),
+        ({"finetuning_type": "lora"}, "`rlora_init_gamma` is an R-LoRA setting, but `finetuning_type` is 'lora'"),
+    ],
+)
+def test_config_refused(lf, tiny, tmp_path, over, message):
+    with pytest.raises(lf.LlamaFactoryConfigError) as info:
+        lf.translate(_train_cfg(tiny, tmp_path, **over))
+    assert message in str(info.value)
+
+
+def test_config_rewritten_to_lora_path(lf, tiny, tmp_path):
+    cfg = _train_cfg(tiny, tmp_path, rlora_router_top_k=2, rlora_metrics=False)
+    out = lf.translate(cfg)
+    assert out["finetuning_type"] == "lora" and not any(k.startswith("rlora_") for k in out)
+    assert {k: v for k, v in out.items() if k != "finetuning_type"} == {
+        k: v for k, v in cfg.items() if not k.startswith("rlora_") and k != "finetuning_type"
+    }
+    assert lf._Run.options == {"num_heads": N_HEADS, "init_gamma": 16.0, "router_top_k": 2, "init_seed": 7}
+    assert lf._Run.metrics is False
+    assert set(lf.RLORA_KEYS) | {lf.METRICS_KEY} == {
+        *(f"rlora_{name}" for name in lf.RLORA_FIELDS),
+        "rlora_init_seed",
+        "rlora_metrics",
+    }
+
+
+@pytest.mark.parametrize(
+    "flags", [["--finetuning_type", "rlora"], ["--finetuning_type=rlora"], ["--rlora_num_heads", "3"]]
+)
+def test_rlora_flags_refused(lf, monkeypatch, flags):
+    """`--key value` flags bypass the YAML rewrite: refused by name. Other flags pass (`rlora` in a path)."""
+    from llamafactory.hparams import parser
+
+    read_args = lf._read_args(parser.read_args)
+    monkeypatch.setattr(sys, "argv", ["prog", *flags])
+    with pytest.raises(lf.LlamaFactoryConfigError, match="is read from a YAML or JSON config only"):
+        read_args()
+    monkeypatch.setattr(sys, "argv", ["prog", "--output_dir", "/runs/rlora", "--finetuning_type", "lora"])
+    assert read_args() == ["--output_dir", "/runs/rlora", "--finetuning_type", "lora"]
+
+
+def test_unknown_version_refused(lf, monkeypatch):
+    monkeypatch.setattr(lf, "version", lambda name: "0.9.6")
+    monkeypatch.setattr(lf, "_patched", [])
+    with pytest.raises(RuntimeError, match=r"checked against llamafactory 0\.9\.5 only, and 0\.9\.6 is installed"):
+        lf.install_patches()
+
+
+def test_misspelled_key_refused_by_the_command(lf, tiny, tmp_path):
+    cfg = _write(tmp_path / "bad.yaml", _train_cfg(tiny, tmp_path / "out", rlora_router_topk=2))
+    proc = _run(tmp_path, "train", str(cfg))
+    assert proc.returncode == 2
+    assert "unknown key `rlora_router_topk: 2`. Fix: did you mean `rlora_router_top_k`?" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_saves_an_rlora_adapter_that_reloads_exactly(trained, tiny):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = trained["out"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "RLORA"
+    assert (config["r"], config["num_heads"], config["lora_alpha"], config["lora_dropout"]) == (RANK, N_HEADS, 8, 0.1)
+    assert (config["init_gamma"], config["init_seed"]) == (16.0, 7)
+    assert set(config["target_modules"]) == {"q_proj", "v_proj", "down_proj"}
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    train_logs = [r for r in history if "loss" in r]
+    assert [r["step"] for r in train_logs] == [2, 4]
+    for record in train_logs:
+        assert 0.0 < record["rlora/router_entropy"] <= 1.0
+        assert record["rlora/head_load_ratio"] >= 1.0
+
+    base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        reloaded = model(input_ids=torch.tensor(PROBE_IDS)).logits
+        with model.disable_adapter():
+            plain = model(input_ids=torch.tensor(PROBE_IDS)).logits
+    trained_logits = torch.load(out / "probe_logits.pt")
+    torch.testing.assert_close(reloaded, trained_logits, rtol=0, atol=1e-5)
+    assert (reloaded - plain).abs().max() > 1e-3  # the adapter trained, so matching it means something
+
+
+def test_resume_from_checkpoint_matches_the_uninterrupted_run(trained, tiny):
+    work, out = trained["work"], trained["out"]
+    resumed = work / "resumed"
+    cfg = _train_cfg(tiny, resumed, resume_from_checkpoint=str(out / "checkpoint-2"))
+    proc = _run(work, "train", str(_write(work / "resume.yaml", cfg)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    assert _losses(resumed)[STEPS] == pytest.approx(_losses(out)[STEPS], rel=1e-5)
+    assert json.loads((resumed / "adapter_config.json").read_text())["peft_type"] == "RLORA"
+
+
+def test_two_processes_match_one(lf, tiny, tmp_path):
+    """DDP over two CPU processes (the launcher runs itself under torchrun) gives the one-process losses, with
+    dropout off (each rank draws its own dropout masks) and the same total batch."""
+    one = _run(
+        tmp_path, "train", str(_write(tmp_path / "one.yaml", _train_cfg(tiny, tmp_path / "one", lora_dropout=0.0)))
+    )
+    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
+    cfg = _train_cfg(tiny, tmp_path / "two", lora_dropout=0.0, per_device_train_batch_size=2)
+    two = _run(tmp_path, "train", str(_write(tmp_path / "two.yaml", cfg)), FORCE_TORCHRUN="1", NPROC_PER_NODE="2")
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert "world size: 2" in two.stdout + two.stderr
+    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
+    assert json.loads((tmp_path / "two" / "adapter_config.json").read_text())["peft_type"] == "RLORA"
+
+
+def test_dpo_reference_is_the_model_without_the_adapter(lf, tiny, tmp_path):
+    """`stage: dpo` rides LLaMA-Factory's LoRA path: no reference model is loaded, the reference is the model
+    with the adapter switched off. R-LoRA is exact at init (zero router, offset path), so the first step's
+    loss is exactly ln 2 and its reward margin 0; then the policy moves away from the reference."""
+    rows = [json.loads(line) for line in tiny["alpaca"].read_text().splitlines()[:16]]
+    pref = tmp_path / "pref.jsonl"
+    pref.write_text(
+        "".join(json.dumps({**r, "chosen": r["output"], "rejected": "I do not know."}) + "\n" for r in rows)
+    )
+    cfg = _train_cfg(tiny, tmp_path / "dpo", stage="dpo", dataset="tiny_pref", logging_steps=1, max_steps=3)
+    columns = {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}
+    info = {"tiny_pref": {"file_name": str(pref), "ranking": True, "columns": columns}}
+    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
+    proc = _run(tmp_path, "train", str(_write(tmp_path / "dpo.yaml", cfg)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    logs = [r for r in json.loads((tmp_path / "dpo" / "trainer_state.json").read_text())["log_history"] if "loss" in r]
+    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert logs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert logs[-1]["rewards/margins"] > 1e-4
+    assert "rlora/router_entropy" in logs[-1]
+
+
+def test_chat_loads_the_adapter_unmerged_and_generates(trained, tiny):
+    work = trained["work"]
+    cfg = {
+        "model_name_or_path": str(tiny["model"]),
+        "adapter_name_or_path": str(trained["out"]),
+        "template": "default",
+        "finetuning_type": "lora",  # LLaMA-Factory's default: the adapter's own config says it is R-LoRA
+        "max_new_tokens": 4,
+        "do_sample": False,
+    }
+    proc = _run(work, "chat", str(_write(work / "chat.yaml", cfg)), stdin="What color is the cat?\nexit\n")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert f"Loaded the R-LoRA adapter {trained['out']} unmerged" in output
+    assert "Merged" not in output
+    reply = proc.stdout.split("Assistant:", 1)[1].split("User:", 1)[0]
+    assert reply.strip(), proc.stdout[-2000:]
+
+
+def test_api_serves_the_adapter_unmerged(trained, tiny):
+    import socket
+    import time
+    import urllib.request
+
+    work = trained["work"]
+    cfg = {"model_name_or_path": str(tiny["model"]), "adapter_name_or_path": str(trained["out"]), "template": "default"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(work / "api.log", "w")  # noqa: SIM115
+    cmd = [sys.executable, "-m", "rlora_plugin.llamafactory", "api", str(_write(work / "api.yaml", cfg))]
+    server = subprocess.Popen(cmd, cwd=work, env={**_env(), "API_PORT": str(port)}, stdout=log, stderr=log)
+    body = json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "What color is the cat?"}], "max_tokens": 4}
+    )
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", body.encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert server.poll() is None, (work / "api.log").read_text()[-3000:]
+            try:
+                reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(1)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
+    assert reply["usage"]["completion_tokens"] > 0
+    assert f"Loaded the R-LoRA adapter {trained['out']} unmerged" in (work / "api.log").read_text()
+
+
+def test_export_refused_and_its_fix_works(trained, tiny):
+    work = trained["work"]
+    cfg = {
+        "model_name_or_path": str(tiny["model"]),
+        "adapter_name_or_path": str(trained["out"]),
+        "template": "default",
+        "finetuning_type": "lora",
+        "export_dir": str(work / "merged"),
+    }
+    proc = _run(work, "export", str(_write(work / "export.yaml", cfg)))
+    assert proc.returncode == 2
+    assert "holds an R-LoRA adapter" in proc.stderr and "cannot be merged" in proc.stderr
+    assert "python -m rlora_plugin.export ADAPTER_DIR OUT_DIR --gates uniform" in proc.stderr
+    assert not (work / "merged").exists()
+
+    # The fix: a frozen-gate plain LoRA, which LLaMA-Factory's own export merges.
+    plain = work / "plain-lora"
+    export = subprocess.run(
+        [sys.executable, "-m", "rlora_plugin.export", str(trained["out"]), str(plain), "--gates", "uniform"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert export.returncode == 0, export.stderr[-2000:]
+    proc = _run(work, "export", str(_write(work / "export.yaml", {**cfg, "adapter_name_or_path": str(plain)})))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (work / "merged" / "config.json").is_file()

@@ -1,0 +1,45 @@
+"""Tiny random models for the fast tests: a 2-layer Llama, token batches, and adapter weights moved as if
+trained."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from rlora_plugin import RLoraLinear
+
+MLP = ["gate_proj", "up_proj", "down_proj"]
+SIZES = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **SIZES)).eval()
+
+
+def tokens(batch: int = 2, length: int = 9, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, SIZES["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def model_with(**kwargs) -> nn.Module:
+    """An R-LoRA model (MLP targets, r=4, 3 heads, no dropout, unless `kwargs` say otherwise) on `tiny_llama`."""
+    from peft import get_peft_model
+
+    from rlora_plugin import RLoraConfig
+
+    config = dict(target_modules=MLP, r=4, num_heads=3, lora_dropout=0.0) | kwargs
+    return get_peft_model(tiny_llama(), RLoraConfig(**config))
+
+
+def adapted_layers(model: nn.Module) -> list[RLoraLinear]:
+    return [m for m in model.modules() if isinstance(m, RLoraLinear)]
+
+
+def perturb(model: nn.Module, seed: int = 3) -> None:
+    """Move every trainable adapter weight away from its initial value, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
