@@ -22,7 +22,7 @@ from benchmarks.quality import __main__ as quality
 from benchmarks.quality.__main__ import FULL, QUICK, run_key, write_data
 from benchmarks.quality.methods import METHODS, Recipe, target_shapes, training_config
 from benchmarks.quality.results import Run, read_runs, sweep_table
-from benchmarks.quality.scoring import Scores
+from benchmarks.quality.scoring import FROZEN, Scores
 from benchmarks.quality.tasks import MIXTURE, first_letters, unit_conversion
 from benchmarks.speed import equal_param_rank, lora_params, rlora_params
 from examples.evaluate import parse_reply
@@ -46,11 +46,19 @@ def test_new_tasks_answer_correctly():
 
 @pytest.mark.parametrize("plan", [FULL, QUICK], ids=["full", "quick"])
 def test_data_is_deterministic_and_held_out_items_are_unseen(plan, tmp_path):
-    train_file, val, test = write_data(plan, tmp_path / "a")
+    train_file, train_files, val, test = write_data(plan, tmp_path / "a")
     again = write_data(plan, tmp_path / "b")
-    assert train_file.read_text() == again[0].read_text() and (val, test) == again[1:]
+    assert train_file.read_text() == again[0].read_text() and (val, test) == again[2:]
     train_prompts = [json.loads(line)["messages"][0]["content"] for line in train_file.read_text().splitlines()]
     assert len(train_prompts) == len(set(train_prompts)) == plan.train_per_task * len(plan.tasks)
+    # The per-task train files (the per-task frozen gates' prompts) split train.jsonl by the task that drew each.
+    assert list(train_files) == list(plan.tasks)
+    by_task = {task: path.read_text().splitlines() for task, path in train_files.items()}
+    assert sorted(sum(by_task.values(), [])) == sorted(train_file.read_text().splitlines())
+    for task, rows in by_task.items():
+        assert len(rows) == plan.train_per_task
+        verbs = {json.loads(row)["messages"][0]["content"].split()[0] for row in rows}  # "Add", "Convert", ...
+        assert len(verbs) == 1 and verbs == {item["prompt"].split()[0] for item in test if item["task"] == task}
     held_out = [item["prompt"] for item in val + test]
     assert len(set(held_out)) == len(held_out) and not set(held_out) & set(train_prompts)
     for task in plan.tasks:
@@ -165,6 +173,14 @@ def test_quick_benchmark_end_to_end(tmp_path):
         assert f"| {label} | 0.001 | {trained:,} |" in table
     assert runs[1]["scores"]["head_cos_b"] is None
     assert -1.0 <= runs[2]["scores"]["head_cos_ba"] <= 1.0
+    # R-LoRA is also scored with its gates frozen as the export freezes them; LoRA has no gates.
+    assert runs[1]["scores"]["frozen"] is None
+    frozen = runs[2]["scores"]["frozen"]
+    assert set(frozen) == set(FROZEN)
+    for variant, label in FROZEN.items():
+        assert set(frozen[variant]) == {*QUICK.tasks, "average"}
+        assert all(0.0 <= value <= 1.0 for value in frozen[variant].values())
+        assert f"| R-LoRA, exported ({label}) | 0.001 | - |" in table
     assert (out / "quality.png").stat().st_size > 10_000
 
     def written() -> dict:  # training logs and the base model's scores
@@ -175,10 +191,14 @@ def test_quick_benchmark_end_to_end(tmp_path):
     runs_dir = work / "quick" / "runs"
     before = written()
     assert len(before) == 3
+    # A run cached before the frozen variants existed gets them added, without retraining or decoding again.
+    cached = runs_dir / "rlora-lr0.001-seed0" / "scores.json"
+    cached.write_text(json.dumps({**json.loads(cached.read_text()), "frozen": None}))
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert written() == before  # cached: not retrained, the base model not decoded again
     assert json.loads((out / "quality.json").read_text())["runs"] == runs
+    assert json.loads(cached.read_text())["frozen"] == frozen
 
     # Another checkout, with nothing cached: --reuse takes the recorded runs instead of training them.
     elsewhere = tmp_path / "elsewhere"

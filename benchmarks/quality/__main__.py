@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.speed import equal_param_rank, lora_params, rlora_params
-from examples.multitask_data import generate
+from examples.multitask_data import Task, generate
 from examples.prepare_smollm2 import main as prepare_smollm2
 
 from .methods import METHODS, Method, Recipe, target_shapes, training_config
@@ -90,19 +91,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def write_data(plan: Plan, data_dir: Path) -> tuple[Path, list[dict], list[dict]]:
-    """train.jsonl for Axolotl; the held-out items split per task into validation and test."""
+def write_data(plan: Plan, data_dir: Path) -> tuple[Path, dict[str, Path], list[dict], list[dict]]:
+    """train.jsonl for Axolotl, its rows split by task (the prompts a per-task frozen gate is the mean over), and
+    the held-out items split per task into validation and test."""
+    drawn: dict[str, set[str]] = {task: set() for task in plan.tasks}
+
+    def recording(task: str, draw: Task) -> Task:  # generate() shuffles the train rows without their task
+        def draw_and_record(rng: random.Random) -> tuple[str, str]:
+            prompt, answer = draw(rng)
+            drawn[task].add(prompt)
+            return prompt, answer
+
+        return draw_and_record
+
     heldout_per_task = plan.val_per_task + plan.test_per_task
-    train, heldout = generate(plan.train_per_task, heldout_per_task, seed=0, tasks=plan.tasks)
+    tasks = {task: recording(task, draw) for task, draw in plan.tasks.items()}
+    train, heldout = generate(plan.train_per_task, heldout_per_task, seed=0, tasks=tasks)
     val, test = [], []
     for start in range(0, len(heldout), heldout_per_task):
         block = heldout[start : start + heldout_per_task]
         val += block[: plan.val_per_task]
         test += block[plan.val_per_task :]
-    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "train-by-task").mkdir(parents=True, exist_ok=True)
     train_file = data_dir / "train.jsonl"
-    train_file.write_text("".join(json.dumps(row) + "\n" for row in train))
-    return train_file, val, test
+    train_file.write_text(jsonl(train))
+    train_files = {task: data_dir / "train-by-task" / f"{task}.jsonl" for task in plan.tasks}
+    for task, path in train_files.items():
+        path.write_text(jsonl([row for row in train if row["messages"][0]["content"] in drawn[task]]))
+    return train_file, train_files, val, test
+
+
+def jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
 
 
 def content_key(data: bytes) -> str:
@@ -156,14 +176,14 @@ def main(argv: list[str] | None = None) -> Path:
     if args.fresh:
         shutil.rmtree(work_dir / "runs", ignore_errors=True)
     prepare_smollm2(args.model_dir)
-    train_file, val, test = write_data(plan, work_dir / "data")
+    train_file, train_files, val, test = write_data(plan, work_dir / "data")
     # Axolotl finds prepared data by the dataset's path, not its content: key it by the content.
     prepared_dir = work_dir / "prepared" / content_key(train_file.read_bytes())
     recipe = Recipe(args.model_dir, train_file, prepared_dir, r=args.r, heads=args.heads,
                     steps=args.steps or plan.steps, micro_batch_size=plan.micro_batch_size)  # fmt: skip
     shapes = target_shapes(args.model_dir)
     lora_eq_rank = equal_param_rank(shapes, args.r, args.heads)
-    scorer = Scorer(args.model_dir)
+    scorer = Scorer(args.model_dir, train_file, train_files)
     recorded = {run.key: run for path in args.reuse for run in read_runs(path)}
 
     def rank_and_params(method: Method) -> tuple[int, int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from statistics import mean
 
 from .methods import Method, Recipe
-from .scoring import Scores
+from .scoring import FROZEN, Scores
 
 
 @dataclass
@@ -76,6 +76,20 @@ def accuracy_table(methods: list[Method], runs: list[Run], tasks: list[str]) -> 
             _cell([r.train_seconds for r in own], 0) if trained else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+        for variant, label in FROZEN.items():
+            frozen = [r.scores.frozen[variant] for r in own if r.scores.frozen]
+            if frozen:
+                cells = [
+                    f"{method.label}, exported ({label})",
+                    f"{own[0].lr:g}",
+                    "-",
+                    *(_cell([scores[task] for scores in frozen], 2) for task in tasks),
+                    f"**{_cell([scores['average'] for scores in frozen])}**",
+                    "-",
+                    "-",
+                    "-",
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -161,6 +175,16 @@ def write_results(
         f"{(0.25 / test_items) ** 0.5:.3f} (a task's, with {test_items // len(tasks)} items: about "
         f"{(0.25 * len(tasks) / test_items) ** 0.5:.2f}), before any seed-to-seed variation.",
     ]
+    if any(run.scores.frozen for run in runs):
+        lines += [
+            "",
+            'Rows "exported (...)": the same trained adapter with its gates frozen to constants, which is what',
+            "`python -m rlora_plugin.export ADAPTER OUT --gates mean --data FILE` writes as a plain LoRA (scored under",
+            "`rlora_plugin.routing.fixed_gates`, which equals the exported LoRA: tests/test_routing.py). Per-task mean",
+            "gates: each task's test items under each layer's mean gate over that task's train prompts (one LoRA per",
+            "task, the task known in advance); one global mean gate: every test item under the mean gate over all",
+            "train prompts (one LoRA for all tasks).",
+        ]
     if sweep:
         lines += [
             "", "## Learning-rate sweep (first seed)", "",

@@ -1,5 +1,6 @@
 """Scoring one trained adapter: exact match on the held-out items (the example's greedy decoder and answer
-parser) and, for multi-head adapters, how similar the heads came out."""
+parser) and, for multi-head adapters, how similar the heads came out and what freezing the gates costs (the
+export to a plain LoRA, rlora_plugin.export)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type)
 from examples.evaluate import accuracy
+from rlora_plugin.export import mean_gates
 from rlora_plugin.report import analyse
+from rlora_plugin.routing import fixed_gates
 from rlora_plugin.saved import read_adapter
+
+# The frozen-gate variants of a multi-head adapter, as `rlora_plugin.export --gates mean --data FILE` builds them.
+FROZEN = {
+    "per_task": "per-task mean gates",  # each task's test items under the mean gates of that task's train prompts
+    "global": "one global mean gate",  # every test item under the mean gates of all train prompts
+}
 
 
 @dataclass
@@ -24,32 +33,55 @@ class Scores:
     test: dict[str, float]
     head_cos_b: float | None = None  # mean pairwise cosine of the heads B_i, over layers
     head_cos_ba: float | None = None  # the same for the effective updates B_i A
+    frozen: dict[str, dict[str, float]] | None = None  # test accuracy per FROZEN variant, per task and "average"
 
 
-def head_similarity(adapter_dir: Path) -> tuple[float, float] | tuple[None, None]:
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if config.get("peft_type") != "RLORA":
-        return None, None
+def is_multi_head(adapter_dir: Path) -> bool:
+    return json.loads((adapter_dir / "adapter_config.json").read_text()).get("peft_type") == "RLORA"
+
+
+def head_similarity(adapter_dir: Path) -> tuple[float, float]:
     layers = analyse(*read_adapter(adapter_dir)[:2])
     return mean(layer.cos_b for layer in layers), mean(layer.cos_ba for layer in layers)
 
 
 class Scorer:
-    def __init__(self, model_dir: Path):
+    """Scores on the base model `model_dir`; multi-head adapters also with their gates frozen to the mean gates
+    of the train prompts in `train_file` (all tasks) and in `train_files` (one file per task)."""
+
+    def __init__(self, model_dir: Path, train_file: Path, train_files: dict[str, Path]):
         self.model_dir = model_dir
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.train_file, self.train_files = train_file, train_files
 
     @torch.no_grad()
     def score(self, adapter_dir: Path | None, val: list[dict], test: list[dict], cache: Path) -> Scores:
-        """Scores of the base model (`adapter_dir=None`) or of the base with the adapter, kept in `cache`."""
-        if cache.exists():
-            return Scores(**json.loads(cache.read_text()))
+        """Scores of the base model (`adapter_dir=None`) or of the base with the adapter, kept in `cache`; a
+        cached multi-head run scored before the frozen variants existed gets them added."""
+        scores = Scores(**json.loads(cache.read_text())) if cache.exists() else None
+        frozen = adapter_dir is not None and is_multi_head(adapter_dir)
+        if scores is not None and (scores.frozen is not None or not frozen):
+            return scores
         model = AutoModelForCausalLM.from_pretrained(self.model_dir).eval()
         if adapter_dir:
             model = PeftModel.from_pretrained(model, adapter_dir).eval()
-        scores = Scores(accuracy(model, self.tokenizer, val), accuracy(model, self.tokenizer, test))
-        if adapter_dir:
+        if scores is None:
+            scores = Scores(accuracy(model, self.tokenizer, val), accuracy(model, self.tokenizer, test))
+        if frozen:
             scores.head_cos_b, scores.head_cos_ba = head_similarity(adapter_dir)
+            scores.frozen = self.frozen(model, adapter_dir, test)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(asdict(scores)))
         return scores
+
+    def frozen(self, model: PeftModel, adapter_dir: Path, test: list[dict]) -> dict[str, dict[str, float]]:
+        """Test accuracy of the FROZEN variants: the model under `fixed_gates` is exactly the exported plain
+        LoRA (tests/test_routing.py), so this is what the export serves."""
+        per_task = {}
+        for task, train_file in self.train_files.items():
+            with fixed_gates(model, mean_gates(adapter_dir, train_file, str(self.model_dir))):
+                per_task[task] = accuracy(model, self.tokenizer, [item for item in test if item["task"] == task])[task]
+        per_task["average"] = mean(per_task.values())
+        with fixed_gates(model, mean_gates(adapter_dir, self.train_file, str(self.model_dir))):
+            everything = accuracy(model, self.tokenizer, test)
+        return {"per_task": per_task, "global": everything}
