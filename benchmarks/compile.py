@@ -30,7 +30,9 @@ import torch._functorch.config
 import torch._inductor.config
 import transformers
 
-from benchmarks.speed import MLP, adapt, equal_param_rank, machine, smollm2_config
+from benchmarks.speed.cases import adapt
+from benchmarks.speed.counts import MLP, equal_param_rank, smollm2_config
+from benchmarks.speed.report import machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ADAPTERS = {"lora_eq": "LoRA, equal params", "rlora": "rlora"}

@@ -28,22 +28,10 @@ import torch
 import transformers
 from torch import nn
 
-from benchmarks.speed import (
-    MLP,
-    REFERENCE,
-    RESULTS,
-    CaseResult,
-    Variant,
-    adapt,
-    equal_param_rank,
-    machine,
-    paired_time_ratio,
-    ratio,
-    rlora_params,
-    smollm2_config,
-    summarize,
-    trainable,
-)
+from benchmarks.speed.cases import adapt
+from benchmarks.speed.counts import MLP, equal_param_rank, rlora_params, smollm2_config
+from benchmarks.speed.report import RESULTS, machine
+from benchmarks.speed.timing import REFERENCE, CaseResult, Variant, paired_time_ratio, ratio, summarize, trainable
 
 VARIANT_LABELS = {
     "base": "base model",

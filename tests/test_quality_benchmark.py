@@ -24,7 +24,7 @@ from benchmarks.quality.methods import METHODS, Recipe, target_shapes, training_
 from benchmarks.quality.results import Run, read_runs, sweep_table
 from benchmarks.quality.scoring import FROZEN, Scores
 from benchmarks.quality.tasks import MIXTURE, first_letters, unit_conversion
-from benchmarks.speed import equal_param_rank, lora_params, rlora_params
+from benchmarks.speed.counts import equal_param_rank, lora_params, rlora_params
 from examples.evaluate import parse_reply
 from rlora_plugin import RLoraConfig
 from rlora_plugin.axolotl_plugin.args import build_rlora_config

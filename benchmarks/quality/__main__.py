@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.speed import equal_param_rank, lora_params, rlora_params
+from benchmarks.speed.counts import equal_param_rank, lora_params, rlora_params
 from examples.multitask_data import Task, generate
 from examples.prepare_smollm2 import main as prepare_smollm2
 

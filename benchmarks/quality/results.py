@@ -142,7 +142,7 @@ def write_results(
     out_dir: Path, methods: list[Method], runs: list[Run], sweep: list[Run], recipe: Recipe, lora_eq_rank: int,
     data: str, argv_text: str, test_items: int,
 ) -> Path:  # fmt: skip
-    from benchmarks.speed import machine
+    from benchmarks.speed.report import machine
 
     tasks = [task for task in (runs + sweep)[0].scores.test if task != "average"]
     seeds = sorted({run.seed for run in runs if run.seed is not None})
