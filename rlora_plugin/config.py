@@ -28,14 +28,16 @@ class RLoraConfig(PeftConfig):
     `init="zero", head_dropout="shared"`; plain LoRA is `num_heads=1, init="zero"`.
     """
 
-    r: int = field(default=8, metadata={"help": "Rank of the shared down-projection A (and of every head)."})
+    r: int = field(
+        default=8, metadata={"help": "Rank of the shared down-projection A (and of every head).", "host": "lora"}
+    )
     lora_alpha: float = field(
         default=16,
-        metadata={"help": "Scale numerator: the update is scaled by lora_alpha / r (or / sqrt(r))."},
+        metadata={"help": "Scale numerator: the update is scaled by lora_alpha / r (or / sqrt(r)).", "host": "lora"},
     )
     lora_dropout: float = field(
         default=0.1,
-        metadata={"help": "Dropout rate on the rank-r features A x, in [0, 1). 0 turns dropout off."},
+        metadata={"help": "Dropout rate on the rank-r features A x, in [0, 1). 0 turns dropout off.", "host": "lora"},
     )
     num_heads: int = field(default=5, metadata={"help": "Number of up-projection heads B_i mixed by the router."})
     head_dropout: Literal["per_head", "shared"] = field(
@@ -58,7 +60,8 @@ class RLoraConfig(PeftConfig):
         metadata={
             "help": "PEFT's convention. True: the adapted model equals the base model at init (the offset path of "
             "init='random', zero heads with init='zero'). False: neither (no offset path; init='zero' draws the "
-            "heads like nn.Linear), so the adapter changes the output from the start; for tests and debugging."
+            "heads like nn.Linear), so the adapter changes the output from the start; for tests and debugging.",
+            "host": "none",
         },
     )
     init_gamma: float = field(
@@ -96,7 +99,8 @@ class RLoraConfig(PeftConfig):
         },
     )
     use_rslora: bool = field(
-        default=False, metadata={"help": "Scale by lora_alpha / sqrt(r) (rsLoRA) instead of lora_alpha / r."}
+        default=False,
+        metadata={"help": "Scale by lora_alpha / sqrt(r) (rsLoRA) instead of lora_alpha / r.", "host": "lora"},
     )
     init_seed: int = field(
         default=0,
@@ -104,6 +108,7 @@ class RLoraConfig(PeftConfig):
             "help": "Seed of the initialization. Each layer draws from a generator seeded by this value and the "
             "layer's name, so every rank and every run builds the same adapter.",
             "role": "init",
+            "host": "seed",
         },
     )
     target_modules: list[str] | str | None = field(
@@ -112,21 +117,23 @@ class RLoraConfig(PeftConfig):
             "help": "Module names (exact or suffix match), a regex, or 'all-linear'. Only nn.Linear modules "
             "(and GPT-2's Conv1D) can be adapted. If None, PEFT's LoRA defaults for the architecture are used.",
             "role": "targets",
+            "host": "lora",
         },
     )
     exclude_modules: list[str] | str | None = field(
         default=None,
-        metadata={"help": "Module names or a regex of modules not to adapt.", "role": "targets"},
+        metadata={"help": "Module names or a regex of modules not to adapt.", "role": "targets", "host": "lora"},
     )
     layers_to_transform: list[int] | int | None = field(
         default=None,
-        metadata={"help": "Only adapt the decoder layers with these indices.", "role": "targets"},
+        metadata={"help": "Only adapt the decoder layers with these indices.", "role": "targets", "host": "lora"},
     )
     layers_pattern: list[str] | str | None = field(
         default=None,
         metadata={
             "help": "Name of the nn.ModuleList holding the layers (e.g. 'layers'), with layers_to_transform.",
             "role": "targets",
+            "host": "lora",
         },
     )
     modules_to_save: list[str] | None = field(
@@ -134,6 +141,7 @@ class RLoraConfig(PeftConfig):
         metadata={
             "help": "Modules besides the adapter layers to train fully and save (e.g. 'lm_head').",
             "role": "targets",
+            "host": "lora",
         },
     )
 
@@ -226,16 +234,13 @@ class RLoraConfig(PeftConfig):
 # R-LoRA's own fields of `RLoraConfig`: not plain LoRA's, and not `init_seed`, whose default a host takes from
 # its run's seed. The one list a host framework exposes as R-LoRA settings (Axolotl's `rlora:` block,
 # LLaMA-Factory's `rlora_*` keys).
-RLORA_FIELDS = (
-    "num_heads",
-    "init",
-    "init_gamma",
-    "head_dropout",
-    "router_init",
-    "router_temperature",
-    "router_top_k",
-    "router_aux_loss_coef",
-)
+
+
+def rlora_fields() -> tuple[str, ...]:
+    """R-LoRA's own options, which a host framework exposes under its own R-LoRA keys: every field of
+    `RLoraConfig` without a "host" entry in its metadata ("lora": the host's own LoRA key sets it; "seed": the
+    host defaults it to the run's seed; "none": not a host setting)."""
+    return tuple(name for name in own_field_types() if "host" not in RLoraConfig.__dataclass_fields__[name].metadata)
 
 
 def fields_with_role(role: str | None) -> tuple[str, ...]:

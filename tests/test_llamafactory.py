@@ -172,7 +172,7 @@ def test_config_rewritten_to_lora_path(lf, tiny, tmp_path):
     assert lf._Run.options == {"num_heads": N_HEADS, "init_gamma": 16.0, "router_top_k": 2, "init_seed": 7}
     assert lf._Run.metrics is False
     assert set(lf.RLORA_KEYS) | {lf.METRICS_KEY} == {
-        *(f"rlora_{name}" for name in lf.RLORA_FIELDS),
+        *(f"rlora_{name}" for name in lf.rlora_fields()),
         "rlora_init_seed",
         "rlora_metrics",
     }

@@ -23,14 +23,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from rlora_plugin.config import RLORA_FIELDS, RLoraConfig, RLoraConfigError, own_field_types
+from rlora_plugin.config import RLoraConfig, RLoraConfigError, own_field_types, rlora_fields
 from rlora_plugin.layer import MERGE_WHY
 from rlora_plugin.registration import PEFT_TYPE_NAME
 
 ADAPTER_NAME = "rlora"
 
 # R-LoRA's own fields of `RLoraConfig`, set in the nested `rlora:` block (with RLoraConfig's types and defaults).
-BLOCK_FIELDS = RLORA_FIELDS
+BLOCK_FIELDS = rlora_fields()
 # The plain-LoRA fields of `RLoraConfig` -> the Axolotl key they come from (Axolotl's own keys keep their meaning).
 LORA_KEYS = {
     "r": "lora_r",

@@ -5,7 +5,7 @@
 
 The YAML is an ordinary LLaMA-Factory config with `finetuning_type: rlora`. LLaMA-Factory's LoRA keys keep
 their meaning (`lora_rank`, `lora_alpha`, `lora_dropout`, `lora_target`, `use_rslora`, `additional_target`);
-R-LoRA's own settings are flat `rlora_<field>` keys, one per `RLORA_FIELDS` entry of `RLoraConfig` plus
+R-LoRA's own settings are flat `rlora_<field>` keys, one per R-LoRA option of `RLoraConfig` (`rlora_fields()`) plus
 `rlora_init_seed` (default: the run's `seed`) and `rlora_metrics`. Everything is checked when the config is
 read, before any model or dataset loads.
 
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type: building and loading need it)
-from rlora_plugin.config import RLORA_FIELDS, RLoraConfig, RLoraConfigError
+from rlora_plugin.config import RLoraConfig, RLoraConfigError, rlora_fields
 from rlora_plugin.layer import MERGE_WHY
 from rlora_plugin.registration import PEFT_TYPE_NAME
 
@@ -60,7 +60,7 @@ LORA_KEYS = {
     "modules_to_save": "additional_target",
 }
 # R-LoRA's settings as flat LLaMA-Factory keys: `rlora_<RLoraConfig field>`, plus the launcher's `rlora_metrics`.
-RLORA_KEYS = {f"rlora_{name}": name for name in (*RLORA_FIELDS, "init_seed")}
+RLORA_KEYS = {f"rlora_{name}": name for name in (*rlora_fields(), "init_seed")}
 METRICS_KEY = "rlora_metrics"
 
 _EXPORT_FIX = (
