@@ -223,10 +223,13 @@ class RLoraLayer(BaseTunerLayer):
         compiling, nor for DeepSpeed ZeRO-3 parameters (gathered anew for each forward) or inference tensors.
         """
         # The stores' own dicts: `self.rlora_A[adapter]` is two Module.__getattr__ calls, ~1 us each per layer.
+        # Parameters are read with `[]`, never `.get()`: under ZeRO-3 `_parameters` is DeepSpeed's dict whose
+        # `__getitem__` gathers a partitioned parameter (`dict.get` would return the empty partition).
         stores = self._modules
+        routers = stores["rlora_router"]._parameters
         weights = (
             stores["rlora_A"]._parameters[adapter],
-            stores["rlora_router"]._parameters.get(adapter),
+            routers[adapter] if adapter in routers else None,
             stores["rlora_offset_A"]._buffers.get(adapter),
             stores["rlora_B"]._parameters[adapter],
             stores["rlora_offset_B"]._buffers.get(adapter),

@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import RLoraConfig
 from .layer import MERGE_REFUSAL, RLoraLayer, RLoraLinear
 
-_ADAPTER_TENSOR = re.compile(r"\.(rlora_(?:A|B|router|offset_A|offset_B))\.([^.]+)$")
+_ADAPTER_TENSOR = re.compile(r"\.(rlora_(?:A|B|router|offset_A|offset_B))(?:\.([^.]+))?$")
 
 
 class RLoraModel(BaseTuner):
@@ -68,37 +68,38 @@ class RLoraModel(BaseTuner):
         adapted layer must get each of its tensors (a missing one would leave a random router or head in
         place), no tensor it does not have (an `adapter_config.json` edited from `init: random` to `zero`
         would silently drop the saved offset path), and only finite values."""
-        loaded = {}
+        loaded = {}  # key without the adapter name -> (adapter, tensor); adapter None: PEFT found no place for it
         for key, value in state_dict.items():
             match = _ADAPTER_TENSOR.search(key)
             if key.startswith(prefix) and match:
-                loaded[key[len(prefix) :]] = (match.group(1), match.group(2), value)
-        adapters = {adapter for _, adapter, _ in loaded.values()}
-        if adapters:
-            self._check_adapter_tensors(loaded, adapters, prefix)
+                loaded[key[len(prefix) : match.start(2) - 1 if match.group(2) else None]] = (match.group(2), value)
+        adapters = {adapter for adapter, _ in loaded.values() if adapter}
+        if loaded:
+            self._check_adapter_tensors(loaded, adapters or {"default"}, prefix)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _check_adapter_tensors(
-        self, loaded: dict[str, tuple[str, str, torch.Tensor]], adapters: set[str], prefix: str
+        self, loaded: dict[str, tuple[str | None, torch.Tensor]], adapters: set[str], prefix: str
     ) -> None:
         def refuse(adapter: str, key: str, problem: str) -> None:
             source = getattr(self.peft_config.get(adapter), "source", None)
             where = f"{source}/adapter_model.safetensors" if source else "the saved adapter weights"
-            saved_key = prefix + key.rsplit(".", 1)[0]  # as in the file: no adapter name
             raise ValueError(
-                f"Cannot load R-LoRA adapter '{adapter}' from {where}: tensor `{saved_key}` {problem} The file is "
+                f"Cannot load R-LoRA adapter '{adapter}' from {where}: tensor `{prefix}{key}` {problem} The file is "
                 "damaged or does not belong to this adapter_config.json: save the adapter again from the "
                 "trained model, or restore both files together."
             )
 
-        expected = set()
+        expected = {}  # key without the adapter name -> adapter
         for name, layer in self.model.named_modules():
             if not isinstance(layer, RLoraLayer):
                 continue
             for tensor in RLoraLayer.adapter_tensor_names:
                 for adapter in adapters & set(getattr(layer, tensor)):
-                    expected.add(f"model.{name}.{tensor}.{adapter}")
-        for key, (_, adapter, value) in sorted(loaded.items()):
+                    expected[f"model.{name}.{tensor}"] = adapter
+        (first,) = sorted(adapters)[:1]
+        for key, (adapter, value) in sorted(loaded.items()):
+            adapter = adapter or first  # peft >= 0.21 leaves a key it cannot place without the adapter name
             if key not in expected:
                 config = self.peft_config.get(adapter)
                 refuse(
@@ -106,5 +107,5 @@ class RLoraModel(BaseTuner):
                 )
             if value.numel() and not torch.isfinite(value).all():
                 refuse(adapter, key, "holds NaN or infinite values.")
-        for key in sorted(expected - set(loaded)):
-            refuse(key.rsplit(".", 1)[1], key, "is missing.")
+        for key in sorted(set(expected) - set(loaded)):
+            refuse(expected[key], key, "is missing.")
