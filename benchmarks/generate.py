@@ -239,7 +239,10 @@ def write_results(cases: list[CaseResult], args: argparse.Namespace, loads: list
         *summary_table(cases),
         "",
         "Target: R-LoRA prefill and decode <= 1.00x LoRA-eq unmerged at batch 1 and 8. 'R-LoRA, weights "
-        "concatenated per call' is R-LoRA as it ran before the inference cache of `RLoraLayer._fused_weights`.",
+        "concatenated per call' is R-LoRA as it ran before the inference cache of `RLoraLayer._fused_weights`. "
+        "Where a row says **no**, the reason and its per-layer profile (the frozen offset path of `init: random` "
+        "and the routing ops) are in benchmarks/README.md, 'Results on the project machine, and where the time "
+        "goes'.",
         "",
         "## Details",
         "",
