@@ -23,7 +23,7 @@ from typing import Any
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from peft import PeftModel, get_peft_model
 
-import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type, needed to build and to load)
+# Importing any rlora_plugin module runs the package __init__, which registers the RLORA PEFT type.
 from rlora_plugin.callbacks import RLoraMetricsCallback
 from rlora_plugin.config import RLoraConfig, fields_with_role
 
