@@ -218,12 +218,11 @@ class RLoraConfig(PeftConfig):
             "the loss weight must be a finite number >= 0 (0 turns it off; e.g. 0.01).",
         )
         require("init_seed", self.init_seed >= 0, "the seed must be an integer >= 0.")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            raise RLoraConfigError(
-                "layers_to_transform",
-                self.layers_to_transform,
-                "it cannot be combined with a regex `target_modules`; list the names.",
-            )
+        require(
+            "layers_to_transform",
+            not (isinstance(self.target_modules, str) and self.layers_to_transform is not None),
+            "it cannot be combined with a regex `target_modules`; list the names.",
+        )
         require(
             "layers_pattern",
             not (self.layers_pattern and self.layers_to_transform is None),
@@ -231,16 +230,11 @@ class RLoraConfig(PeftConfig):
         )
 
 
-# R-LoRA's own fields of `RLoraConfig`: not plain LoRA's, and not `init_seed`, whose default a host takes from
-# its run's seed. The one list a host framework exposes as R-LoRA settings (Axolotl's `rlora:` block,
-# LLaMA-Factory's `rlora_*` keys).
-
-
 def rlora_fields() -> tuple[str, ...]:
     """R-LoRA's own options, which a host framework exposes under its own R-LoRA keys: every field of
     `RLoraConfig` without a "host" entry in its metadata ("lora": the host's own LoRA key sets it; "seed": the
     host defaults it to the run's seed; "none": not a host setting)."""
-    return tuple(name for name in own_field_types() if "host" not in RLoraConfig.__dataclass_fields__[name].metadata)
+    return tuple(name for name in own_field_types() if "host" not in _metadata(name))
 
 
 def fields_with_role(role: str | None) -> tuple[str, ...]:
@@ -248,9 +242,11 @@ def fields_with_role(role: str | None) -> tuple[str, ...]:
     initial weights), "training" (they act only while training, so a run's own setting applies even to a
     loaded adapter), "targets" (which modules are adapted), or None (the settings that define the adapter's
     forward pass: a saved adapter's value governs when it is loaded)."""
-    return tuple(
-        name for name in own_field_types() if RLoraConfig.__dataclass_fields__[name].metadata.get("role") == role
-    )
+    return tuple(name for name in own_field_types() if _metadata(name).get("role") == role)
+
+
+def _metadata(name: str) -> Any:
+    return RLoraConfig.__dataclass_fields__[name].metadata
 
 
 @cache
@@ -258,11 +254,6 @@ def own_field_types() -> dict[str, Any]:
     """The type of every field `RLoraConfig` declares itself (not PEFT's base fields), resolved."""
     hints = get_type_hints(RLoraConfig)
     return {name: hints[name] for name in RLoraConfig.__annotations__}
-
-
-def choices(key: str) -> tuple[str, ...]:
-    """The allowed values of a `Literal` field of `RLoraConfig`: the annotation is the one source."""
-    return get_args(own_field_types()[key])
 
 
 def check_type(key: str, value: Any) -> None:

@@ -24,7 +24,7 @@ import torch
 
 from .layer import adapter_scaling, frozen_gate_lora
 from .routing import PEFT_PREFIX, parse_gates, record_gates
-from .saved import WEIGHTS, read_adapter
+from .saved import WEIGHTS, read_adapter, read_config
 
 
 def prompts_of(data_file: str | Path, tokenizer) -> list[str]:  # noqa: ANN001
@@ -59,8 +59,7 @@ def mean_gates(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config, _, _ = read_adapter(adapter_dir)
-    base_model = base_model or config.base_model_name_or_path
+    base_model = base_model or read_config(adapter_dir).base_model_name_or_path
     if not base_model:
         raise ValueError(f"{adapter_dir} records no base model: pass --base-model.")
     tokenizer = AutoTokenizer.from_pretrained(base_model)

@@ -103,7 +103,7 @@ class RLoraLayer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("rlora_A", "rlora_B", "rlora_router")
-    adapter_tensor_names = ("rlora_A", "rlora_B", "rlora_router", "rlora_offset_A", "rlora_offset_B")
+    adapter_tensor_names = (*adapter_layer_names, "rlora_offset_A", "rlora_offset_B")  # what an adapter saves
     other_param_names = (
         "rlora_offset_A",
         "rlora_offset_B",
@@ -209,12 +209,18 @@ class RLoraLayer(BaseTunerLayer):
         # addmm writes base + update in one pass, saving a (tokens, d_out) temporary and an add over it.
         return torch.addmm(add_to.flatten(0, -2), mixed.flatten(0, -2), up.T).view(add_to.shape)
 
+    @property
+    def routed_adapters(self) -> list[str]:
+        """The active adapters that are R-LoRA adapters of this layer."""
+        return [adapter for adapter in self.active_adapters if adapter in self.rlora_A]
+
     def _fused_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, list[int], bool, bool, bool]:
         """`down = [A ; W_g ; A0]`, `up = [B_cat, Bbar0]`, the row sizes of `down`, whether `s` and the offset's
         `-s` are folded into `up` (then the caller must not apply them), and whether there are a router and an
         offset path.
 
-        With grad enabled (training) they are concatenated at every call, unfolded: autograd sees the plain math.
+        In training mode or with grad enabled they are concatenated at every call, unfolded: autograd sees the
+        plain math, and a training forward empties the cache.
         Without grad (generation, evaluation) they are built once and reused until a weight changes: decoding runs
         every adapted layer once per token, where rebuilding them costs as much as the adapter's matmuls. An entry
         is valid while each weight has the same identity, storage, dtype and in-place version counter (optimizer
@@ -309,9 +315,8 @@ class RLoraLinear(nn.Module, RLoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
             return result
-        for adapter in self.active_adapters:
-            if adapter in self.rlora_A:
-                result = self.routed_update(x, adapter, add_to=result)
+        for adapter in self.routed_adapters:
+            result = self.routed_update(x, adapter, add_to=result)
         return result
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

@@ -205,13 +205,6 @@ def rlora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, RLoraLayer)]
 
 
-def _active_adapter(layer: nn.Module) -> str | None:
-    for adapter in layer.active_adapters:
-        if adapter in layer.rlora_A:
-            return adapter
-    return None
-
-
 def _full(weight: torch.Tensor) -> torch.Tensor:
     """The whole tensor of an FSDP2-sharded DTensor (an all-gather: every rank must call it, in the same order);
     ops on the DTensor itself would leave partial sums on each rank."""
@@ -222,7 +215,7 @@ def similarity_metrics(model: nn.Module, per_kind: bool = True) -> dict[str, flo
     """`rlora/head_cos_B`, `rlora/head_cos_BA` (and per module kind) from the adapter weights."""
     cos_b, cos_ba, by_kind = [], [], defaultdict(list)
     for name, layer in rlora_layers(model):
-        adapter = _active_adapter(layer)
+        adapter = next(iter(layer.routed_adapters), None)
         if adapter is None or layer.num_heads[adapter] < 2:
             continue
         heads = layer.num_heads[adapter]

@@ -14,7 +14,9 @@ from transformers.pytorch_utils import Conv1D
 from .config import RLoraConfig
 from .layer import MERGE_REFUSAL, RLoraLayer, RLoraLinear
 
-_ADAPTER_TENSOR = re.compile(r"\.(rlora_(?:A|B|router|offset_A|offset_B))(?:\.([^.]+))?$")
+# A saved R-LoRA tensor's key: `<module>.<tensor name>[.<adapter>]` (peft >= 0.21 leaves the adapter name off a key
+# it finds no place for).
+_ADAPTER_TENSOR = re.compile(rf"\.({'|'.join(RLoraLayer.adapter_tensor_names)})(?:\.([^.]+))?$")
 
 
 class RLoraModel(BaseTuner):

@@ -35,10 +35,6 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
-def _active(layer: nn.Module) -> list[str]:
-    return [adapter for adapter in layer.active_adapters if adapter in layer.rlora_A]
-
-
 class GateRecord:
     """The gates each layer applied, one `(tokens, N)` tensor per forward, real tokens only."""
 
@@ -79,7 +75,7 @@ def routing(model: nn.Module, top_k: int | None = None, temperature: float | Non
     the saved config and the values outside the block are unchanged."""
     layers = _layers(model)
     saved = [(layer, adapter, layer.router_top_k[adapter], layer.router_temperature[adapter])
-             for layer in layers.values() for adapter in _active(layer)]  # fmt: skip
+             for layer in layers.values() for adapter in layer.routed_adapters]  # fmt: skip
     for layer, adapter, _, _ in saved:
         heads = layer.num_heads[adapter]
         if top_k is not None:
@@ -132,14 +128,14 @@ def fixed_gates(
     chosen = {
         name: parse_gates(gates[name] if isinstance(gates, dict) else gates, layer.num_heads[adapter])
         for name, layer in layers.items()
-        for adapter in _active(layer)
+        for adapter in layer.routed_adapters
     }
     for name, layer in layers.items():
-        for adapter in _active(layer):
+        for adapter in layer.routed_adapters:
             layer.fixed_gates[adapter] = chosen[name]
     try:
         yield
     finally:
         for layer in layers.values():
-            for adapter in _active(layer):
+            for adapter in layer.routed_adapters:
                 layer.fixed_gates.pop(adapter, None)

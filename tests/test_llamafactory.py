@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from axolotl_runs import free_port
 
 pytestmark = pytest.mark.llamafactory
 
@@ -68,6 +69,12 @@ def _run(
     )
     (work / f"{args[0]}-{len(list(work.glob('*.log')))}.log").write_text(proc.stdout + proc.stderr)
     return proc
+
+
+def inference_cfg(trained: dict, tiny: dict, **extra) -> dict:
+    """A LLaMA-Factory chat/api/export config for the tiny model with the trained R-LoRA adapter."""
+    base = {"model_name_or_path": str(tiny["model"]), "adapter_name_or_path": str(trained["out"])}
+    return base | {"template": "default"} | extra
 
 
 def _write(path: Path, cfg: dict) -> Path:
@@ -288,14 +295,8 @@ def test_dpo_reference_is_the_model_without_the_adapter(lf, tiny, tmp_path):
 
 def test_chat_loads_the_adapter_unmerged_and_generates(trained, tiny):
     work = trained["work"]
-    cfg = {
-        "model_name_or_path": str(tiny["model"]),
-        "adapter_name_or_path": str(trained["out"]),
-        "template": "default",
-        "finetuning_type": "lora",  # LLaMA-Factory's default: the adapter's own config says it is R-LoRA
-        "max_new_tokens": 4,
-        "do_sample": False,
-    }
+    # finetuning_type: lora is LLaMA-Factory's default; the adapter's own config says it is R-LoRA
+    cfg = inference_cfg(trained, tiny, finetuning_type="lora", max_new_tokens=4, do_sample=False)
     proc = _run(work, "chat", str(_write(work / "chat.yaml", cfg)), stdin="What color is the cat?\nexit\n")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
@@ -306,15 +307,12 @@ def test_chat_loads_the_adapter_unmerged_and_generates(trained, tiny):
 
 
 def test_api_serves_the_adapter_unmerged(trained, tiny):
-    import socket
     import time
     import urllib.request
 
     work = trained["work"]
-    cfg = {"model_name_or_path": str(tiny["model"]), "adapter_name_or_path": str(trained["out"]), "template": "default"}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    cfg = inference_cfg(trained, tiny)
+    port = free_port()
     log = open(work / "api.log", "w")  # noqa: SIM115
     cmd = [sys.executable, "-m", "rlora_plugin.llamafactory", "api", str(_write(work / "api.yaml", cfg))]
     server = subprocess.Popen(cmd, cwd=work, env={**_env(), "API_PORT": str(port)}, stdout=log, stderr=log)
@@ -344,13 +342,7 @@ def test_api_serves_the_adapter_unmerged(trained, tiny):
 
 def test_export_refused_and_its_fix_works(trained, tiny):
     work = trained["work"]
-    cfg = {
-        "model_name_or_path": str(tiny["model"]),
-        "adapter_name_or_path": str(trained["out"]),
-        "template": "default",
-        "finetuning_type": "lora",
-        "export_dir": str(work / "merged"),
-    }
+    cfg = inference_cfg(trained, tiny, finetuning_type="lora", export_dir=str(work / "merged"))
     proc = _run(work, "export", str(_write(work / "export.yaml", cfg)))
     assert proc.returncode == 2
     assert "holds an R-LoRA adapter" in proc.stderr and "cannot be merged" in proc.stderr
