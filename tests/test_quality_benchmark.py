@@ -10,6 +10,7 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,8 @@ from transformers import AutoModelForCausalLM
 from benchmarks.quality import __main__ as quality
 from benchmarks.quality.__main__ import FULL, QUICK, run_key, write_data
 from benchmarks.quality.methods import METHODS, Recipe, target_shapes, training_config
-from benchmarks.quality.results import Run, read_runs, sweep_table
+from benchmarks.quality.paired import paired_difference
+from benchmarks.quality.results import Run, one_per_line, paired_table, read_runs, sweep_table
 from benchmarks.quality.scoring import FROZEN, Scores
 from benchmarks.quality.tasks import MIXTURE, first_letters, unit_conversion
 from benchmarks.speed.counts import equal_param_rank, lora_params, rlora_params
@@ -96,6 +98,58 @@ def test_sweep_table_marks_the_rate_chosen_on_validation_and_shows_test_beside_i
         "| LoRA, same r | 0.500 (0.900) | **0.600** (0.400) |",
         "| R-LoRA | - | **0.700** (0.700) |",
     ]
+
+
+ITEMS = [{"task": task, "prompt": f"{task} {i}", "answer": str(i)} for task in ("a", "b") for i in range(20)]
+
+
+def replies_with(hits: int, task_b_hits: int = 0) -> list[str]:
+    """Replies to ITEMS with the first `hits` of task a and the first `task_b_hits` of task b right."""
+    return [item["answer"] if int(item["answer"]) < (hits if item["task"] == "a" else task_b_hits) else "x"
+            for item in ITEMS]  # fmt: skip
+
+
+def test_paired_difference_is_zero_for_the_same_replies_and_resolved_for_a_large_gap():
+    same = paired_difference([replies_with(10)] * 3, [replies_with(10)] * 2, ITEMS, rounds=500)
+    assert (same.mean, same.low, same.high, same.resolved) == (0.0, 0.0, 0.0, False)
+    better = paired_difference([replies_with(20, 20)], [replies_with(0, 0)], ITEMS, rounds=500)
+    assert (better.mean, better.low, better.high, better.resolved) == (1.0, 1.0, 1.0, True)
+    # 4 of 40 items apart, all four won, the other 36 shared: a paired interval above zero (an unpaired one,
+    # 0.35 against 0.25 on 40 items, would not be), holding the observed difference; the same on every call.
+    close = paired_difference([replies_with(12, 2)], [replies_with(10)], ITEMS, rounds=2000)
+    assert close.mean == pytest.approx(0.1) and 0.0 < close.low <= 0.1 <= close.high and close.resolved
+    assert close == paired_difference([replies_with(12, 2)], [replies_with(10)], ITEMS, rounds=2000)
+    # Seeds are resampled: two seeds that disagree widen the interval beyond the one seed's.
+    spread = paired_difference([replies_with(12, 2), replies_with(4)], [replies_with(10)], ITEMS, rounds=2000)
+    assert spread.high - spread.low > close.high - close.low
+
+
+def run_with(method: str, seed: int, test_replies: list[str]) -> Run:
+    replies = {"val": test_replies, "test": test_replies}
+    return Run(method, 1e-3, seed, 1, 1.0, Scores.derived(replies, ITEMS, ITEMS), f"{method}{seed}")
+
+
+def test_records_keep_every_reply_and_the_accuracies_derive_from_them(tmp_path):
+    run = run_with("lora", 0, replies_with(10, 5))
+    assert run.scores.test == {"a": 0.5, "b": 0.25, "average": 0.375}
+    record = {"val_items": ITEMS, "test_items": ITEMS, "runs": [asdict(run)], "sweep": []}
+    record["runs"][0]["scores"]["test"]["average"] = 0.99  # a stored aggregate is not what the table uses
+    path = tmp_path / "quality.json"
+    path.write_text(one_per_line(record))
+    lines = path.read_text().splitlines()
+    assert sum(line.startswith('{"task"') for line in lines) == 2 * len(ITEMS)  # one line per item and per run
+    assert sum(line.startswith('{"method"') for line in lines) == 1 and '"sweep": []' in lines
+    [read] = read_runs(path)
+    assert read.scores.test["average"] == 0.375 and read.scores.replies == run.scores.replies
+
+
+def test_paired_table_compares_each_trained_method_with_rlora():
+    runs = [run_with("base", 0, replies_with(0)), run_with("lora", 0, replies_with(20, 20)),
+            *(run_with("rlora", seed, replies_with(10, 10)) for seed in (0, 1))]  # fmt: skip
+    lines = paired_table(list(METHODS.values()), runs, ITEMS)
+    assert lines[:2] == ["| method | seeds | minus R-LoRA | 95% interval | resolved |", "|---|---|---|---|---|"]
+    assert lines[2:] == ["| LoRA, same r | 1 | +0.500 | +0.350 to +0.650 | yes |"]  # base is not compared
+    assert paired_table(list(METHODS.values()), runs[:2], ITEMS) == []  # no R-LoRA run: nothing to compare with
 
 
 def test_reply_parsing():
@@ -191,14 +245,24 @@ def test_quick_benchmark_end_to_end(tmp_path):
     runs_dir = work / "quick" / "runs"
     before = written()
     assert len(before) == 3
-    # A run cached before the frozen variants existed gets them added, without retraining or decoding again.
+    # Every test item's reply is recorded, R-LoRA's also under each frozen-gate variant.
+    recorded = json.loads((out / "quality.json").read_text())
+    assert [item["prompt"] for item in recorded["test_items"]] == [
+        item["prompt"] for item in write_data(QUICK, tmp_path / "d")[3]
+    ]
+    for run in runs:
+        assert {split: len(r) for split, r in run["scores"]["replies"].items()} == {
+            "val": len(recorded["val_items"]), "test": len(recorded["test_items"]),
+            **({variant: len(recorded["test_items"]) for variant in FROZEN} if run["method"] == "rlora" else {}),
+        }  # fmt: skip
+    # A run cached before replies were kept is decoded again, without retraining.
     cached = runs_dir / "rlora-lr0.001-seed0" / "scores.json"
-    cached.write_text(json.dumps({**json.loads(cached.read_text()), "frozen": None}))
+    cached.write_text(json.dumps({**json.loads(cached.read_text()), "replies": None}))
     again = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert written() == before  # cached: not retrained, the base model not decoded again
     assert json.loads((out / "quality.json").read_text())["runs"] == runs
-    assert json.loads(cached.read_text())["frozen"] == frozen
+    assert json.loads(cached.read_text())["replies"] == runs[2]["scores"]["replies"]
 
     # Another checkout, with nothing cached: --reuse takes the recorded runs instead of training them.
     elsewhere = tmp_path / "elsewhere"

@@ -200,15 +200,17 @@ def main(argv: list[str] | None = None) -> Path:
         return write_results(
             args.out or ROOT / "benchmarks/results", [m for m in METHODS.values() if m in methods], runs, sweep,
             recipe, lora_eq_rank, plan_summary(plan), argv_text=" ".join(sys.argv[1:] if argv is None else argv),
-            test_items=len(test),
+            val=val, test=test,
         )  # fmt: skip
 
-    def run(method: Method, lr: float, seed: int) -> Run:
+    def run(method: Method, lr: float, seed: int, replies: bool = True) -> Run:
+        """One training run, scored; taken from --reuse if recorded there (with its replies, if `replies`: a
+        run in the test table needs them, a sweep run only its validation accuracy)."""
         rank, params = rank_and_params(method)
         run_dir = work_dir / "runs" / f"{method.key}-lr{lr:g}-seed{seed}"
         cfg = training_config(method, recipe, rank, lr, seed, run_dir / "adapter")
         key = run_key(yaml.safe_dump(cfg, sort_keys=False), work_dir)
-        if key in recorded:
+        if key in recorded and (recorded[key].scores.replies is not None or not replies):
             print(f"{run_dir.name}: recorded in --reuse", flush=True)
             return recorded[key]
         seconds = train(cfg, run_dir)
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     if METHODS["base"] in methods:
         key = run_key(json.dumps([str(args.model_dir), val, test]), work_dir)
-        if key not in recorded:
+        if key not in recorded or recorded[key].scores.replies is None:
             scores = scorer.score(None, val, test, cache=work_dir / "runs" / f"base-{key}.json")
             recorded[key] = Run("base", None, None, 0, 0.0, scores, key)
         runs.append(recorded[key])
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> Path:
         best_lr = args.learning_rates[0]
         if len(args.learning_rates) > 1:
             for lr in args.learning_rates:
-                sweep.append(run(method, lr, args.seeds[0]))
+                sweep.append(run(method, lr, args.seeds[0], replies=False))
                 report()
             best_lr = best_rate(sweep[-len(args.learning_rates) :])
         for seed in args.seeds:

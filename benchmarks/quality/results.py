@@ -8,7 +8,8 @@ from importlib.metadata import version
 from pathlib import Path
 from statistics import mean
 
-from .methods import Method, Recipe
+from .methods import METHODS, Method, Recipe
+from .paired import ROUNDS, paired_difference
 from .scoring import FROZEN, Scores
 
 
@@ -33,13 +34,21 @@ def best_rate(tried: list[Run]) -> float:
 
 
 def read_runs(path: Path) -> list[Run]:
-    """Every run recorded in a quality.json, the sweep's included."""
+    """Every run recorded in a quality.json, the sweep's included, its accuracies derived from its replies to
+    the items recorded beside them (a run recorded before replies were kept has its accuracies only)."""
     recorded = json.loads(path.read_text())
     runs = recorded["runs"] + recorded["sweep"]
     if unkeyed := [f"{run['method']} lr {run['lr']}" for run in runs if "key" not in run]:
         raise SystemExit(f"--reuse {path}: {', '.join(unkeyed)} recorded without the key of its YAML; "
                          "a file written before --reuse existed cannot be reused: train those runs again")  # fmt: skip
-    return [Run(**{**run, "scores": Scores(**run["scores"])}) for run in runs]
+
+    def scores(run: dict) -> Scores:
+        if (replies := run["scores"].get("replies")) is None:
+            return Scores(**run["scores"])
+        heads = {key: run["scores"][key] for key in ("head_cos_b", "head_cos_ba")}
+        return Scores.derived(replies, recorded["val_items"], recorded["test_items"], **heads)
+
+    return [Run(**{**run, "scores": scores(run)}) for run in runs]
 
 
 def _cell(values: list[float], digits: int = 3) -> str:
@@ -111,6 +120,30 @@ def sweep_table(methods: list[Method], sweep: list[Run]) -> list[str]:
     return lines
 
 
+def paired_table(methods: list[Method], runs: list[Run], test: list[dict], reference: str = "rlora") -> list[str]:
+    """Each method's test accuracy minus the reference's, with its bootstrap 95% interval (see paired.py); the
+    reference's frozen-gate variants are compared with it too. Runs recorded without replies are left out."""
+    present = _by_method(methods, [run for run in runs if run.scores.replies is not None])
+    ref = next((own for method, own in present if method.key == reference), None)
+    if ref is None:
+        return []
+    label = METHODS[reference].label
+    trained = [(m, own) for m, own in present if m.adapter and m.key != reference]
+    compared = [(m.label, [r.scores.replies["test"] for r in own]) for m, own in trained]
+    compared += [
+        (f"{label}, exported ({variant_label})", frozen)
+        for variant, variant_label in FROZEN.items()
+        if (frozen := [r.scores.replies[variant] for r in ref if variant in r.scores.replies])
+    ]
+    ref_replies = [run.scores.replies["test"] for run in ref]
+    lines = [f"| method | seeds | minus {label} | 95% interval | resolved |", "|---|---|---|---|---|"]
+    for method_label, replies in compared:
+        diff = paired_difference(replies, ref_replies, test)
+        lines.append(f"| {method_label} | {len(replies)} | {diff.mean:+.3f} | {diff.low:+.3f} to {diff.high:+.3f} | "
+                     f"{'yes' if diff.resolved else 'no'} |")  # fmt: skip
+    return lines
+
+
 def plot(methods: list[Method], runs: list[Run], tasks: list[str], path: Path) -> None:
     import matplotlib
 
@@ -138,9 +171,16 @@ def plot(methods: list[Method], runs: list[Run], tasks: list[str], path: Path) -
     plt.close(fig)
 
 
+def one_per_line(record: dict[str, list]) -> str:
+    """JSON with one line per item and per run: readable, and a diff shows which runs changed."""
+    lists = [f"{json.dumps(key)}: " + ("[\n" + ",\n".join(map(json.dumps, values)) + "\n]" if values else "[]")
+             for key, values in record.items()]  # fmt: skip
+    return "{\n" + ",\n".join(lists) + "\n}\n"
+
+
 def write_results(
     out_dir: Path, methods: list[Method], runs: list[Run], sweep: list[Run], recipe: Recipe, lora_eq_rank: int,
-    data: str, argv_text: str, test_items: int,
+    data: str, argv_text: str, val: list[dict], test: list[dict],
 ) -> Path:  # fmt: skip
     from benchmarks.speed.report import machine
 
@@ -171,9 +211,9 @@ def write_results(
         "",
         "Cells: the mean over seeds, with (min-max) when there are several. Head cosine: the mean pairwise cosine",
         "similarity between heads, averaged over the adapted layers (1 = identical heads). Resolution: with "
-        f"{test_items} test items, an average near 0.5 has a binomial standard error of about "
-        f"{(0.25 / test_items) ** 0.5:.3f} (a task's, with {test_items // len(tasks)} items: about "
-        f"{(0.25 * len(tasks) / test_items) ** 0.5:.2f}), before any seed-to-seed variation.",
+        f"{len(test)} test items, an average near 0.5 has a binomial standard error of about "
+        f"{(0.25 / len(test)) ** 0.5:.3f} (a task's, with {len(test) // len(tasks)} items: about "
+        f"{(0.25 * len(tasks) / len(test)) ** 0.5:.2f}), before any seed-to-seed variation.",
     ]
     if any(run.scores.frozen for run in runs):
         lines += [
@@ -185,6 +225,15 @@ def write_results(
             "task, the task known in advance); one global mean gate: every test item under the mean gate over all",
             "train prompts (one LoRA for all tasks).",
         ]
+    if paired := paired_table(methods, runs, test):
+        lines += [
+            "", "## Paired differences against R-LoRA", "",
+            "Every method answers the same test items, so differences are measured item by item. Interval: 95%,",
+            "bootstrap over the test items (resampled within each task) and over each method's seeds,",
+            f"{ROUNDS:,} rounds (benchmarks/quality/paired.py); resolved: the interval excludes zero. The numbers",
+            "here and in the test table derive from the reply to every test item recorded in quality.json.",
+            "", *paired,
+        ]  # fmt: skip
     if sweep:
         lines += [
             "", "## Learning-rate sweep (first seed)", "",
@@ -197,7 +246,14 @@ def write_results(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quality.md").write_text("\n".join(lines) + "\n")
     (out_dir / "quality.json").write_text(
-        json.dumps({"runs": [asdict(r) for r in runs], "sweep": [asdict(r) for r in sweep]}, indent=1)
+        one_per_line(
+            {
+                "val_items": val,
+                "test_items": test,
+                "runs": [asdict(r) for r in runs],
+                "sweep": [asdict(r) for r in sweep],
+            }
+        )  # fmt: skip
     )
     if runs:
         plot(methods, runs, tasks, out_dir / "quality.png")

@@ -14,7 +14,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type)
-from examples.evaluate import accuracy
+from examples.evaluate import replies, score_replies
 from rlora_plugin.export import mean_gates
 from rlora_plugin.report import analyse
 from rlora_plugin.routing import fixed_gates
@@ -34,6 +34,16 @@ class Scores:
     head_cos_b: float | None = None  # mean pairwise cosine of the heads B_i, over layers
     head_cos_ba: float | None = None  # the same for the effective updates B_i A
     frozen: dict[str, dict[str, float]] | None = None  # test accuracy per FROZEN variant, per task and "average"
+    # Every item's parsed reply, in item order: "val", "test" and each FROZEN variant (on the test items). The
+    # accuracies above derive from them (`derived`); None only in records made before replies were kept.
+    replies: dict[str, list[str]] | None = None
+
+    @classmethod
+    def derived(cls, replies: dict[str, list[str]], val: list[dict], test: list[dict], **heads: float) -> Scores:
+        """The accuracies of `replies` to the `val` and `test` items."""
+        frozen = {variant: score_replies(test, replies[variant]) for variant in FROZEN if variant in replies}
+        return cls(score_replies(val, replies["val"]), score_replies(test, replies["test"]), frozen=frozen or None,
+                   replies=replies, **heads)  # fmt: skip
 
 
 def is_multi_head(adapter_dir: Path) -> bool:
@@ -57,31 +67,31 @@ class Scorer:
     @torch.no_grad()
     def score(self, adapter_dir: Path | None, val: list[dict], test: list[dict], cache: Path) -> Scores:
         """Scores of the base model (`adapter_dir=None`) or of the base with the adapter, kept in `cache`; a
-        cached multi-head run scored before the frozen variants existed gets them added."""
-        scores = Scores(**json.loads(cache.read_text())) if cache.exists() else None
-        frozen = adapter_dir is not None and is_multi_head(adapter_dir)
-        if scores is not None and (scores.frozen is not None or not frozen):
+        run cached before replies were kept is decoded again (not retrained)."""
+        if cache.exists() and (scores := Scores(**json.loads(cache.read_text()))).replies is not None:
             return scores
         model = AutoModelForCausalLM.from_pretrained(self.model_dir).eval()
         if adapter_dir:
             model = PeftModel.from_pretrained(model, adapter_dir).eval()
-        if scores is None:
-            scores = Scores(accuracy(model, self.tokenizer, val), accuracy(model, self.tokenizer, test))
-        if frozen:
-            scores.head_cos_b, scores.head_cos_ba = head_similarity(adapter_dir)
-            scores.frozen = self.frozen(model, adapter_dir, test)
+        decoded = {"val": replies(model, self.tokenizer, val), "test": replies(model, self.tokenizer, test)}
+        heads = {}
+        if adapter_dir is not None and is_multi_head(adapter_dir):
+            decoded |= self.frozen(model, adapter_dir, test)
+            heads = dict(zip(("head_cos_b", "head_cos_ba"), head_similarity(adapter_dir), strict=True))
+        scores = Scores.derived(decoded, val, test, **heads)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(asdict(scores)))
         return scores
 
-    def frozen(self, model: PeftModel, adapter_dir: Path, test: list[dict]) -> dict[str, dict[str, float]]:
-        """Test accuracy of the FROZEN variants: the model under `fixed_gates` is exactly the exported plain
+    def frozen(self, model: PeftModel, adapter_dir: Path, test: list[dict]) -> dict[str, list[str]]:
+        """The test replies of the FROZEN variants: the model under `fixed_gates` is exactly the exported plain
         LoRA (tests/test_routing.py), so this is what the export serves."""
-        per_task = {}
+        per_task = [""] * len(test)
         for task, train_file in self.train_files.items():
+            own = [i for i, item in enumerate(test) if item["task"] == task]
             with fixed_gates(model, mean_gates(adapter_dir, train_file, str(self.model_dir))):
-                per_task[task] = accuracy(model, self.tokenizer, [item for item in test if item["task"] == task])[task]
-        per_task["average"] = mean(per_task.values())
+                for i, reply in zip(own, replies(model, self.tokenizer, [test[i] for i in own]), strict=True):
+                    per_task[i] = reply
         with fixed_gates(model, mean_gates(adapter_dir, self.train_file, str(self.model_dir))):
-            everything = accuracy(model, self.tokenizer, test)
+            everything = replies(model, self.tokenizer, test)
         return {"per_task": per_task, "global": everything}
