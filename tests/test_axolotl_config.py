@@ -11,6 +11,7 @@ os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 import torch  # noqa: E402
 from axolotl.integrations.base import PluginManager  # noqa: E402
 from axolotl_validation import validated  # noqa: E402
+from hub_cache import cache_as_downloaded  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
@@ -206,15 +207,25 @@ def test_both_quantizations_are_refused(tiny):
     assert "`load_in_4bit: true` and `load_in_8bit: true`" in message and "keep one" in message
 
 
-def test_lora_model_dir_is_checked_at_validation(tiny, tmp_path):
-    missing = tmp_path / "nowhere"
-    message = refused(make_cfg(tiny, lora_model_dir=str(missing)))
-    assert f"`lora_model_dir: {str(missing)!r}` is not a directory" in message and "Fix:" in message
-    message = refused(make_cfg(tiny, lora_model_dir=str(tmp_path)))
+def test_lora_model_dir_is_checked_at_validation(tiny, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    for missing in (str(tmp_path / "nowhere"), "someone/not-downloaded"):
+        message = refused(make_cfg(tiny, lora_model_dir=missing))
+        assert f"`lora_model_dir: {missing!r}` is neither a local directory nor an adapter on the model hub" in message
+        assert "Fix:" in message
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    message = refused(make_cfg(tiny, lora_model_dir=str(plain)))
     assert "holds no adapter_config.json" in message
-    (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
-    message = refused(make_cfg(tiny, lora_model_dir=str(tmp_path)))
+    (plain / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    message = refused(make_cfg(tiny, lora_model_dir=str(plain)))
     assert "holds a LORA adapter" in message and "RLORA" in message and "adapter: lora" in message
+    # A model-hub id is read as PEFT loads it (here from the hub cache, offline).
+    cache_as_downloaded(plain, "someone/plain-lora", tmp_path / "hub")
+    message = refused(make_cfg(tiny, lora_model_dir="someone/plain-lora"))
+    assert "`lora_model_dir: 'someone/plain-lora'` holds a LORA adapter" in message
 
 
 def test_lora_model_dir_under_dpo_is_refused(tiny, tmp_path):

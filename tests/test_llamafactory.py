@@ -28,6 +28,7 @@ import pytest
 import torch
 import yaml
 from axolotl_runs import free_port
+from hub_cache import cache_as_downloaded
 
 pytestmark = pytest.mark.llamafactory
 
@@ -293,14 +294,18 @@ def test_dpo_reference_is_the_model_without_the_adapter(lf, tiny, tmp_path):
     assert "rlora/router_entropy" in logs[-1]
 
 
-def test_chat_loads_the_adapter_unmerged_and_generates(trained, tiny):
+def test_chat_loads_the_adapter_by_its_hub_id_unmerged_and_generates(trained, tiny):
+    """The adapter as a hub user gets it: by its model-hub id (from the hub cache, offline, as after a
+    download). finetuning_type: lora is LLaMA-Factory's default; the adapter's own config says it is R-LoRA."""
     work = trained["work"]
-    # finetuning_type: lora is LLaMA-Factory's default; the adapter's own config says it is R-LoRA
+    cache_as_downloaded(trained["out"], "someone/rlora-tiny", work / "hub")
     cfg = inference_cfg(trained, tiny, finetuning_type="lora", max_new_tokens=4, do_sample=False)
-    proc = _run(work, "chat", str(_write(work / "chat.yaml", cfg)), stdin="What color is the cat?\nexit\n")
+    cfg["adapter_name_or_path"] = "someone/rlora-tiny"
+    chat = str(_write(work / "chat.yaml", cfg))
+    proc = _run(work, "chat", chat, stdin="What color is the cat?\nexit\n", HF_HUB_CACHE=str(work / "hub"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
-    assert f"Loaded the R-LoRA adapter {trained['out']} unmerged" in output
+    assert "Loaded the R-LoRA adapter someone/rlora-tiny unmerged" in output
     assert "Merged" not in output
     reply = proc.stdout.split("Assistant:", 1)[1].split("User:", 1)[0]
     assert reply.strip(), proc.stdout[-2000:]

@@ -7,12 +7,14 @@ import sys
 
 import pytest
 import torch
+from hub_cache import cache_as_downloaded
 from peft import AutoPeftModelForCausalLM, PeftModel, PeftType, get_peft_model
 from safetensors.torch import load_file
 from tiny_models import MLP, adapted_layers, perturb, tiny_llama, tokens
 
 import rlora_plugin
 from rlora_plugin import RLoraConfig, RLoraLinear
+from rlora_plugin.saved import saved_peft_type
 
 
 def trained_model(**config):
@@ -90,6 +92,22 @@ def test_reload_reproduces_outputs_bit_for_bit(tmp_path):
     assert torch.equal(reloaded(ids).logits, expected)
     for ours, theirs in zip(adapted_layers(model), adapted_layers(reloaded), strict=True):
         assert torch.equal(ours.rlora_offset_B["default"], theirs.rlora_offset_B["default"])
+
+
+def test_adapter_loads_by_its_model_hub_id(tmp_path, monkeypatch):
+    """Shared on a hub, an adapter loads by its id (here from the hub cache, offline, as after a download), and
+    `saved_peft_type` (behind both hosts' adapter checks) reads its type the same way."""
+    import huggingface_hub
+
+    model = trained_model().eval()
+    model.save_pretrained(tmp_path / "adapter")
+    cache_as_downloaded(tmp_path / "adapter", "someone/rlora-tiny", tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), "someone/rlora-tiny").eval()
+    assert torch.equal(reloaded(tokens()).logits, model(tokens()).logits)
+    assert saved_peft_type("someone/rlora-tiny") == saved_peft_type(tmp_path / "adapter") == "RLORA"
+    assert saved_peft_type("someone/not-downloaded") is None and saved_peft_type(tmp_path) is None
 
 
 def test_reload_is_frozen_unless_trainable(tmp_path):

@@ -16,7 +16,6 @@ gets them; setting one to true explicitly is refused (they compute plain LoRA an
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from rlora_plugin.config import RLoraConfig, RLoraConfigError, own_field_types, rlora_fields
 from rlora_plugin.layer import MERGE_WHY
 from rlora_plugin.registration import PEFT_TYPE_NAME
+from rlora_plugin.saved import saved_peft_type
 
 ADAPTER_NAME = "rlora"
 
@@ -331,15 +331,17 @@ def build_rlora_config(cfg: Any, targets: Any = None, **extra: Any) -> RLoraConf
 
 
 def check_adapter_dir(path: str) -> None:
-    """`lora_model_dir` must be a saved R-LoRA adapter: refused here, at config validation, instead of failing
-    at model load after the datasets are prepared."""
-    config_file = Path(path) / "adapter_config.json"
+    """`lora_model_dir` must be a saved R-LoRA adapter, in a local directory or on the model hub (as PEFT loads
+    it): refused here, at config validation, instead of failing at model load after the datasets are prepared."""
     fix = "point `lora_model_dir` at the output directory of an `adapter: rlora` run, or remove it to train anew"
-    if not Path(path).is_dir():
-        raise ValueError(f"adapter: rlora: `lora_model_dir: {path!r}` is not a directory. Fix: {fix}.")
-    if not config_file.is_file():
-        raise ValueError(f"adapter: rlora: `lora_model_dir: {path!r}` holds no adapter_config.json. Fix: {fix}.")
-    peft_type = json.loads(config_file.read_text()).get("peft_type")
+    peft_type = saved_peft_type(path)
+    if peft_type is None:
+        where = (
+            "holds no adapter_config.json"
+            if Path(path).is_dir()
+            else "is neither a local directory nor an adapter on the model hub (offline: in the hub cache)"
+        )
+        raise ValueError(f"adapter: rlora: `lora_model_dir: {path!r}` {where}. Fix: {fix}.")
     if peft_type != PEFT_TYPE_NAME:
         raise ValueError(
             f"adapter: rlora: `lora_model_dir: {path!r}` holds a {peft_type} adapter (peft_type in "

@@ -34,19 +34,18 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import json
 import logging
 import os
 import subprocess
 import sys
 from importlib.metadata import version
-from pathlib import Path
 from typing import Any
 
 import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type: building and loading need it)
 from rlora_plugin.config import RLoraConfig, RLoraConfigError, rlora_fields
 from rlora_plugin.layer import MERGE_WHY
 from rlora_plugin.registration import PEFT_TYPE_NAME
+from rlora_plugin.saved import saved_peft_type
 
 CHECKED_VERSION = "0.9.5"
 FINETUNING_TYPE = "rlora"
@@ -219,20 +218,20 @@ def _lora_config(original):
     return lora_config
 
 
-def is_rlora_adapter(path: str, subfolder: str | None = None) -> bool:
-    """Whether a local adapter directory holds an R-LoRA adapter (its adapter_config.json decides, not the
-    run's `finetuning_type`)."""
-    config_file = Path(path, subfolder or "", "adapter_config.json")
-    return config_file.is_file() and json.loads(config_file.read_text()).get("peft_type") == PEFT_TYPE_NAME
+def _hub_options(source: Any) -> dict[str, Any]:
+    """The model-hub options LLaMA-Factory loads adapters with, from its `ModelArguments` or its config dict."""
+    get = source.get if isinstance(source, dict) else lambda key, default=None: getattr(source, key, default)
+    return {"cache_dir": get("cache_dir"), "revision": get("model_revision", "main"), "token": get("hf_hub_token")}
 
 
-def _adapters(paths: Any, subfolder: str | None = None) -> tuple[list[str], list[str]]:
-    """`adapter_name_or_path` (a comma-separated string in the YAML, a list once parsed) and its R-LoRA ones;
+def _adapters(paths: Any, subfolder: str | None = None, **hub: Any) -> tuple[list[str], list[str]]:
+    """`adapter_name_or_path` (a comma-separated string in the YAML, a list once parsed) and its R-LoRA ones,
+    local directories or model-hub ids (their adapter_config.json decides, not the run's `finetuning_type`);
     more than one adapter with an R-LoRA one among them is refused (LLaMA-Factory merges all but the last)."""
     if isinstance(paths, str):
         paths = [p.strip() for p in paths.split(",")]
     paths = list(paths or [])
-    rlora = [p for p in paths if is_rlora_adapter(p, subfolder)]
+    rlora = [p for p in paths if saved_peft_type(p, subfolder, **hub) == PEFT_TYPE_NAME]
     if rlora and len(paths) > 1:
         raise LlamaFactoryConfigError(
             f"`adapter_name_or_path: {','.join(paths)}` stacks adapters, and LLaMA-Factory merges all but the "
@@ -243,19 +242,14 @@ def _adapters(paths: Any, subfolder: str | None = None) -> tuple[list[str], list
 
 def _setup_lora_tuning(original):
     def setup(config, model, model_args, finetuning_args, is_trainable, cast_trainable_params_to_fp32):
-        _, rlora = _adapters(model_args.adapter_name_or_path, model_args.adapter_folder)
+        hub = _hub_options(model_args)
+        _, rlora = _adapters(model_args.adapter_name_or_path, model_args.adapter_folder, **hub)
         if not rlora or is_trainable:  # training continues the adapter as LLaMA-Factory does (not merged)
             return original(config, model, model_args, finetuning_args, is_trainable, cast_trainable_params_to_fp32)
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(
-            model,
-            rlora[0],
-            subfolder=model_args.adapter_folder,
-            offload_folder=model_args.offload_folder,
-            cache_dir=model_args.cache_dir,
-            revision=model_args.model_revision,
-            token=model_args.hf_hub_token,
+            model, rlora[0], subfolder=model_args.adapter_folder, offload_folder=model_args.offload_folder, **hub
         )
         logging.getLogger("llamafactory.rlora_plugin").info(
             f"Loaded the R-LoRA adapter {rlora[0]} unmerged ({MERGE_WHY})."
@@ -342,7 +336,8 @@ def main(argv: list[str] | None = None, callbacks: list[Any] = ()) -> int:
         if command in ("train", "chat", "api", "webchat", "export"):
             config = parser.read_args()  # checked and rewritten here, before anything loads
             if isinstance(config, dict):
-                _, rlora = _adapters(config.get("adapter_name_or_path"), config.get("adapter_folder"))
+                hub = _hub_options(config)
+                _, rlora = _adapters(config.get("adapter_name_or_path"), config.get("adapter_folder"), **hub)
                 if command == "export" and rlora:
                     raise LlamaFactoryConfigError(
                         f"export: `adapter_name_or_path: {config['adapter_name_or_path']!r}` holds an R-LoRA "
