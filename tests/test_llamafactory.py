@@ -9,7 +9,8 @@ llamafactory they fail, never skip.
   template), trainer and checkpoints; the saved adapter is RLORA, the router metrics reach the log history,
   and a plain `PeftModel.from_pretrained` reload reproduces the in-process logits of the trained model;
 - `resume_from_checkpoint` reproduces the uninterrupted run's last loss;
-- two CPU processes (DDP under torchrun, through the launcher) give the one-process losses;
+- two CPU processes (torchrun, through the launcher) with DDP, DeepSpeed ZeRO-2 and ZeRO-3 (the examples'
+  configs) give the one-process losses and adapter, saved whole and reloadable;
 - `stage: dpo` uses the model with the adapter switched off as its reference;
 - `chat` and `api` load the adapter unmerged and generate; `export` is refused, and its fix (the frozen-gate
   export, then LLaMA-Factory's own export of that plain LoRA) works.
@@ -35,6 +36,10 @@ REPO = Path(__file__).resolve().parent.parent
 N_HEADS, RANK, STEPS = 3, 4, 4
 PROBE_IDS = [[5, 17, 42, 9, 23, 11, 30, 7]]
 TIMEOUT = 600
+EXAMPLES = REPO / "examples"
+# Two ranks with micro batch 2 see the one process's batch of 4 per step. Measured here (gloo, deepspeed 0.16.9):
+# DDP, ZeRO-2 and ZeRO-3 give the one-process losses to float precision and its adapter to < 1e-7.
+LOSS_REL, ADAPTER_ATOL = 1e-5, 1e-5
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +90,25 @@ def _write(path: Path, cfg: dict) -> Path:
 def _losses(path: Path) -> dict[int, float]:
     history = json.loads((path / "trainer_state.json").read_text())["log_history"]
     return {r["step"]: r["loss"] for r in history if "loss" in r}
+
+
+def _adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "adapter_model.safetensors")
+
+
+def _reload_logits(tiny: dict, adapter: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits on PROBE_IDS of a plain `PeftModel.from_pretrained` reload of `adapter`, and of its base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        reloaded = model(input_ids=torch.tensor(PROBE_IDS)).logits
+        with model.disable_adapter():
+            return reloaded, model(input_ids=torch.tensor(PROBE_IDS)).logits
 
 
 def _train_cfg(tiny: dict, output_dir: Path, **over) -> dict:
@@ -216,9 +240,6 @@ def test_misspelled_key_refused_by_the_command(lf, tiny, tmp_path):
 
 
 def test_train_saves_an_rlora_adapter_that_reloads_exactly(trained, tiny):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     out = trained["out"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "RLORA"
@@ -234,12 +255,7 @@ def test_train_saves_an_rlora_adapter_that_reloads_exactly(trained, tiny):
         assert 0.0 < record["rlora/router_entropy"] <= 1.0
         assert record["rlora/head_load_ratio"] >= 1.0
 
-    base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, out).eval()
-    with torch.no_grad():
-        reloaded = model(input_ids=torch.tensor(PROBE_IDS)).logits
-        with model.disable_adapter():
-            plain = model(input_ids=torch.tensor(PROBE_IDS)).logits
+    reloaded, plain = _reload_logits(tiny, out)
     trained_logits = torch.load(out / "probe_logits.pt")
     torch.testing.assert_close(reloaded, trained_logits, rtol=0, atol=1e-5)
     assert (reloaded - plain).abs().max() > 1e-3  # the adapter trained, so matching it means something
@@ -256,19 +272,42 @@ def test_resume_from_checkpoint_matches_the_uninterrupted_run(trained, tiny):
     assert json.loads((resumed / "adapter_config.json").read_text())["peft_type"] == "RLORA"
 
 
-def test_two_processes_match_one(lf, tiny, tmp_path):
-    """DDP over two CPU processes (the launcher runs itself under torchrun) gives the one-process losses, with
-    dropout off (each rank draws its own dropout masks) and the same total batch."""
-    one = _run(
-        tmp_path, "train", str(_write(tmp_path / "one.yaml", _train_cfg(tiny, tmp_path / "one", lora_dropout=0.0)))
-    )
-    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
-    cfg = _train_cfg(tiny, tmp_path / "two", lora_dropout=0.0, per_device_train_batch_size=2)
+@pytest.fixture(scope="module")
+def one_process(lf, tiny, tmp_path_factory) -> Path:
+    """The multi-process runs' reference: one process, batch 4, dropout off (each rank draws its own masks)."""
+    work = tmp_path_factory.mktemp("lf_one")
+    proc = _run(work, "train", str(_write(work / "one.yaml", _train_cfg(tiny, work / "one", lora_dropout=0.0))))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work / "one"
+
+
+@pytest.mark.parametrize("deepspeed", [None, "zero2.json", "zero3.json"])
+def test_two_processes_match_one(one_process, tiny, tmp_path, deepspeed):
+    """Two CPU processes (the launcher runs itself under torchrun) with DDP, or DeepSpeed with the examples'
+    ZeRO-2/ZeRO-3 configs, give the one-process losses and adapter. The adapter (final and checkpoints) is saved
+    whole, not as the ranks' ZeRO-3 partitions, and a plain `PeftModel.from_pretrained` reloads it."""
+    over = {"deepspeed": str(EXAMPLES / deepspeed)} if deepspeed else {}
+    cfg = _train_cfg(tiny, tmp_path / "two", lora_dropout=0.0, per_device_train_batch_size=2, **over)
     two = _run(tmp_path, "train", str(_write(tmp_path / "two.yaml", cfg)), FORCE_TORCHRUN="1", NPROC_PER_NODE="2")
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    assert "world size: 2" in two.stdout + two.stderr
-    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
-    assert json.loads((tmp_path / "two" / "adapter_config.json").read_text())["peft_type"] == "RLORA"
+    output = two.stdout + two.stderr
+    assert "world size: 2" in output
+    if deepspeed:  # DeepSpeed really trained, at the config's stage (the losses alone would not tell)
+        stage = json.loads((EXAMPLES / deepspeed).read_text())["zero_optimization"]["stage"]
+        assert f"Creating torch.float32 ZeRO stage {stage} optimizer" in output
+    out = tmp_path / "two"
+    assert _losses(out) == pytest.approx(_losses(one_process), rel=LOSS_REL)
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "RLORA"
+
+    reference = _adapter_tensors(one_process)
+    for saved in (out / "checkpoint-2", out / "checkpoint-4", out):
+        tensors = _adapter_tensors(saved)
+        assert {k: t.shape for k, t in tensors.items()} == {k: t.shape for k, t in reference.items()}, saved
+    for key, tensor in _adapter_tensors(out).items():
+        torch.testing.assert_close(tensor, reference[key], rtol=0, atol=ADAPTER_ATOL)
+    reloaded, plain = _reload_logits(tiny, out)
+    torch.testing.assert_close(reloaded, _reload_logits(tiny, one_process)[0], rtol=0, atol=ADAPTER_ATOL)
+    assert (reloaded - plain).abs().max() > 1e-3  # the adapter trained, so matching it means something
 
 
 def test_dpo_reference_is_the_model_without_the_adapter(lf, tiny, tmp_path):
