@@ -37,6 +37,15 @@ N_HEADS, RANK, STEPS = 3, 4, 4
 PROBE_IDS = [[5, 17, 42, 9, 23, 11, 30, 7]]
 TIMEOUT = 600
 EXAMPLES = REPO / "examples"
+_ZERO3 = json.loads((EXAMPLES / "zero3.json").read_text())
+# The two-process runs' DeepSpeed configs: the examples' (the ones users are pointed at), except that ZeRO-3
+# partitions every parameter: by default it keeps those under 1e5 elements whole on every rank, which is the
+# whole tiny model, adapter included.
+DEEPSPEED = {
+    "ddp": None,
+    "zero2": json.loads((EXAMPLES / "zero2.json").read_text()),
+    "zero3": {**_ZERO3, "zero_optimization": {**_ZERO3["zero_optimization"], "stage3_param_persistence_threshold": 0}},
+}
 # Two ranks with micro batch 2 see the one process's batch of 4 per step. Measured here (gloo, deepspeed 0.16.9):
 # DDP, ZeRO-2 and ZeRO-3 give the one-process losses to float precision and its adapter to < 1e-7.
 LOSS_REL, ADAPTER_ATOL = 1e-5, 1e-5
@@ -84,6 +93,11 @@ def inference_cfg(trained: dict, tiny: dict, **extra) -> dict:
 
 def _write(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _json(path: Path, cfg: dict) -> Path:
+    path.write_text(json.dumps(cfg))
     return path
 
 
@@ -281,20 +295,22 @@ def one_process(lf, tiny, tmp_path_factory) -> Path:
     return work / "one"
 
 
-@pytest.mark.parametrize("deepspeed", [None, "zero2.json", "zero3.json"])
-def test_two_processes_match_one(one_process, tiny, tmp_path, deepspeed):
-    """Two CPU processes (the launcher runs itself under torchrun) with DDP, or DeepSpeed with the examples'
-    ZeRO-2/ZeRO-3 configs, give the one-process losses and adapter. The adapter (final and checkpoints) is saved
-    whole, not as the ranks' ZeRO-3 partitions, and a plain `PeftModel.from_pretrained` reloads it."""
-    over = {"deepspeed": str(EXAMPLES / deepspeed)} if deepspeed else {}
+@pytest.mark.parametrize("mode", list(DEEPSPEED))
+def test_two_processes_match_one(one_process, tiny, tmp_path, mode):
+    """Two CPU processes (the launcher runs itself under torchrun) with DDP, DeepSpeed ZeRO-2 or ZeRO-3 give the
+    one-process losses and adapter. The adapter (final and checkpoints) is saved whole, not as the ranks' ZeRO-3
+    partitions, and a plain `PeftModel.from_pretrained` reloads it."""
+    deepspeed = DEEPSPEED[mode]
+    over = {"deepspeed": str(_json(tmp_path / "deepspeed.json", deepspeed))} if deepspeed else {}
     cfg = _train_cfg(tiny, tmp_path / "two", lora_dropout=0.0, per_device_train_batch_size=2, **over)
     two = _run(tmp_path, "train", str(_write(tmp_path / "two.yaml", cfg)), FORCE_TORCHRUN="1", NPROC_PER_NODE="2")
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     output = two.stdout + two.stderr
     assert "world size: 2" in output
     if deepspeed:  # DeepSpeed really trained, at the config's stage (the losses alone would not tell)
-        stage = json.loads((EXAMPLES / deepspeed).read_text())["zero_optimization"]["stage"]
-        assert f"Creating torch.float32 ZeRO stage {stage} optimizer" in output
+        assert f"Creating torch.float32 ZeRO stage {deepspeed['zero_optimization']['stage']} optimizer" in output
+    if mode == "zero3":
+        assert "Total persistent parameters: 0 in 0 params" in output  # every parameter partitioned
     out = tmp_path / "two"
     assert _losses(out) == pytest.approx(_losses(one_process), rel=LOSS_REL)
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "RLORA"
