@@ -9,7 +9,8 @@ llamafactory they fail, never skip.
   template), trainer and checkpoints; the saved adapter is RLORA, the router metrics reach the log history,
   and a plain `PeftModel.from_pretrained` reload reproduces the in-process logits of the trained model;
 - `resume_from_checkpoint` reproduces the uninterrupted run's last loss;
-- two CPU processes (DDP under torchrun, through the launcher) give the one-process losses;
+- two CPU processes (torchrun, through the launcher) with DDP, DeepSpeed ZeRO-2 and ZeRO-3 (the examples'
+  configs) give the one-process losses and adapter, saved whole and reloadable;
 - `stage: dpo` uses the model with the adapter switched off as its reference;
 - `chat` and `api` load the adapter unmerged and generate; `export` is refused, and its fix (the frozen-gate
   export, then LLaMA-Factory's own export of that plain LoRA) works.
@@ -36,6 +37,20 @@ REPO = Path(__file__).resolve().parent.parent
 N_HEADS, RANK, STEPS = 3, 4, 4
 PROBE_IDS = [[5, 17, 42, 9, 23, 11, 30, 7]]
 TIMEOUT = 600
+EXAMPLES = REPO / "examples"
+_ZERO3 = json.loads((EXAMPLES / "zero3.json").read_text())
+# The two-process runs' DeepSpeed configs: the examples' (the ones users are pointed at), except that ZeRO-3
+# partitions every parameter: by default it keeps those under 1e5 elements whole on every rank, which is the
+# whole tiny model, adapter included.
+DEEPSPEED = {
+    "ddp": None,
+    "zero2": json.loads((EXAMPLES / "zero2.json").read_text()),
+    "zero3": {**_ZERO3, "zero_optimization": {**_ZERO3["zero_optimization"], "stage3_param_persistence_threshold": 0}},
+}
+# Two ranks with micro batch 2 see the one process's batch of 4 per step. Measured here (gloo, deepspeed 0.18.4):
+# DDP, ZeRO-2 and ZeRO-3 give the one-process losses to float precision and its adapter to < 1e-7.
+LOSS_REL, ADAPTER_ATOL = 1e-5, 1e-5
+ZERO_STATES = "global_step*/zero_pp_rank_*_optim_states.pt"  # one file a rank in a DeepSpeed Trainer checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +98,39 @@ def _write(path: Path, cfg: dict) -> Path:
     return path
 
 
+def _json(path: Path, cfg: dict) -> Path:
+    path.write_text(json.dumps(cfg))
+    return path
+
+
 def _losses(path: Path) -> dict[int, float]:
     history = json.loads((path / "trainer_state.json").read_text())["log_history"]
     return {r["step"]: r["loss"] for r in history if "loss" in r}
+
+
+def _adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path / "adapter_model.safetensors")
+
+
+def _zero_stages(checkpoint: Path) -> list[int]:
+    """The ZeRO stage of each rank's DeepSpeed optimizer state saved in a Trainer checkpoint (none: no DeepSpeed)."""
+    states = [torch.load(f, map_location="cpu", weights_only=False) for f in sorted(checkpoint.glob(ZERO_STATES))]
+    return [int(state["optimizer_state_dict"]["zero_stage"]) for state in states]
+
+
+def _reload_logits(tiny: dict, adapter: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits on PROBE_IDS of a plain `PeftModel.from_pretrained` reload of `adapter`, and of its base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    with torch.no_grad():
+        reloaded = model(input_ids=torch.tensor(PROBE_IDS)).logits
+        with model.disable_adapter():
+            return reloaded, model(input_ids=torch.tensor(PROBE_IDS)).logits
 
 
 def _train_cfg(tiny: dict, output_dir: Path, **over) -> dict:
@@ -217,9 +262,6 @@ def test_misspelled_key_refused_by_the_command(lf, tiny, tmp_path):
 
 
 def test_train_saves_an_rlora_adapter_that_reloads_exactly(trained, tiny):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     out = trained["out"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "RLORA"
@@ -235,12 +277,7 @@ def test_train_saves_an_rlora_adapter_that_reloads_exactly(trained, tiny):
         assert 0.0 < record["rlora/router_entropy"] <= 1.0
         assert record["rlora/head_load_ratio"] >= 1.0
 
-    base = AutoModelForCausalLM.from_pretrained(tiny["model"], dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, out).eval()
-    with torch.no_grad():
-        reloaded = model(input_ids=torch.tensor(PROBE_IDS)).logits
-        with model.disable_adapter():
-            plain = model(input_ids=torch.tensor(PROBE_IDS)).logits
+    reloaded, plain = _reload_logits(tiny, out)
     trained_logits = torch.load(out / "probe_logits.pt")
     torch.testing.assert_close(reloaded, trained_logits, rtol=0, atol=1e-5)
     assert (reloaded - plain).abs().max() > 1e-3  # the adapter trained, so matching it means something
@@ -257,19 +294,42 @@ def test_resume_from_checkpoint_matches_the_uninterrupted_run(trained, tiny):
     assert json.loads((resumed / "adapter_config.json").read_text())["peft_type"] == "RLORA"
 
 
-def test_two_processes_match_one(lf, tiny, tmp_path):
-    """DDP over two CPU processes (the launcher runs itself under torchrun) gives the one-process losses, with
-    dropout off (each rank draws its own dropout masks) and the same total batch."""
-    one = _run(
-        tmp_path, "train", str(_write(tmp_path / "one.yaml", _train_cfg(tiny, tmp_path / "one", lora_dropout=0.0)))
-    )
-    assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
-    cfg = _train_cfg(tiny, tmp_path / "two", lora_dropout=0.0, per_device_train_batch_size=2)
+@pytest.fixture(scope="module")
+def one_process(lf, tiny, tmp_path_factory) -> Path:
+    """The multi-process runs' reference: one process, batch 4, dropout off (each rank draws its own masks)."""
+    work = tmp_path_factory.mktemp("lf_one")
+    proc = _run(work, "train", str(_write(work / "one.yaml", _train_cfg(tiny, work / "one", lora_dropout=0.0))))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return work / "one"
+
+
+@pytest.mark.parametrize("mode", list(DEEPSPEED))
+def test_two_processes_match_one(one_process, tiny, tmp_path, mode):
+    """Two CPU processes (the launcher runs itself under torchrun) with DDP, DeepSpeed ZeRO-2 or ZeRO-3 give the
+    one-process losses and adapter. The adapter (final and checkpoints) is saved whole, not as the ranks' ZeRO-3
+    partitions, and a plain `PeftModel.from_pretrained` reloads it."""
+    deepspeed = DEEPSPEED[mode]
+    over = {"deepspeed": str(_json(tmp_path / "deepspeed.json", deepspeed))} if deepspeed else {}
+    cfg = _train_cfg(tiny, tmp_path / "two", lora_dropout=0.0, per_device_train_batch_size=2, **over)
     two = _run(tmp_path, "train", str(_write(tmp_path / "two.yaml", cfg)), FORCE_TORCHRUN="1", NPROC_PER_NODE="2")
     assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
     assert "world size: 2" in two.stdout + two.stderr
-    assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
-    assert json.loads((tmp_path / "two" / "adapter_config.json").read_text())["peft_type"] == "RLORA"
+    out = tmp_path / "two"
+    # DeepSpeed really trained, at the config's stage, on both ranks (the losses alone would not tell)
+    stage = deepspeed["zero_optimization"]["stage"] if deepspeed else None
+    assert _zero_stages(out / "checkpoint-2") == ([stage, stage] if deepspeed else [])
+    assert _losses(out) == pytest.approx(_losses(one_process), rel=LOSS_REL)
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "RLORA"
+
+    reference = _adapter_tensors(one_process)
+    for saved in (out / "checkpoint-2", out / "checkpoint-4", out):
+        tensors = _adapter_tensors(saved)
+        assert {k: t.shape for k, t in tensors.items()} == {k: t.shape for k, t in reference.items()}, saved
+    for key, tensor in _adapter_tensors(out).items():
+        torch.testing.assert_close(tensor, reference[key], rtol=0, atol=ADAPTER_ATOL)
+    reloaded, plain = _reload_logits(tiny, out)
+    torch.testing.assert_close(reloaded, _reload_logits(tiny, one_process)[0], rtol=0, atol=ADAPTER_ATOL)
+    assert (reloaded - plain).abs().max() > 1e-3  # the adapter trained, so matching it means something
 
 
 def test_dpo_reference_is_the_model_without_the_adapter(lf, tiny, tmp_path):

@@ -27,7 +27,9 @@ llamafactory 0.9.5 (`CHECKED_VERSION`; any other version is refused with an erro
 
 Not patched, handled by the launcher: `export` of an R-LoRA adapter is refused before anything loads, and a
 multi-process `train` runs `torchrun -m rlora_plugin.llamafactory` (LLaMA-Factory's own launcher re-executes
-its own file under torchrun, where these patches would be missing).
+its own file under torchrun, where these patches would be missing). DeepSpeed (`deepspeed:` in the YAML) needs
+no patch, on a CPU-only host either: accelerate 1.11, LLaMA-Factory 0.9.5's pin, gives a torchrun process group
+`gloo` by itself (1.13 and later do so only with `cpu=True`, hence the Axolotl plugin's `cpu_distributed`).
 """
 
 from __future__ import annotations
@@ -291,7 +293,7 @@ def install_patches() -> None:
 
 USAGE = """usage: rlora-llamafactory COMMAND CONFIG.yaml [key=value ...]   (python -m rlora_plugin.llamafactory)
   train     train, as llamafactory-cli train, with `finetuning_type: rlora` (multi-process: FORCE_TORCHRUN=1
-            NPROC_PER_NODE=N, as llamafactory-cli)
+            NPROC_PER_NODE=N, as llamafactory-cli; DeepSpeed with `deepspeed: ds_config.json` in the YAML)
   chat, api, webchat   as llamafactory-cli; an R-LoRA adapter in `adapter_name_or_path` loads unmerged
   export    refused for an R-LoRA adapter (it cannot be merged); see python -m rlora_plugin.export
 Other commands are passed to llamafactory-cli unchanged."""
