@@ -42,9 +42,16 @@ LOSS_TOL = 1e-4
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ZERO2 = str(EXAMPLES / "zero2.json")  # the DeepSpeed configs users are pointed at
 _ZERO3 = json.loads((EXAMPLES / "zero3.json").read_text())
-ZERO3_OFFLOAD = {  # the optimizer state offloaded to CPU, with the Trainer's torch AdamW (no DeepSpeedCPUAdam build)
+# The optimizer state offloaded to CPU, with the Trainer's torch AdamW (no DeepSpeedCPUAdam build), and every
+# parameter partitioned: by default ZeRO-3 keeps parameters under 1e5 elements whole on every rank, which on
+# the tiny model is all of them, adapter included.
+ZERO3_OFFLOAD = {
     **_ZERO3,
-    "zero_optimization": {**_ZERO3["zero_optimization"], "offload_optimizer": {"device": "cpu"}},
+    "zero_optimization": {
+        **_ZERO3["zero_optimization"],
+        "offload_optimizer": {"device": "cpu"},
+        "stage3_param_persistence_threshold": 0,
+    },
     "zero_force_ds_cpu_optimizer": False,
 }
 FSDP2 = {
