@@ -231,6 +231,43 @@ def test_config_rewritten_to_lora_path(lf, tiny, tmp_path):
     }
 
 
+EXAMPLES = sorted((REPO / "examples" / "llamafactory").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda path: path.name)
+def test_example_config_passes_the_launcher_and_llamafactory(lf, path):
+    """Every YAML under examples/llamafactory/: its `rlora_*` keys pass the launcher's checks, and the rewritten
+    config passes LLaMA-Factory's own argument parser, which refuses an unknown key (a mistranslated one)."""
+    from llamafactory.hparams.parser import _parse_train_args
+
+    cfg = yaml.safe_load(path.read_text())
+    out = lf.translate(cfg)
+    assert cfg["finetuning_type"] == "rlora" and out["finetuning_type"] == "lora"
+    rlora = {lf.RLORA_KEYS[key]: value for key, value in cfg.items() if key.startswith("rlora_")}
+    assert lf._Run.options == {**rlora, "init_seed": cfg["seed"]} and rlora
+    _, _, training_args, finetuning_args, _ = _parse_train_args({**out, "bf16": False})  # bf16 needs a GPU
+    assert (finetuning_args.finetuning_type, finetuning_args.lora_rank) == ("lora", cfg["lora_rank"])
+    assert training_args.learning_rate == cfg["learning_rate"]
+
+
+def test_cpu_example_data_reaches_llamafactory_as_chat_turns(lf):
+    """The CPU example's dataset_info.json entry points at the file examples/multitask_data.py writes, and
+    LLaMA-Factory's sharegpt converter reads its `messages` rows as user/assistant turns."""
+    from llamafactory.data.converter import get_dataset_converter
+    from llamafactory.data.parser import get_dataset_list
+    from llamafactory.hparams import DataArguments
+
+    from examples.multitask_data import generate
+
+    cfg = yaml.safe_load((REPO / "examples" / "llamafactory" / "cpu-multitask.yaml").read_text())
+    (attr,) = get_dataset_list([cfg["dataset"]], str(REPO / cfg["dataset_dir"]))
+    assert (REPO / cfg["dataset_dir"] / attr.dataset_name).resolve() == REPO / "examples/.cache/multitask/train.jsonl"
+    row = generate(1, 0)[0][0]
+    converted = get_dataset_converter(attr.formatting, attr, DataArguments())(row)
+    assert converted["_prompt"] == [{"role": "user", "content": row["messages"][0]["content"]}]
+    assert converted["_response"] == [{"role": "assistant", "content": row["messages"][1]["content"]}]
+
+
 @pytest.mark.parametrize(
     "flags", [["--finetuning_type", "rlora"], ["--finetuning_type=rlora"], ["--rlora_num_heads", "3"]]
 )
