@@ -215,15 +215,20 @@ def test_config_refused(lf, tiny, tmp_path, over, message):
     assert message in str(info.value)
 
 
-def test_config_rewritten_to_lora_path(lf, tiny, tmp_path):
+def test_config_rewritten_to_lora_path(lf, tiny, tmp_path, monkeypatch):
     cfg = _train_cfg(tiny, tmp_path, rlora_router_top_k=2, rlora_metrics=False)
     out = lf.translate(cfg)
     assert out["finetuning_type"] == "lora" and not any(k.startswith("rlora_") for k in out)
-    assert {k: v for k, v in out.items() if k != "finetuning_type"} == {
+    assert {k: v for k, v in out.items() if k != "finetuning_type"} == {  # tiny["model"] is absolute already
         k: v for k, v in cfg.items() if not k.startswith("rlora_") and k != "finetuning_type"
     }
     assert lf._Run.options == {"num_heads": N_HEADS, "init_gamma": 16.0, "router_top_k": 2, "init_seed": 7}
     assert lf._Run.metrics is False
+    # A local base model is recorded in the adapter as an absolute path, so it loads from any directory.
+    monkeypatch.chdir(tiny["model"].parent)
+    relative = lf.translate({**cfg, "model_name_or_path": tiny["model"].name})
+    assert relative["model_name_or_path"] == str(tiny["model"].resolve())
+    assert lf.translate({**cfg, "model_name_or_path": "org/model"})["model_name_or_path"] == "org/model"
     assert set(lf.RLORA_KEYS) | {lf.METRICS_KEY} == {
         *(f"rlora_{name}" for name in lf.rlora_fields()),
         "rlora_init_seed",

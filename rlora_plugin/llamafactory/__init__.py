@@ -41,6 +41,7 @@ import os
 import subprocess
 import sys
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type: building and loading need it)
@@ -181,7 +182,11 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
     }
     build_rlora_config(run, **lora)  # every value checked now, before anything loads
     _Run.options, _Run.metrics = run, metrics
-    return {**{k: v for k, v in config.items() if k not in rlora_keys}, "finetuning_type": "lora"}
+    rewritten = {**{k: v for k, v in config.items() if k not in rlora_keys}, "finetuning_type": "lora"}
+    base = config.get("model_name_or_path")
+    if base and Path(base).is_dir():  # the adapter records its base: absolute, so it loads from any directory
+        rewritten["model_name_or_path"] = str(Path(base).resolve())
+    return rewritten
 
 
 def _read_args(original):
