@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> Path:
             print(f"{run_dir.name}: recorded in --reuse", flush=True)
             return recorded[key]
         seconds = train(cfg, run_dir)
-        scores = scorer.score(run_dir / "adapter", val, test, cache=run_dir / "scores.json")
+        scores = scorer.score(run_dir / "adapter", val, test, cache=run_dir / "scores.json", frozen=method.exported)
         return Run(method.key, lr, seed, params, seconds, scores, key)
 
     if METHODS["base"] in methods:

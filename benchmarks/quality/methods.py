@@ -19,6 +19,7 @@ class Method:
     adapter: str | None  # None: the base model, not trained
     rlora: dict = field(default_factory=dict)  # the `rlora:` block for adapter: rlora
     equal_params: bool = False  # LoRA whose rank matches R-LoRA's trainable parameter count
+    exported: bool = False  # also scored with its gates frozen as the export to a plain LoRA freezes them
 
     @property
     def multi_head(self) -> bool:
@@ -44,7 +45,8 @@ METHODS = {
             "hydralora_mhd", "HydraLoRA + multi-head dropout", "rlora", {"init": "zero", "head_dropout": "per_head"}
         ),  # fmt: skip
         Method("hydralora_init", "HydraLoRA + random init", "rlora", {"init": "random", "head_dropout": "shared"}),
-        Method("rlora", "R-LoRA", "rlora", {"init": "random", "head_dropout": "per_head"}),
+        # Frozen-gate scoring costs about as much decoding again as the run's own scoring: R-LoRA's only.
+        Method("rlora", "R-LoRA", "rlora", {"init": "random", "head_dropout": "per_head"}, exported=True),
     )
 }
 

@@ -1,6 +1,6 @@
 """Scoring one trained adapter: exact match on the held-out items (the example's greedy decoder and answer
-parser) and, for multi-head adapters, how similar the heads came out and what freezing the gates costs (the
-export to a plain LoRA, rlora_plugin.export)."""
+parser), for multi-head adapters how similar the heads came out and, for the methods that ask for it, what
+freezing the gates costs (the export to a plain LoRA, rlora_plugin.export)."""
 
 from __future__ import annotations
 
@@ -65,19 +65,25 @@ class Scorer:
         self.train_file, self.train_files = train_file, train_files
 
     @torch.no_grad()
-    def score(self, adapter_dir: Path | None, val: list[dict], test: list[dict], cache: Path) -> Scores:
-        """Scores of the base model (`adapter_dir=None`) or of the base with the adapter, kept in `cache`; a
-        run cached before replies were kept is decoded again (not retrained)."""
-        if cache.exists() and (scores := Scores(**json.loads(cache.read_text()))).replies is not None:
-            return scores
+    def score(
+        self, adapter_dir: Path | None, val: list[dict], test: list[dict], cache: Path, frozen: bool = False
+    ) -> Scores:
+        """Scores of the base model (`adapter_dir=None`) or of the base with the adapter, with the FROZEN
+        variants if `frozen` (a multi-head adapter), kept in `cache`; a cached run without the replies asked
+        for (scored before they were kept) is decoded again, not retrained."""
+        if cache.exists():
+            scores = Scores(**json.loads(cache.read_text()))
+            if scores.replies is not None and (not frozen or set(FROZEN) <= set(scores.replies)):
+                return scores
         model = AutoModelForCausalLM.from_pretrained(self.model_dir).eval()
         if adapter_dir:
             model = PeftModel.from_pretrained(model, adapter_dir).eval()
         decoded = {"val": replies(model, self.tokenizer, val), "test": replies(model, self.tokenizer, test)}
         heads = {}
         if adapter_dir is not None and is_multi_head(adapter_dir):
-            decoded |= self.frozen(model, adapter_dir, test)
             heads = dict(zip(("head_cos_b", "head_cos_ba"), head_similarity(adapter_dir), strict=True))
+        if frozen:
+            decoded |= self.frozen(model, adapter_dir, test)
         scores = Scores.derived(decoded, val, test, **heads)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(asdict(scores)))
