@@ -87,7 +87,7 @@ def accuracy_table(methods: list[Method], runs: list[Run], tasks: list[str]) -> 
         lines.append("| " + " | ".join(cells) + " |")
         for variant, label in FROZEN.items():
             frozen = [r.scores.frozen[variant] for r in own if r.scores.frozen]
-            if frozen:
+            if method.exported and frozen:
                 cells = [
                     f"{method.label}, exported ({label})",
                     f"{own[0].lr:g}",
