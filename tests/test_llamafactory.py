@@ -12,7 +12,7 @@ llamafactory they fail, never skip.
 - two CPU processes (torchrun, through the launcher) with DDP, DeepSpeed ZeRO-2 and ZeRO-3 (the examples'
   configs) give the one-process losses and adapter, saved whole and reloadable;
 - `stage: dpo` uses the model with the adapter switched off as its reference;
-- `chat` and `api` load the adapter unmerged and generate; `export` is refused, and its fix (the frozen-gate
+- `chat` (the adapter by its model-hub id), `api` and `webchat` load the adapter unmerged and generate; `export` is refused, and its fix (the frozen-gate
   export, then LLaMA-Factory's own export of that plain LoRA) works.
 """
 
@@ -23,6 +23,10 @@ import math
 import os
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -413,38 +417,55 @@ def test_chat_loads_the_adapter_by_its_hub_id_unmerged_and_generates(trained, ti
     assert reply.strip(), proc.stdout[-2000:]
 
 
-def test_api_serves_the_adapter_unmerged(trained, tiny):
-    import time
-    import urllib.request
+@contextmanager
+def _serving(work: Path, command: str, cfg: dict, **env: str) -> Iterator[Callable[[urllib.request.Request], bytes]]:
+    """`command` (api, webchat) running as a server on `cfg`; yields a function that sends a request once the
+    server answers (the first answers only after the model has loaded) and returns the response body."""
+    log_file = work / f"{command}.log"
+    cmd = [sys.executable, "-m", "rlora_plugin.llamafactory", command, str(_write(work / f"{command}.yaml", cfg))]
+    with open(log_file, "w") as log:
+        server = subprocess.Popen(cmd, cwd=work, env={**_env(), **env}, stdout=log, stderr=log)
 
-    work = trained["work"]
-    cfg = inference_cfg(trained, tiny)
-    port = free_port()
-    log = open(work / "api.log", "w")  # noqa: SIM115
-    cmd = [sys.executable, "-m", "rlora_plugin.llamafactory", "api", str(_write(work / "api.yaml", cfg))]
-    server = subprocess.Popen(cmd, cwd=work, env={**_env(), "API_PORT": str(port)}, stdout=log, stderr=log)
+        def send(request: urllib.request.Request) -> bytes:
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                assert server.poll() is None, log_file.read_text()[-3000:]
+                try:
+                    return urllib.request.urlopen(request, timeout=60).read()
+                except OSError:
+                    assert time.monotonic() < deadline, log_file.read_text()[-3000:]
+                    time.sleep(1)
+
+        try:
+            yield send
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+
+
+def test_api_serves_the_adapter_unmerged(trained, tiny):
+    work, port = trained["work"], free_port()
     body = json.dumps(
         {"model": "m", "messages": [{"role": "user", "content": "What color is the cat?"}], "max_tokens": 4}
     )
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions", body.encode(), {"Content-Type": "application/json"}
     )
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            assert server.poll() is None, (work / "api.log").read_text()[-3000:]
-            try:
-                reply = json.loads(urllib.request.urlopen(request, timeout=60).read())
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(1)
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-        log.close()
+    with _serving(work, "api", inference_cfg(trained, tiny), API_PORT=str(port)) as send:
+        reply = json.loads(send(request))
     assert reply["usage"]["completion_tokens"] > 0
     assert f"Loaded the R-LoRA adapter {trained['out']} unmerged" in (work / "api.log").read_text()
+
+
+def test_webchat_loads_the_adapter_unmerged(trained, tiny):
+    """LLaMA-Factory's web demo loads the model from the config at start-up, through the same adapter path."""
+    work, port = trained["work"], free_port()
+    env = {"GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+    with _serving(work, "webchat", inference_cfg(trained, tiny), **env) as send:
+        page = send(urllib.request.Request(f"http://127.0.0.1:{port}/")).decode()
+    assert "LLaMA Factory Web Demo" in page
+    log = (work / "webchat.log").read_text()
+    assert f"Loaded the R-LoRA adapter {trained['out']} unmerged" in log and "Merged" not in log
 
 
 def test_export_refused_and_its_fix_works(trained, tiny):
