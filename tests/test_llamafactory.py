@@ -12,8 +12,9 @@ llamafactory they fail, never skip.
 - two CPU processes (torchrun, through the launcher) with DDP, DeepSpeed ZeRO-2 and ZeRO-3 (the examples'
   configs) give the one-process losses and adapter, saved whole and reloadable;
 - `stage: dpo` uses the model with the adapter switched off as its reference;
-- `chat` (the adapter by its model-hub id), `api` and `webchat` load the adapter unmerged and generate; `export` is refused, and its fix (the frozen-gate
-  export, then LLaMA-Factory's own export of that plain LoRA) works.
+- `chat` (the adapter by its model-hub id), `api` and `webchat` load the adapter unmerged and generate;
+  `export` is refused, and its fix (the frozen-gate export, then LLaMA-Factory's own export of that plain
+  LoRA) works.
 """
 
 from __future__ import annotations
