@@ -241,10 +241,10 @@ def test_config_rewritten_to_lora_path(lf, tiny, tmp_path, monkeypatch):
     }
 
 
-EXAMPLES = sorted((REPO / "examples" / "llamafactory").glob("*.yaml"))
+LLAMAFACTORY_YAMLS = sorted((EXAMPLES / "llamafactory").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", EXAMPLES, ids=lambda path: path.name)
+@pytest.mark.parametrize("path", LLAMAFACTORY_YAMLS, ids=lambda path: path.name)
 def test_example_config_passes_the_launcher_and_llamafactory(lf, path):
     """Every YAML under examples/llamafactory/: its `rlora_*` keys pass the launcher's checks, and the rewritten
     config passes LLaMA-Factory's own argument parser, which refuses an unknown key (a mistranslated one)."""
@@ -269,7 +269,7 @@ def test_cpu_example_data_reaches_llamafactory_as_chat_turns(lf):
 
     from examples.multitask_data import generate
 
-    cfg = yaml.safe_load((REPO / "examples" / "llamafactory" / "cpu-multitask.yaml").read_text())
+    cfg = yaml.safe_load((EXAMPLES / "llamafactory" / "cpu-multitask.yaml").read_text())
     (attr,) = get_dataset_list([cfg["dataset"]], str(REPO / cfg["dataset_dir"]))
     assert (REPO / cfg["dataset_dir"] / attr.dataset_name).resolve() == REPO / "examples/.cache/multitask/train.jsonl"
     row = generate(1, 0)[0][0]
