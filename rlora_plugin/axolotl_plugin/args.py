@@ -339,7 +339,8 @@ def check_adapter_dir(path: str) -> None:
         where = (
             "holds no adapter_config.json"
             if Path(path).is_dir()
-            else "is neither a local directory nor an adapter on the model hub (offline: in the hub cache)"
+            else "is neither a local directory nor an adapter on the model hub (offline: in its cache; a private or "
+            "gated one needs `huggingface-cli login`)"
         )
         raise ValueError(f"adapter: rlora: `lora_model_dir: {path!r}` {where}. Fix: {fix}.")
     if peft_type != PEFT_TYPE_NAME:
