@@ -122,6 +122,15 @@ def test_paired_difference_is_zero_for_the_same_replies_and_resolved_for_a_large
     # Seeds are resampled: two seeds that disagree widen the interval beyond the one seed's.
     spread = paired_difference([replies_with(12, 2), replies_with(4)], [replies_with(10)], ITEMS, rounds=2000)
     assert spread.high - spread.low > close.high - close.low
+    # Two scorings of the same runs (a frozen-gate export and its routed adapter): the seeds are resampled
+    # together, so runs far apart do not widen the interval of a difference that is the same in every run.
+    runs, shifted = [replies_with(4), replies_with(14)], [replies_with(10), replies_with(20)]
+    independent = paired_difference(shifted, runs, ITEMS, rounds=2000)
+    same = paired_difference(shifted, runs, ITEMS, same_runs=True, rounds=2000)
+    assert same.mean == independent.mean == pytest.approx(0.15)
+    assert same.resolved and not independent.resolved and same.high - same.low < independent.high - independent.low
+    with pytest.raises(ValueError, match="same_runs needs as many runs on each side, not 1 and 2"):
+        paired_difference(shifted[:1], runs, ITEMS, same_runs=True)
 
 
 def run_with(method: str, seed: int, test_replies: list[str]) -> Run:

@@ -122,23 +122,24 @@ def sweep_table(methods: list[Method], sweep: list[Run]) -> list[str]:
 
 def paired_table(methods: list[Method], runs: list[Run], test: list[dict], reference: str = "rlora") -> list[str]:
     """Each method's test accuracy minus the reference's, with its bootstrap 95% interval (see paired.py); the
-    reference's frozen-gate variants are compared with it too. Runs recorded without replies are left out."""
+    reference's frozen-gate variants are compared with it too, run by run. Runs recorded without replies are
+    left out."""
     present = _by_method(methods, [run for run in runs if run.scores.replies is not None])
     ref = next((own for method, own in present if method.key == reference), None)
     if ref is None:
         return []
     label = METHODS[reference].label
     trained = [(m, own) for m, own in present if m.adapter and m.key != reference]
-    compared = [(m.label, [r.scores.replies["test"] for r in own]) for m, own in trained]
-    compared += [
-        (f"{label}, exported ({variant_label})", frozen)
+    compared = [(m.label, [r.scores.replies["test"] for r in own], False) for m, own in trained]
+    compared += [  # the reference's own runs, scored with frozen gates: paired seed by seed
+        (f"{label}, exported ({variant_label})", [r.scores.replies[variant] for r in ref], True)
         for variant, variant_label in FROZEN.items()
-        if (frozen := [r.scores.replies[variant] for r in ref if variant in r.scores.replies])
+        if all(variant in r.scores.replies for r in ref)
     ]
     ref_replies = [run.scores.replies["test"] for run in ref]
     lines = [f"| method | seeds | minus {label} | 95% interval | resolved |", "|---|---|---|---|---|"]
-    for method_label, replies in compared:
-        diff = paired_difference(replies, ref_replies, test)
+    for method_label, replies, same_runs in compared:
+        diff = paired_difference(replies, ref_replies, test, same_runs=same_runs)
         lines.append(f"| {method_label} | {len(replies)} | {diff.mean:+.3f} | {diff.low:+.3f} to {diff.high:+.3f} | "
                      f"{'yes' if diff.resolved else 'no'} |")  # fmt: skip
     return lines
@@ -229,9 +230,11 @@ def write_results(
         lines += [
             "", "## Paired differences against R-LoRA", "",
             "Every method answers the same test items, so differences are measured item by item. Interval: 95%,",
-            "bootstrap over the test items (resampled within each task) and over each method's seeds,",
-            f"{ROUNDS:,} rounds (benchmarks/quality/paired.py); resolved: the interval excludes zero. The numbers",
-            "here and in the test table derive from the reply to every test item recorded in quality.json.",
+            "bootstrap over the test items (resampled within each task) and over each method's seeds (the",
+            "exported rows' together with R-LoRA's: they score the same runs), "
+            f"{ROUNDS:,} rounds (benchmarks/quality/paired.py);",
+            "resolved: the interval excludes zero. The numbers here and in the test table derive from the reply",
+            "to every test item recorded in quality.json.",
             "", *paired,
         ]  # fmt: skip
     if sweep:
