@@ -23,7 +23,7 @@ from benchmarks.quality import __main__ as quality
 from benchmarks.quality.__main__ import FULL, QUICK, run_key, write_data
 from benchmarks.quality.methods import METHODS, Recipe, target_shapes, training_config
 from benchmarks.quality.paired import paired_difference
-from benchmarks.quality.results import Run, one_per_line, paired_table, read_runs, sweep_table
+from benchmarks.quality.results import Run, one_per_line, paired_table, read_runs, recorded_runs, sweep_table
 from benchmarks.quality.scoring import FROZEN, Scores
 from benchmarks.quality.tasks import MIXTURE, first_letters, unit_conversion
 from benchmarks.speed.counts import equal_param_rank, lora_params, rlora_params
@@ -150,6 +150,14 @@ def test_records_keep_every_reply_and_the_accuracies_derive_from_them(tmp_path):
     assert sum(line.startswith('{"method"') for line in lines) == 1 and '"sweep": []' in lines
     [read] = read_runs(path)
     assert read.scores.test["average"] == 0.375 and read.scores.replies == run.scores.replies
+    # The same run recorded again without replies (a sweep record from before they were kept), in the same file
+    # or another: the record with replies is the one reused, whatever the order.
+    aggregates_only = {**asdict(run), "scores": {**asdict(run)["scores"], "replies": None}}
+    older = tmp_path / "older.json"
+    older.write_text(one_per_line({**record, "runs": [], "sweep": [aggregates_only]}))
+    path.write_text(one_per_line({**record, "sweep": [aggregates_only]}))
+    for order in ([path], [older, path], [path, older]):
+        assert recorded_runs(order)["lora0"].scores.replies == run.scores.replies
 
 
 def test_paired_table_compares_each_trained_method_with_rlora():

@@ -36,7 +36,7 @@ from examples.multitask_data import Task, generate
 from examples.prepare_smollm2 import main as prepare_smollm2
 
 from .methods import METHODS, Method, Recipe, target_shapes, training_config
-from .results import Run, best_rate, read_runs, write_results
+from .results import Run, best_rate, recorded_runs, write_results
 from .scoring import Scorer
 from .tasks import MIXTURE, QUICK_MIXTURE
 
@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> Path:
     shapes = target_shapes(args.model_dir)
     lora_eq_rank = equal_param_rank(shapes, args.r, args.heads)
     scorer = Scorer(args.model_dir, train_file, train_files)
-    recorded = {run.key: run for path in args.reuse for run in read_runs(path)}
+    recorded = recorded_runs(args.reuse)
 
     def rank_and_params(method: Method) -> tuple[int, int]:
         if method.multi_head:

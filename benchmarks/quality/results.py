@@ -51,6 +51,16 @@ def read_runs(path: Path) -> list[Run]:
     return [Run(**{**run, "scores": scores(run)}) for run in runs]
 
 
+def recorded_runs(paths: list[Path]) -> dict[str, Run]:
+    """The runs recorded in `paths` by key. A run can be recorded twice (as a sweep run from before replies were
+    kept, and as a table run with them): the record with replies wins."""
+    recorded: dict[str, Run] = {}
+    for run in (run for path in paths for run in read_runs(path)):
+        if run.key not in recorded or recorded[run.key].scores.replies is None:
+            recorded[run.key] = run
+    return recorded
+
+
 def _cell(values: list[float], digits: int = 3) -> str:
     """The mean, with the min-max over seeds when there are several."""
     if not values:
