@@ -17,18 +17,17 @@ def saved_peft_type(adapter: str | Path, subfolder: str | None = None, **hub: An
     """The `peft_type` in the adapter_config.json of a local adapter directory or, for a model-hub id, of the
     hub's copy (offline: of the hub cache's, as PEFT's loading reads it); None when there is none to read.
     `hub`: hf_hub_download's revision, cache_dir, token."""
-    local = Path(adapter, subfolder or "", CONFIG)
-    if local.is_file():
-        return json.loads(local.read_text()).get("peft_type")
-    if Path(adapter).exists():  # a local directory without an adapter config: not a hub id
-        return None
-    from huggingface_hub import hf_hub_download
+    config_file = Path(adapter, subfolder or "", CONFIG)
+    if not config_file.is_file():
+        if Path(adapter).exists():  # a local directory without an adapter config: not a hub id
+            return None
+        from huggingface_hub import hf_hub_download
 
-    try:
-        config_file = hf_hub_download(str(adapter), CONFIG, subfolder=subfolder, **hub)
-    except (OSError, ValueError):  # not on the hub (or not in its cache, offline), or not a valid repo id
-        return None
-    return json.loads(Path(config_file).read_text()).get("peft_type")
+        try:
+            config_file = Path(hf_hub_download(str(adapter), CONFIG, subfolder=subfolder, **hub))
+        except (OSError, ValueError):  # not on the hub (or not in its cache, offline), or not a valid repo id
+            return None
+    return json.loads(config_file.read_text()).get("peft_type")
 
 
 def read_config(adapter_dir: str | Path) -> RLoraConfig:

@@ -16,9 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type)
 from examples.evaluate import replies, score_replies
 from rlora_plugin.export import mean_gates
+from rlora_plugin.registration import PEFT_TYPE_NAME
 from rlora_plugin.report import analyse
 from rlora_plugin.routing import fixed_gates
-from rlora_plugin.saved import read_adapter
+from rlora_plugin.saved import read_adapter, saved_peft_type
 
 # The frozen-gate variants of a multi-head adapter, as `rlora_plugin.export --gates mean --data FILE` builds them.
 FROZEN = {
@@ -47,7 +48,7 @@ class Scores:
 
 
 def is_multi_head(adapter_dir: Path) -> bool:
-    return json.loads((adapter_dir / "adapter_config.json").read_text()).get("peft_type") == "RLORA"
+    return saved_peft_type(adapter_dir) == PEFT_TYPE_NAME
 
 
 def head_similarity(adapter_dir: Path) -> tuple[float, float]:
