@@ -68,3 +68,12 @@ class ProbePlugin(BasePlugin):
                 "disable_adapter_calls": self.disable_adapter_calls,
             }
             (Path(cfg.output_dir) / "probe_ref.json").write_text(json.dumps(ref))
+
+
+class SeedInitPlugin(BasePlugin):
+    """Seeds torch from the run's `seed` before the model loads, as Axolotl 0.21 does itself
+    (`seed_model_initialization`) and 0.19 does not: there a plain LoRA's initialization is unseeded, so two
+    runs of one YAML differ. With it, two `adapter: lora` runs can be compared on either version."""
+
+    def pre_model_load(self, cfg):
+        torch.manual_seed(cfg.seed)

@@ -8,7 +8,8 @@ Few runs, each combining several features:
   no sample packing;
 - `axolotl inference` with `lora_model_dir`, a prompt on stdin;
 - `axolotl rlora-report` on run 1's adapter;
-- bad configs (`axolotl merge-lora`, a misspelled `rlora:` key, no plugin) fail before training.
+- bad configs (`axolotl merge-lora`, a misspelled `rlora:` key, no plugin) fail before training;
+- two short `adapter: lora` runs, with and without the plugin listed: the same adapter.
 A test-only plugin (tests/axolotl_probe.py) saves the in-process logits on a fixed input so the tests can
 check that a plain `PeftModel.from_pretrained` reload reproduces the trained model.
 """
@@ -228,3 +229,25 @@ def test_export_merges_with_axolotl_merge_lora(run1, tiny, work):
     with fixed_gates(routed, "uniform"):
         expected = probe_logits(routed)
     torch.testing.assert_close(merged, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_listing_the_plugin_leaves_a_plain_lora_run_unchanged(tiny, work):
+    """A user adds the plugin to a YAML that trains `adapter: lora` (or keeps it in a shared base config):
+    the LoRA run must come out exactly as without it. Both runs seed the model's initialization the same way
+    (`SeedInitPlugin`: Axolotl 0.19 leaves it unseeded)."""
+    import torch
+
+    # Axolotl's Triton LoRA kernels, on by default for `adapter: lora`, need CUDA
+    kernels_off = dict(lora_mlp_kernel=False, lora_qkv_kernel=False, lora_o_kernel=False)
+    plain = dict(adapter="lora", rlora=None, max_steps=2, save_steps=2, eval_steps=None, val_set_size=0, **kernels_off)
+    adapters = {}
+    for name, plugins in (("lora_with_plugin", ["rlora_plugin.RLoraPlugin"]), ("lora_without_plugin", [])):
+        cfg = write_cfg(work, name, tiny, plugins=[*plugins, "axolotl_probe.SeedInitPlugin"], **plain)
+        run(name, accelerate_train(cfg), work).check()
+        assert json.loads((work / name / "adapter_config.json").read_text())["peft_type"] == "LORA"
+        adapters[name] = adapter_tensors(work / name)
+    with_plugin, without = adapters.values()
+    assert with_plugin.keys() == without.keys()
+    assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in with_plugin.items()), "no step trained"
+    for key in with_plugin:
+        torch.testing.assert_close(with_plugin[key], without[key], rtol=0, atol=0)
