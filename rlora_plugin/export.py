@@ -64,11 +64,23 @@ def mean_gates(
         raise ValueError(f"{adapter_dir} records no base model: pass --base-model.")
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), str(adapter_dir)).eval()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), str(adapter_dir))
+    return loaded_mean_gates(model, tokenizer, data_file, batch_size)
+
+
+def loaded_mean_gates(
+    model: torch.nn.Module,
+    tokenizer,  # noqa: ANN001
+    data_file: str | Path,
+    batch_size: int = 8,
+) -> dict[str, torch.Tensor]:
+    """`mean_gates` on a model already loaded with its adapter (left in eval mode). Batches are padded on the
+    right whatever the tokenizer's side, so every real token keeps the position it has alone."""
     prompts = prompts_of(data_file, tokenizer)
-    with torch.no_grad(), record_gates(model) as record:
+    with torch.no_grad(), record_gates(model.eval()) as record:
         for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
+            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
+                              padding_side="right")  # fmt: skip
             model(**batch)
     return record.mean()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -9,7 +11,7 @@ from tiny_models import MLP, adapted_layers, perturb, tiny_llama, tokens
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlora_plugin import RLoraConfig
-from rlora_plugin.export import main, mean_gates, prompts_of
+from rlora_plugin.export import loaded_mean_gates, main, mean_gates, prompts_of
 from rlora_plugin.routing import fixed_gates, record_gates, routing
 
 
@@ -112,16 +114,27 @@ def adapter_on_disk(tiny, tmp_path):
 
 
 def test_mean_gates_are_over_the_real_tokens_of_the_prompts(tiny, adapter_on_disk):
-    gates = mean_gates(adapter_on_disk / "rlora", tiny["chat"], batch_size=8)
+    """Batched prompts of different lengths give the mean of the prompts run one at a time: padding is left out,
+    also with a tokenizer set up to pad on the left."""
+    rows = [json.loads(line) for line in tiny["chat"].read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["messages"][0]["content"] = " ".join([row["messages"][0]["content"]] * (1 + i % 3))
+    data = adapter_on_disk / "varied.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), adapter_on_disk / "rlora")
-    prompts = prompts_of(tiny["chat"], tokenizer)
+    prompts = prompts_of(data, tokenizer)
     assert len(prompts) == 64 and prompts[0].endswith("<|assistant|>\n")
+    assert len({len(tokenizer(prompt)["input_ids"]) for prompt in prompts[:8]}) == 3  # batches need padding
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), adapter_on_disk / "rlora")
     with torch.no_grad(), record_gates(model.eval()) as record:
         for prompt in prompts:  # one at a time: no padding at all
             model(**tokenizer(prompt, return_tensors="pt"))
+    gates = mean_gates(adapter_on_disk / "rlora", data, batch_size=8)
+    tokenizer.padding_side = "left"  # a loaded model's tokenizer set up for generation
+    loaded = loaded_mean_gates(model, tokenizer, data, batch_size=8)
     for name, mean in record.mean().items():
         torch.testing.assert_close(gates[name], mean, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(loaded[name], mean, atol=1e-6, rtol=1e-5)
 
 
 def test_mean_gate_export_equals_the_model_with_those_gates(tiny, adapter_on_disk):

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type)
 from examples.evaluate import replies, score_replies
-from rlora_plugin.export import mean_gates
+from rlora_plugin.export import loaded_mean_gates
 from rlora_plugin.registration import PEFT_TYPE_NAME
 from rlora_plugin.report import analyse
 from rlora_plugin.routing import fixed_gates
@@ -84,21 +84,21 @@ class Scorer:
         if adapter_dir is not None and is_multi_head(adapter_dir):
             heads = dict(zip(("head_cos_b", "head_cos_ba"), head_similarity(adapter_dir), strict=True))
         if frozen:
-            decoded |= self.frozen(model, adapter_dir, test)
+            decoded |= self.frozen(model, test)
         scores = Scores.derived(decoded, val, test, **heads)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(asdict(scores)))
         return scores
 
-    def frozen(self, model: PeftModel, adapter_dir: Path, test: list[dict]) -> dict[str, list[str]]:
+    def frozen(self, model: PeftModel, test: list[dict]) -> dict[str, list[str]]:
         """The test replies of the FROZEN variants: the model under `fixed_gates` is exactly the exported plain
         LoRA (tests/test_routing.py), so this is what the export serves."""
         per_task = [""] * len(test)
         for task, train_file in self.train_files.items():
             own = [i for i, item in enumerate(test) if item["task"] == task]
-            with fixed_gates(model, mean_gates(adapter_dir, train_file, str(self.model_dir))):
+            with fixed_gates(model, loaded_mean_gates(model, self.tokenizer, train_file)):
                 for i, reply in zip(own, replies(model, self.tokenizer, [test[i] for i in own]), strict=True):
                     per_task[i] = reply
-        with fixed_gates(model, mean_gates(adapter_dir, self.train_file, str(self.model_dir))):
+        with fixed_gates(model, loaded_mean_gates(model, self.tokenizer, self.train_file)):
             everything = replies(model, self.tokenizer, test)
         return {"per_task": per_task, "global": everything}
