@@ -8,8 +8,8 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from tiny_models import MLP, SIZES, tiny_llama
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from tiny_models import MLP, SIZES, tiny_gpt2, tiny_llama
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlora_plugin import RLoraConfig
 from rlora_plugin.config import RLoraConfigError
@@ -57,11 +57,6 @@ def test_target_modules_that_match_nothing():
 def test_non_linear_targets_are_refused_by_name():
     with pytest.raises(TypeError, match=r"only adapt torch.nn.Linear.*'model.embed_tokens' is a .*Embedding"):
         get_peft_model(tiny_llama(), RLoraConfig(target_modules=["embed_tokens"]))
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=32)).eval()
 
 
 @pytest.mark.parametrize("targets", [["c_attn", "c_proj", "c_fc"], "all-linear"])

@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from tiny_models import MLP, adapted_layers, perturb, tiny_llama, tokens
+from tiny_models import MLP, adapted_layers, perturb, tiny_gpt2, tiny_llama, tokens
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from benchmarks import tiny_assets
 from rlora_plugin import RLoraConfig
 from rlora_plugin.export import loaded_mean_gates, main, mean_gates, prompts_of
 from rlora_plugin.routing import fixed_gates, record_gates, routing
@@ -113,27 +114,51 @@ def adapter_on_disk(tiny, tmp_path):
     return tmp_path
 
 
-def test_mean_gates_are_over_the_real_tokens_of_the_prompts(tiny, adapter_on_disk):
-    """Batched prompts of different lengths give the mean of the prompts run one at a time: padding is left out,
-    also with a tokenizer set up to pad on the left."""
+@pytest.fixture
+def varied_prompts(tiny, tmp_path):
+    """The tiny chat rows with user turns of three lengths, so a batch of them needs padding."""
     rows = [json.loads(line) for line in tiny["chat"].read_text().splitlines()]
     for i, row in enumerate(rows):
         row["messages"][0]["content"] = " ".join([row["messages"][0]["content"]] * (1 + i % 3))
-    data = adapter_on_disk / "varied.jsonl"
-    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return tiny_assets.write_jsonl(tmp_path / "varied.jsonl", rows)
+
+
+def one_at_a_time_mean_gates(model, tokenizer, data) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """The mean gates of the prompts in `data` run one by one: no padding at all."""
+    with torch.no_grad(), record_gates(model.eval()) as record:
+        for prompt in prompts_of(data, tokenizer):
+            model(**tokenizer(prompt, return_tensors="pt"))
+    return record.mean()
+
+
+def test_mean_gates_are_over_the_real_tokens_of_the_prompts(tiny, adapter_on_disk, varied_prompts):
+    """Batched prompts of different lengths give the mean of the prompts run one at a time: padding is left out,
+    also with a tokenizer set up to pad on the left."""
     tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
-    prompts = prompts_of(data, tokenizer)
+    prompts = prompts_of(varied_prompts, tokenizer)
     assert len(prompts) == 64 and prompts[0].endswith("<|assistant|>\n")
     assert len({len(tokenizer(prompt)["input_ids"]) for prompt in prompts[:8]}) == 3  # batches need padding
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), adapter_on_disk / "rlora")
-    with torch.no_grad(), record_gates(model.eval()) as record:
-        for prompt in prompts:  # one at a time: no padding at all
-            model(**tokenizer(prompt, return_tensors="pt"))
-    gates = mean_gates(adapter_on_disk / "rlora", data, batch_size=8)
+    expected = one_at_a_time_mean_gates(model, tokenizer, varied_prompts)
+    gates = mean_gates(adapter_on_disk / "rlora", varied_prompts, batch_size=8)
     tokenizer.padding_side = "left"  # a loaded model's tokenizer set up for generation
-    loaded = loaded_mean_gates(model, tokenizer, data, batch_size=8)
-    for name, mean in record.mean().items():
+    loaded = loaded_mean_gates(model, tokenizer, varied_prompts, batch_size=8)
+    for name, mean in expected.items():
         torch.testing.assert_close(gates[name], mean, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(loaded[name], mean, atol=1e-6, rtol=1e-5)
+
+
+def test_mean_gates_keep_absolute_positions_with_a_left_padding_tokenizer(tiny, varied_prompts):
+    """GPT-2 adds a learned embedding per absolute position, so left padding would move every shorter prompt's
+    tokens (Llama's rotary positions are relative: it cannot tell). Batches are padded on the right."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    tokenizer.padding_side = "left"
+    base = tiny_gpt2(vocab_size=len(tokenizer), n_positions=128)
+    model = get_peft_model(base, RLoraConfig(target_modules=["c_fc"], num_heads=3, r=4, router_init="kaiming"))
+    perturb(model)
+    expected = one_at_a_time_mean_gates(model, tokenizer, varied_prompts)
+    loaded = loaded_mean_gates(model, tokenizer, varied_prompts, batch_size=8)
+    for name, mean in expected.items():
         torch.testing.assert_close(loaded[name], mean, atol=1e-6, rtol=1e-5)
 
 

@@ -1,11 +1,11 @@
-"""Tiny random models for the fast tests: a 2-layer Llama, token batches, and adapter weights moved as if
-trained."""
+"""Tiny random models for the fast tests: a 2-layer Llama and GPT-2, token batches, and adapter weights moved
+as if trained."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rlora_plugin import RLoraLinear
 
@@ -16,6 +16,13 @@ SIZES = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_lay
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **SIZES)).eval()
+
+
+def tiny_gpt2(vocab_size: int = 50, n_positions: int = 32) -> GPT2LMHeadModel:
+    """A 2-layer GPT-2: Conv1D layers, and learned absolute position embeddings."""
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=vocab_size, n_positions=n_positions)
+    return GPT2LMHeadModel(config).eval()
 
 
 def tokens(batch: int = 2, length: int = 9, seed: int = 1) -> torch.Tensor:
