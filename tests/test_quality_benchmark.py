@@ -69,6 +69,13 @@ def test_data_is_deterministic_and_held_out_items_are_unseen(plan, tmp_path):
     assert len(plan.tasks) >= (5 if plan is FULL else 3)
 
 
+def test_default_methods_are_the_committed_tables():
+    """The documented re-derivation (`--reuse benchmarks/results/quality.json`, no `--methods`) covers every
+    method the committed records hold, and asks for none they lack."""
+    committed = {run.method for run in read_runs(ROOT / "benchmarks/results/quality.json")}
+    assert FULL.methods == [key for key in METHODS if key in committed]
+
+
 def test_run_key_is_the_same_in_another_checkout_and_differs_for_another_config(monkeypatch, tmp_path):
     described = f"base_model: {ROOT}/examples/.cache/model\ndatasets: {tmp_path}/train.jsonl\nlearning_rate: 0.001\n"
     key = run_key(described, tmp_path)
