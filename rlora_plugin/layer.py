@@ -1,4 +1,4 @@
-"""The R-LoRA layer. The method's math (spec sections 1-3) lives here and nowhere else."""
+"""The R-LoRA layer. The method's math (docs/method.md) lives here and nowhere else."""
 
 from __future__ import annotations
 
@@ -42,9 +42,10 @@ def frozen_gate_lora(
     offset_a: torch.Tensor | None = None,
     offset_b: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spec section 7: with the gates frozen to constants `c (N,)` (eval mode), a layer's update
+    """With the gates frozen to constants `c (N,)` (eval mode), a layer's update
     `s * sum_i c_i B_i A x - s * Bbar0 A0 x` is the plain LoRA `B' A' x` (scaling 1) with
-    `A' = [A ; A0]` and `B' = [s * sum_i c_i B_i , -s * Bbar0]`; rank r without an offset path."""
+    `A' = [A ; A0]` and `B' = [s * sum_i c_i B_i , -s * Bbar0]`; rank r without an offset path
+    (docs/method.md#frozen-gates-the-export-to-a-plain-lora)."""
     heads = gates.numel()
     mixed = scaling * (lora_b.view(lora_b.shape[0], heads, -1) * gates.view(1, heads, 1)).sum(dim=1)
     if offset_a is None:
@@ -68,7 +69,7 @@ def initial_weights(
     """
     gen = torch.Generator().manual_seed(layer_seed(config.init_seed, layer_name))
     r, heads = config.r, config.num_heads
-    if config.init == "random":  # spec section 2, scaling from LoRA-GA
+    if config.init == "random":  # docs/method.md#initialization-and-the-offset-path (LoRA-GA's scaling)
         scale = out_features**0.25 / math.sqrt(config.init_gamma)
         lora_a = torch.randn(r, in_features, generator=gen) * (scale / math.sqrt(in_features))
         lora_b = torch.randn(out_features, heads * r, generator=gen) * (scale / math.sqrt(out_features))

@@ -1,6 +1,6 @@
 """The one way this plugin changes a host framework's code: wrap a method once, loudly if it is missing.
 
-Every patch is listed in the README ("What rlora-plugin patches"), with the versions it was checked against.
+Every patch is listed in docs/compatibility.md, with the versions it was checked against.
 """
 
 from __future__ import annotations
