@@ -23,7 +23,7 @@ import torch
 from .config import RLoraConfig
 from .layer import adapter_scaling
 from .metrics import head_cosine_B, head_cosine_BA, low_rank_norm, mean_off_diagonal, module_kind
-from .saved import read_adapter
+from .saved import module_order, read_adapter
 
 
 @dataclass
@@ -36,14 +36,10 @@ class LayerReport:
     cos_ba_matrix: torch.Tensor
 
 
-def _module_order(name: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in name.split("."))
-
-
 def analyse(config: RLoraConfig, modules: dict[str, dict[str, torch.Tensor]]) -> list[LayerReport]:
     heads, scaling = config.num_heads, adapter_scaling(config)
     reports = []
-    for name in sorted(modules, key=_module_order):
+    for name in sorted(modules, key=module_order):
         parts = modules[name]
         if "A" not in parts or "B" not in parts:
             continue
