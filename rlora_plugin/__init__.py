@@ -4,10 +4,14 @@
 `PeftModel.from_pretrained` know it.
 """
 
-from .config import RLoraConfig
-from .layer import RLoraLayer, RLoraLinear
-from .model import RLoraModel
-from .registration import register_rlora
+from .quiet import quiet_import_noise
+
+quiet_import_noise()  # before `.config` imports peft, which imports torchao and bitsandbytes
+
+from .config import RLoraConfig  # noqa: E402
+from .layer import RLoraLayer, RLoraLinear  # noqa: E402
+from .model import RLoraModel  # noqa: E402
+from .registration import register_rlora  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["RLoraConfig", "RLoraLayer", "RLoraLinear", "RLoraModel", "RLoraPlugin"]

@@ -81,3 +81,22 @@ def test_readme_option_tables_list_exactly_the_fields():
 
     assert _readme_table_keys("Every `rlora:` key") == set(RLoraOptions.model_fields)
     assert _readme_table_keys("`RLoraConfig` fields (all saved") == set(own_field_types())
+
+
+def test_evaluate_script_runs_quietly(tiny, tmp_path):
+    """`examples/evaluate.py` (the example's last step) on a tiny base and adapter: it prints the accuracy
+    table, and none of the import-time lines rlora_plugin.quiet drops (it imports rlora_plugin first)."""
+    from peft import get_peft_model
+    from test_quiet import noise, python
+    from transformers import AutoModelForCausalLM
+
+    from rlora_plugin import RLoraConfig
+
+    base = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    get_peft_model(base, RLoraConfig(target_modules=["up_proj"], r=2, num_heads=2)).save_pretrained(tmp_path / "a")
+    items = [{"prompt": f"add {i} and 1", "answer": str(i + 1), "task": task} for i in range(3) for task in "xy"]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    args = [str(EXAMPLES / "evaluate.py"), str(tiny["model"]), str(tmp_path / "a"), str(tmp_path / "test.jsonl")]
+    out = python(*args)
+    assert "exact match on 6 held-out items" in out.stdout and "\nx " in out.stdout and "\ny " in out.stdout
+    assert noise(out.stderr) == []
