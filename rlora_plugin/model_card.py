@@ -56,7 +56,8 @@ def base_model_text(base: str | None) -> str:
 
 def card_section(settings: dict[str, Any], base: str | None = None, beside_model_config: bool = False) -> str:
     """The R-LoRA section; `beside_model_config`: the directory also holds a model `config.json` (Axolotl's)."""
-    rows = "\n".join(f"| `{key}` | `{value!r}` |" for key, value in settings.items())
+    shown = {key: sorted(value) if isinstance(value, (set, frozenset)) else value for key, value in settings.items()}
+    rows = "\n".join(f"| `{key}` | `{value!r}` |" for key, value in shown.items())  # a set sorted: stable text
     not_auto_model = (
         "\n\nNot `AutoModelForCausalLM.from_pretrained(ADAPTER)`: next to the model `config.json` in this "
         "directory, transformers takes it for a full model and looks for its weights."

@@ -19,7 +19,9 @@ before any plugin loads.
 from __future__ import annotations
 
 import logging
+import re
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,10 +60,11 @@ def bitsandbytes_cpu_4bit_kernel(record: logging.LogRecord) -> bool:
     return str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
 
 
+KERNELS_OFFLINE_TRUST_CHECK = "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because"
+
+
 def kernels_offline_trust_check(record: logging.LogRecord) -> bool:
-    return record.getMessage().startswith(
-        "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because"
-    )
+    return record.getMessage().startswith(KERNELS_OFFLINE_TRUST_CHECK)
 
 
 def main_program() -> str:
@@ -84,6 +87,8 @@ def quiet_import_noise() -> None:
     if main_program() in THESE_PROGRAMS_LOAD_NO_4BIT_MODEL:
         filters["bitsandbytes.backends.cpu.ops"] = bitsandbytes_cpu_4bit_kernel
         filters["kernels.hf_hub"] = kernels_offline_trust_check
+        # the same note as a UserWarning from `kernels` 0.16 (0.17 logs it)
+        warnings.filterwarnings("ignore", re.escape(KERNELS_OFFLINE_TRUST_CHECK), UserWarning)
     for name, matches in filters.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, DropRecords) and f.matches is matches for f in logger.filters):

@@ -69,6 +69,7 @@ assert "rlora_plugin" not in sys.modules
     card = ModelCard.load(work / "adapter" / "README.md").text
     assert f"loading fails with\n`{UNREGISTERED_ERROR}`" in card
     assert "pip install rlora-plugin" in card and "import rlora_plugin  # registers the RLORA PEFT type" in card
+    assert "| `target_modules` | `['down_proj', 'gate_proj', 'up_proj']` |" in card  # sorted, not in hash order
 
 
 def test_a_local_base_is_named_with_how_to_record_its_hub_id(axolotl_layout):
