@@ -35,13 +35,17 @@ def axolotl_layout(tmp_path):
 
 
 def test_auto_peft_model_loads_the_axolotl_layout(axolotl_layout):
-    """`AutoPeftModelForCausalLM` (what the card shows) loads it. `AutoModelForCausalLM` does not: next to a
+    """`AutoPeftModelForCausalLM` (what the card shows) loads it, and so does transformers' `load_adapter` on
+    the base. `AutoModelForCausalLM` on the directory does not: next to a
     `config.json`, transformers (5.16, 5.20) takes the directory for a full model with an embedded adapter and
     looks for its weights; if that starts to work, the docs may promise it again."""
     work, expected = axolotl_layout
     auto = AutoPeftModelForCausalLM.from_pretrained(work / "adapter").eval()
+    plain = AutoModelForCausalLM.from_pretrained(work / "base").eval()
+    plain.load_adapter(str(work / "adapter"))  # transformers' own adapter loading, on the base
     with torch.no_grad():
         torch.testing.assert_close(auto(tokens()).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(plain(tokens()).logits, expected, rtol=0, atol=0)
     with pytest.raises(OSError, match="no file named model.safetensors"):
         AutoModelForCausalLM.from_pretrained(work / "adapter")
     card = ModelCard.load(work / "adapter" / "README.md").text
