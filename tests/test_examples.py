@@ -31,6 +31,7 @@ def test_cpu_example(tiny):
     assert (peft.num_heads, peft.init, peft.head_dropout, peft.lora_dropout) == (5, "random", "per_head", 0.1)
     assert peft.target_modules == {"gate_proj", "up_proj", "down_proj"}
     assert not cfg.bf16 and not cfg.fp16
+    assert cfg.dataloader_pin_memory is False  # on a CPU torch warns that it cannot pin memory
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-0.5b-paper.yml", "qwen2.5-0.5b-zero2.yml", "qwen2.5-0.5b-zero3.yml"])
