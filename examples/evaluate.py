@@ -9,11 +9,12 @@ import json
 import sys
 from collections import defaultdict
 
+import rlora_plugin  # noqa: F401  (first: it registers the RLORA PEFT type and quiets import noise)
+
+# isort: split
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
-
-import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type)
 
 
 def parse_reply(reply: str) -> str:

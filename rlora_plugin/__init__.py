@@ -6,10 +6,14 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .config import RLoraConfig
-from .layer import RLoraLayer, RLoraLinear
-from .model import RLoraModel
-from .registration import register_rlora
+from .quiet import quiet_import_noise
+
+quiet_import_noise()  # before `.config` imports peft, which imports torchao and bitsandbytes
+
+from .config import RLoraConfig  # noqa: E402
+from .layer import RLoraLayer, RLoraLinear  # noqa: E402
+from .model import RLoraModel  # noqa: E402
+from .registration import register_rlora  # noqa: E402
 
 try:  # one source: pyproject.toml's version, as installed
     __version__ = version("rlora-plugin")

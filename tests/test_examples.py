@@ -31,6 +31,7 @@ def test_cpu_example(tiny):
     assert (peft.num_heads, peft.init, peft.head_dropout, peft.lora_dropout) == (5, "random", "per_head", 0.1)
     assert peft.target_modules == {"gate_proj", "up_proj", "down_proj"}
     assert not cfg.bf16 and not cfg.fp16
+    assert cfg.dataloader_pin_memory is False  # on a CPU torch warns that it cannot pin memory
 
 
 @pytest.mark.parametrize("name", ["qwen2.5-0.5b-paper.yml", "qwen2.5-0.5b-zero2.yml", "qwen2.5-0.5b-zero3.yml"])
@@ -59,3 +60,22 @@ def test_reference_lists_every_rlora_key(tiny):
     )  # fmt: skip
     peft = build_rlora_config(validated(cfg, CPU))
     assert (peft.num_heads, peft.init_gamma, peft.router_init, peft.router_temperature) == (5, 64, "zero", 1.0)
+
+
+def test_evaluate_script_runs_quietly(tiny, tmp_path):
+    """`examples/evaluate.py` (the example's last step) on a tiny base and adapter: it prints the accuracy
+    table, and none of the import-time lines rlora_plugin.quiet drops (it imports rlora_plugin first)."""
+    from peft import get_peft_model
+    from test_quiet import noise, python
+    from transformers import AutoModelForCausalLM
+
+    from rlora_plugin import RLoraConfig
+
+    base = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    get_peft_model(base, RLoraConfig(target_modules=["up_proj"], r=2, num_heads=2)).save_pretrained(tmp_path / "a")
+    items = [{"prompt": f"add {i} and 1", "answer": str(i + 1), "task": task} for i in range(3) for task in "xy"]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    args = [str(EXAMPLES / "evaluate.py"), str(tiny["model"]), str(tmp_path / "a"), str(tmp_path / "test.jsonl")]
+    out = python(*args)
+    assert "exact match on 6 held-out items" in out.stdout and "\nx " in out.stdout and "\ny " in out.stdout
+    assert noise(out.stderr) == []

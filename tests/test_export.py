@@ -1,5 +1,5 @@
 """The frozen-gate export to a plain LoRA (docs/method.md#frozen-gates-the-export-to-a-plain-lora): exact, mergeable,
-loadable without rlora_plugin."""
+loadable without rlora_plugin, with a card."""
 
 from __future__ import annotations
 
@@ -61,6 +61,28 @@ def test_uniform_export_reproduces_the_model_and_merges(trained_zero_router):
         torch.testing.assert_close(lora(ids).logits, expected, atol=1e-5, rtol=1e-5)
         merged = lora.merge_and_unload()
         torch.testing.assert_close(merged(ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_export_lists_its_targets_in_depth_order_and_has_a_card(trained_zero_router):
+    """`target_modules` in adapter_config.json are in depth order (PEFT's LoraConfig would save a set in hash
+    order, different from run to run), and the card says what the export is and how to load it."""
+    from huggingface_hub import ModelCard
+
+    _, tmp_path = trained_zero_router
+    assert main([str(tmp_path / "rlora"), str(tmp_path / "lora"), "--gates", "0.2,0.5,0.3"]) == 0
+    targets = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["target_modules"]
+    assert targets == [f"model.layers.{i}.mlp.{kind}" for i in range(2) for kind in sorted(MLP)]
+    card = ModelCard.load(tmp_path / "lora" / "README.md")
+    assert {"lora", "peft", "rlora"} <= set(card.data.tags) and card.data.library_name == "peft"
+    for text in (
+        "## Plain LoRA exported from an R-LoRA adapter",
+        f"from the\nR-LoRA adapter `{tmp_path / 'rlora'}` with its router's gates frozen to `0.2,0.5,0.3`",
+        "It loads without rlora-plugin",
+        "AutoPeftModelForCausalLM.from_pretrained(ADAPTER)",
+        "Target modules (6, listed in `adapter_config.json`): `model.layers.0.mlp.down_proj`,",
+    ):
+        assert text in card.text, text
+    assert "rlora_plugin" not in card.text.split("```python")[1].split("```")[0]  # its loading code needs none
 
 
 def test_the_export_loads_without_rlora_plugin(trained_zero_router):
