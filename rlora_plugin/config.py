@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import cache
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -19,6 +20,32 @@ class RLoraConfigError(ValueError):
         super().__init__(f"RLoraConfig: `{key}` = {value!r} is invalid: {fix}")
 
 
+class Source(Enum):
+    """Where a host framework (the Axolotl plugin, the LLaMA-Factory launcher) takes a field's value from."""
+
+    LORA = "lora"  # the host's own LoRA key, with the host's meaning and default (`lora_r`, `lora_rank`, ...)
+    RLORA = "rlora"  # the host's R-LoRA key (`rlora.<field>` in Axolotl, `rlora_<field>` in LLaMA-Factory)
+    RUN_SEED = "run_seed"  # an R-LoRA key that defaults to the run's `seed` instead of the field's default
+    NONE = "none"  # not a host setting (for tests and the Python API)
+
+
+class Role(Enum):
+    """What a field governs, which decides whose value counts when a host loads a saved adapter."""
+
+    FORWARD = "forward"  # the adapter's forward pass: a saved adapter's own value governs it
+    INIT = "init"  # only a fresh adapter's initial weights
+    TRAINING = "training"  # only training: a run's own setting applies even to a loaded adapter
+    TARGETS = "targets"  # which modules are adapted
+
+
+def option(default: Any, help: str, *, source: Source, role: Role) -> Any:
+    """A field of `RLoraConfig`: its help text (PEFT's `metadata["help"]`), where hosts take it from and what it
+    governs. Both are required, so a field cannot be left unclassified."""
+    if not (isinstance(source, Source) and isinstance(role, Role)):
+        raise TypeError(f"option({default!r}, ...): source must be a Source and role a Role, not {source!r}, {role!r}")
+    return field(default=default, metadata={"help": help, "source": source, "role": role})
+
+
 @dataclass
 class RLoraConfig(PeftConfig):
     """Configuration of an [`RLoraModel`]: HydraLoRA's shared `A`, `num_heads` up-projections `B_i` and a
@@ -28,121 +55,118 @@ class RLoraConfig(PeftConfig):
     `init="zero", head_dropout="shared"`; plain LoRA is `num_heads=1, init="zero"`.
     """
 
-    r: int = field(
-        default=8, metadata={"help": "Rank of the shared down-projection A (and of every head).", "host": "lora"}
+    r: int = option(
+        8, "Rank of the shared down-projection A (and of every head).", source=Source.LORA, role=Role.FORWARD
     )
-    lora_alpha: float = field(
-        default=16,
-        metadata={"help": "Scale numerator: the update is scaled by lora_alpha / r (or / sqrt(r)).", "host": "lora"},
+    lora_alpha: float = option(
+        16,
+        "Scale numerator: the update is scaled by lora_alpha / r (or / sqrt(r)).",
+        source=Source.LORA,
+        role=Role.FORWARD,
     )
-    lora_dropout: float = field(
-        default=0.1,
-        metadata={"help": "Dropout rate on the rank-r features A x, in [0, 1). 0 turns dropout off.", "host": "lora"},
+    lora_dropout: float = option(
+        0.1,
+        "Dropout rate on the rank-r features A x, in [0, 1). 0 turns dropout off.",
+        source=Source.LORA,
+        role=Role.FORWARD,
     )
-    num_heads: int = field(default=5, metadata={"help": "Number of up-projection heads B_i mixed by the router."})
-    head_dropout: Literal["per_head", "shared"] = field(
-        default="per_head",
-        metadata={
-            "help": "'per_head': an independent dropout mask per head (R-LoRA's multi-head dropout); "
-            "'shared': one mask for all heads (HydraLoRA)."
-        },
+    num_heads: int = option(
+        5, "Number of up-projection heads B_i mixed by the router.", source=Source.RLORA, role=Role.FORWARD
     )
-    init: Literal["random", "zero"] = field(
-        default="random",
-        metadata={
-            "help": "'random': A and every B_i drawn independently at random (R-LoRA), with a frozen rank-r "
-            "offset path that makes the initial adapter output zero; 'zero': Kaiming-uniform A and B_i = 0 "
-            "(HydraLoRA)."
-        },
+    head_dropout: Literal["per_head", "shared"] = option(
+        "per_head",
+        "'per_head': an independent dropout mask per head (R-LoRA's multi-head dropout); "
+        "'shared': one mask for all heads (HydraLoRA).",
+        source=Source.RLORA,
+        role=Role.FORWARD,
     )
-    init_weights: bool = field(
-        default=True,
-        metadata={
-            "help": "PEFT's convention. True: the adapted model equals the base model at init (the offset path of "
-            "init='random', zero heads with init='zero'). False: neither (no offset path; init='zero' draws the "
-            "heads like nn.Linear), so the adapter changes the output from the start; for tests and debugging.",
-            "host": "none",
-        },
+    init: Literal["random", "zero"] = option(
+        "random",
+        "'random': A and every B_i drawn independently at random (R-LoRA), with a frozen rank-r "
+        "offset path that makes the initial adapter output zero; 'zero': Kaiming-uniform A and B_i = 0 "
+        "(HydraLoRA).",
+        source=Source.RLORA,
+        role=Role.FORWARD,
     )
-    init_gamma: float = field(
-        default=64.0,
-        metadata={
-            "help": "gamma of the random init: weights scale as d_out^(1/4) / sqrt(gamma). Must be > 0.",
-            "role": "init",
-        },
+    init_weights: bool = option(
+        True,
+        "PEFT's convention. True: the adapted model equals the base model at init (the offset path of "
+        "init='random', zero heads with init='zero'). False: neither (no offset path; init='zero' draws the "
+        "heads like nn.Linear), so the adapter changes the output from the start; for tests and debugging.",
+        source=Source.NONE,
+        role=Role.FORWARD,
     )
-    router_init: Literal["zero", "kaiming"] = field(
-        default="zero",
-        metadata={
-            "help": "'zero': uniform gates at step 0, so the adapted model equals the base model exactly at "
-            "init; 'kaiming': the authors' choice, exact at init only approximately.",
-            "role": "init",
-        },
+    init_gamma: float = option(
+        64.0,
+        "gamma of the random init: weights scale as d_out^(1/4) / sqrt(gamma). Must be > 0.",
+        source=Source.RLORA,
+        role=Role.INIT,
     )
-    router_temperature: float = field(
-        default=1.0, metadata={"help": "Softmax temperature tau of the router: gates = softmax(W_g x / tau)."}
+    router_init: Literal["zero", "kaiming"] = option(
+        "zero",
+        "'zero': uniform gates at step 0, so the adapted model equals the base model exactly at "
+        "init; 'kaiming': the authors' choice, exact at init only approximately.",
+        source=Source.RLORA,
+        role=Role.INIT,
     )
-    router_top_k: int | None = field(
-        default=None,
-        metadata={
-            "help": "Sparse routing: keep each token's k largest gates, renormalized to sum to 1, and zero the "
-            "others. None or 0: dense routing over all heads (the method's default)."
-        },
+    router_temperature: float = option(
+        1.0,
+        "Softmax temperature tau of the router: gates = softmax(W_g x / tau).",
+        source=Source.RLORA,
+        role=Role.FORWARD,
     )
-    router_aux_loss_coef: float = field(
-        default=0.0,
-        metadata={
-            "help": "Weight of the Switch/Mixtral load-balancing loss N * sum_i f_i P_i (averaged over layers) "
-            "added to the training loss by the Axolotl plugin (or by you, through "
-            "rlora_plugin.metrics.RouterAuxLoss). 0 turns it off.",
-            "role": "training",
-        },
+    router_top_k: int | None = option(
+        None,
+        "Sparse routing: keep each token's k largest gates, renormalized to sum to 1, and zero the "
+        "others. None or 0: dense routing over all heads (the method's default).",
+        source=Source.RLORA,
+        role=Role.FORWARD,
     )
-    use_rslora: bool = field(
-        default=False,
-        metadata={"help": "Scale by lora_alpha / sqrt(r) (rsLoRA) instead of lora_alpha / r.", "host": "lora"},
+    router_aux_loss_coef: float = option(
+        0.0,
+        "Weight of the Switch/Mixtral load-balancing loss N * sum_i f_i P_i (averaged over layers) "
+        "added to the training loss by the Axolotl plugin (or by you, through "
+        "rlora_plugin.metrics.RouterAuxLoss). 0 turns it off.",
+        source=Source.RLORA,
+        role=Role.TRAINING,
     )
-    init_seed: int = field(
-        default=0,
-        metadata={
-            "help": "Seed of the initialization. Each layer draws from a generator seeded by this value and the "
-            "layer's name, so every rank and every run builds the same adapter.",
-            "role": "init",
-            "host": "seed",
-        },
+    use_rslora: bool = option(
+        False,
+        "Scale by lora_alpha / sqrt(r) (rsLoRA) instead of lora_alpha / r.",
+        source=Source.LORA,
+        role=Role.FORWARD,
     )
-    target_modules: list[str] | str | None = field(
-        default=None,
-        metadata={
-            "help": "Module names (exact or suffix match), a regex, or 'all-linear'. Only nn.Linear modules "
-            "(and GPT-2's Conv1D) can be adapted. If None, PEFT's LoRA defaults for the architecture are used.",
-            "role": "targets",
-            "host": "lora",
-        },
+    init_seed: int = option(
+        0,
+        "Seed of the initialization. Each layer draws from a generator seeded by this value and the "
+        "layer's name, so every rank and every run builds the same adapter.",
+        source=Source.RUN_SEED,
+        role=Role.INIT,
     )
-    exclude_modules: list[str] | str | None = field(
-        default=None,
-        metadata={"help": "Module names or a regex of modules not to adapt.", "role": "targets", "host": "lora"},
+    target_modules: list[str] | str | None = option(
+        None,
+        "Module names (exact or suffix match), a regex, or 'all-linear'. Only nn.Linear modules "
+        "(and GPT-2's Conv1D) can be adapted. If None, PEFT's LoRA defaults for the architecture are used.",
+        source=Source.LORA,
+        role=Role.TARGETS,
     )
-    layers_to_transform: list[int] | int | None = field(
-        default=None,
-        metadata={"help": "Only adapt the decoder layers with these indices.", "role": "targets", "host": "lora"},
+    exclude_modules: list[str] | str | None = option(
+        None, "Module names or a regex of modules not to adapt.", source=Source.LORA, role=Role.TARGETS
     )
-    layers_pattern: list[str] | str | None = field(
-        default=None,
-        metadata={
-            "help": "Name of the nn.ModuleList holding the layers (e.g. 'layers'), with layers_to_transform.",
-            "role": "targets",
-            "host": "lora",
-        },
+    layers_to_transform: list[int] | int | None = option(
+        None, "Only adapt the decoder layers with these indices.", source=Source.LORA, role=Role.TARGETS
     )
-    modules_to_save: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Modules besides the adapter layers to train fully and save (e.g. 'lm_head').",
-            "role": "targets",
-            "host": "lora",
-        },
+    layers_pattern: list[str] | str | None = option(
+        None,
+        "Name of the nn.ModuleList holding the layers (e.g. 'layers'), with layers_to_transform.",
+        source=Source.LORA,
+        role=Role.TARGETS,
+    )
+    modules_to_save: list[str] | None = option(
+        None,
+        "Modules besides the adapter layers to train fully and save (e.g. 'lm_head').",
+        source=Source.LORA,
+        role=Role.TARGETS,
     )
 
     def __post_init__(self) -> None:
@@ -183,7 +207,7 @@ class RLoraConfig(PeftConfig):
             if not ok:
                 raise RLoraConfigError(key, getattr(self, key), fix)
 
-        require("r", self.r >= 1, "the rank must be an integer >= 1, e.g. r=8.")
+        require("r", self.r >= 1, "the rank must be an integer >= 1, e.g. 8.")
         require("num_heads", self.num_heads >= 1, "use an integer >= 1 (one head is plain LoRA and keeps no router).")
         require(
             "lora_alpha",
@@ -230,23 +254,19 @@ class RLoraConfig(PeftConfig):
         )
 
 
-def rlora_fields() -> tuple[str, ...]:
-    """R-LoRA's own options, which a host framework exposes under its own R-LoRA keys: every field of
-    `RLoraConfig` without a "host" entry in its metadata ("lora": the host's own LoRA key sets it; "seed": the
-    host defaults it to the run's seed; "none": not a host setting)."""
-    return tuple(name for name in own_field_types() if "host" not in _metadata(name))
+def fields_from(*sources: Source) -> tuple[str, ...]:
+    """`RLoraConfig`'s own fields whose value a host takes from one of `sources` (see `Source`)."""
+    return tuple(name for name in own_field_types() if field_source(name) in sources)
 
 
-def fields_with_role(role: str | None) -> tuple[str, ...]:
-    """`RLoraConfig`'s own fields by the role in their metadata: "init" (they shape only a fresh adapter's
-    initial weights), "training" (they act only while training, so a run's own setting applies even to a
-    loaded adapter), "targets" (which modules are adapted), or None (the settings that define the adapter's
-    forward pass: a saved adapter's value governs when it is loaded)."""
-    return tuple(name for name in own_field_types() if _metadata(name).get("role") == role)
+def fields_with_role(role: Role) -> tuple[str, ...]:
+    """`RLoraConfig`'s own fields that govern `role` (see `Role`)."""
+    return tuple(name for name in own_field_types() if RLoraConfig.__dataclass_fields__[name].metadata["role"] is role)
 
 
-def _metadata(name: str) -> Any:
-    return RLoraConfig.__dataclass_fields__[name].metadata
+def field_source(name: str) -> Source:
+    """Where a host takes the value of `RLoraConfig`'s field `name` from."""
+    return RLoraConfig.__dataclass_fields__[name].metadata["source"]
 
 
 @cache

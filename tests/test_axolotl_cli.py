@@ -190,7 +190,10 @@ def test_bad_configs_fail_before_training(run1, tiny, work):
         assert result.returncode != 0, result.output[-3000:]
         assert result.seconds < 180, (result.name, result.seconds)
         assert "Starting trainer" not in result.output
-    assert "adapter: rlora does not support `merge_lora: True`" in merge.output
+    assert (
+        "adapter: rlora: `merge_lora: True` is not supported" in merge.output
+        and "Fix: remove `merge_lora`" in merge.output
+    )
     assert not (run1 / "merged").exists()
     assert "rlora.num_head" in typo.output and "Extra inputs are not permitted" in typo.output
     assert not (work / "typo").exists()

@@ -64,10 +64,43 @@ def test_schema_adds_only_the_rlora_block():
     assert (defaults.router_top_k, defaults.router_aux_loss_coef, defaults.metrics) == (None, 0.0, True)
     for name, field in RLoraOptions.model_fields.items():
         assert field.description, name
-    shared = set(RLoraOptions.model_fields) & set(RLoraConfig.__dataclass_fields__) - {"init_seed"}
-    assert len(shared) == 8  # the same defaults as the PEFT config (init_seed: the run's seed instead)
-    for name in shared:
-        assert getattr(defaults, name) == RLoraConfig.__dataclass_fields__[name].default, name
+
+
+def test_rlora_block_is_rlora_configs_rlora_fields():
+    """The `rlora:` block declares exactly `RLoraConfig`'s R-LoRA fields (plus `metrics`), each with the config's
+    type, default and help text; `init_seed` (Source.RUN_SEED) may also be unset, meaning the run's seed."""
+    from rlora_plugin.config import Source, field_source, fields_from, own_field_types
+
+    block = dict(RLoraOptions.model_fields)
+    assert block.pop("metrics").annotation is bool
+    assert set(block) == set(fields_from(Source.RLORA, Source.RUN_SEED))
+    for name, field in block.items():
+        spec = RLoraConfig.__dataclass_fields__[name]
+        assert field.description.startswith(spec.metadata["help"]), name
+        if field_source(name) is Source.RUN_SEED:
+            assert (field.annotation, field.default) == (own_field_types()[name] | None, None), name
+        else:
+            assert (field.annotation, field.default) == (own_field_types()[name], spec.default), name
+
+
+def test_every_config_field_is_classified_once():
+    """Every field `RLoraConfig` declares has one `Source` and one `Role`; each host key maps to one field."""
+    from rlora_plugin.axolotl_plugin.args import HOST
+    from rlora_plugin.config import Role, Source, fields_from, fields_with_role, own_field_types
+
+    fields = list(own_field_types())
+    for name in fields:
+        metadata = RLoraConfig.__dataclass_fields__[name].metadata
+        assert isinstance(metadata["source"], Source) and isinstance(metadata["role"], Role), name
+    assert sorted(n for source in Source for n in fields_from(source)) == sorted(fields)
+    assert sorted(n for role in Role for n in fields_with_role(role)) == sorted(fields)
+    assert set(HOST.lora_keys) == set(fields_from(Source.LORA))  # Axolotl has a key for every LoRA field
+    keys = [HOST.key(name) for name in fields if name != "init_weights"]
+    assert len(set(keys)) == len(keys)
+    with pytest.raises(TypeError, match="source must be a Source"):
+        from rlora_plugin.config import option
+
+        option(1, "help", source="lora", role=Role.FORWARD)
 
 
 def test_valid_config_defaults_and_no_lora_kernels(tiny):
@@ -134,13 +167,14 @@ def test_rlora_block_values_reach_the_peft_config(tiny):
 )
 def test_incompatible_options_are_refused(tiny, overrides, key):
     message = refused(make_cfg(tiny, **overrides))
-    assert f"adapter: rlora does not support `{key}: " in message
-    assert "Fix:" in message
+    assert f"adapter: rlora: `{key}: {overrides[key]!r}` is not supported: " in message
+    assert f"Fix: remove `{key}`" in message or f"Fix: set `{key}: false`" in message
 
 
 def test_merge_refusal_explains_why(tiny):
     message = refused(make_cfg(tiny, merge_lora=True))
-    assert "`merge_lora: True`" in message and "router" in message and "axolotl merge-lora" in message
+    assert "`merge_lora: True` is not supported" in message and "router" in message
+    assert "Fix: remove `merge_lora`; do not run `axolotl merge-lora`" in message
 
 
 def test_kernels_explicitly_off_are_fine(tiny):
@@ -148,31 +182,36 @@ def test_kernels_explicitly_off_are_fine(tiny):
 
 
 @pytest.mark.parametrize(
-    "overrides, key, value",
+    "overrides, key, value, fix",
     [
-        ({"rlora": {"num_heads": 0}}, "rlora.num_heads", "0"),
-        ({"rlora": {"init_gamma": 0}}, "rlora.init_gamma", "0.0"),
-        ({"rlora": {"init_gamma": float("inf")}}, "rlora.init_gamma", "inf"),
-        ({"rlora": {"router_temperature": float("inf")}}, "rlora.router_temperature", "inf"),
-        ({"rlora": {"init_seed": -1}}, "rlora.init_seed", "-1"),
-        ({"lora_alpha": 0}, "lora_alpha", "0"),
-        ({"lora_alpha": -16}, "lora_alpha", "-16"),
-        ({"rlora": {"router_temperature": -1}}, "rlora.router_temperature", "-1.0"),
-        ({"rlora": {"num_heads": 3, "router_top_k": 4}}, "rlora.router_top_k", "4"),
-        ({"rlora": {"router_aux_loss_coef": -0.1}}, "rlora.router_aux_loss_coef", "-0.1"),
-        ({"lora_r": 0}, "lora_r", "0"),
-        ({"lora_dropout": 1.5}, "lora_dropout", "1.5"),
+        ({"rlora": {"num_heads": 0}}, "rlora.num_heads", "0", "use an integer >= 1"),
+        ({"rlora": {"init_gamma": 0}}, "rlora.init_gamma", "0.0", "gamma must be a finite number > 0"),
+        ({"rlora": {"init_gamma": float("inf")}}, "rlora.init_gamma", "inf", "gamma must be a finite number > 0"),
+        ({"rlora": {"router_temperature": float("inf")}}, "rlora.router_temperature", "inf", "the softmax"),
+        ({"rlora": {"init_seed": -1}}, "rlora.init_seed", "-1", "the seed must be an integer >= 0"),
+        ({"lora_alpha": 0}, "lora_alpha", "0", "the update is scaled by lora_alpha / r"),
+        ({"lora_alpha": -16}, "lora_alpha", "-16", "the update is scaled by lora_alpha / r"),
+        ({"rlora": {"router_temperature": -1}}, "rlora.router_temperature", "-1.0", "the softmax temperature"),
         (
+            {"rlora": {"num_heads": 3, "router_top_k": 4}},
+            "rlora.router_top_k",
+            "4",
+            "use an integer in [1, num_heads=3]",
+        ),
+        ({"rlora": {"router_aux_loss_coef": -0.1}}, "rlora.router_aux_loss_coef", "-0.1", "the loss weight must be"),
+        ({"lora_r": 0}, "lora_r", "0", "the rank must be an integer >= 1"),
+        ({"lora_dropout": 1.5}, "lora_dropout", "1.5", "the dropout rate must be in [0, 1)"),
+        (  # the fix names Axolotl's key for `target_modules`
             {"lora_target_linear": None, "lora_target_modules": ".*proj", "peft_layers_to_transform": [0]},
             "peft_layers_to_transform",
             "[0]",
+            "it cannot be combined with a regex `lora_target_modules`",
         ),
     ],
 )
-def test_bad_values_use_rlora_config_validation(tiny, overrides, key, value):
+def test_bad_values_use_rlora_config_validation(tiny, overrides, key, value, fix):
     message = refused(make_cfg(tiny, **overrides))
-    assert f"adapter: rlora: invalid config key `{key}`" in message
-    assert f"= {value} is invalid" in message  # RLoraConfig's own message, with the value
+    assert f"adapter: rlora: `{key}: {value}` is invalid. Fix: {fix}" in message  # RLoraConfig's fix
 
 
 @pytest.mark.parametrize(
@@ -197,14 +236,15 @@ def test_rlora_block_types_are_strict(tiny, overrides, key, shown):
 
 def test_rlora_keys_outside_the_block_are_refused(tiny):
     message = refused(make_cfg(tiny, num_heads=3))
-    assert "`num_heads: 3`" in message and "`rlora.num_heads`" in message and "top level" in message
+    assert "adapter: rlora: `num_heads: 3` is an R-LoRA setting written at the top level" in message
+    assert "Fix: move it into the `rlora:` block as `rlora.num_heads`" in message
     message = refused(make_cfg(tiny, router_top_k=1))
     assert "`rlora.router_top_k`" in message
 
 
 def test_both_quantizations_are_refused(tiny):
     message = refused(make_cfg(tiny, load_in_4bit=True, load_in_8bit=True))
-    assert "`load_in_4bit: true` and `load_in_8bit: true`" in message and "keep one" in message
+    assert "`load_in_8bit: True` cannot be combined with `load_in_4bit: true`. Fix: keep one" in message
 
 
 def test_lora_model_dir_is_checked_at_validation(tiny, tmp_path, monkeypatch):
@@ -214,14 +254,15 @@ def test_lora_model_dir_is_checked_at_validation(tiny, tmp_path, monkeypatch):
     for missing in (str(tmp_path / "nowhere"), "someone/not-downloaded"):
         message = refused(make_cfg(tiny, lora_model_dir=missing))
         assert f"`lora_model_dir: {missing!r}` is neither a local directory nor an adapter on the model hub" in message
-        assert "Fix:" in message
+        assert "Fix: point `lora_model_dir` at the output directory of an `adapter: rlora` run" in message
     plain = tmp_path / "plain"
     plain.mkdir()
     message = refused(make_cfg(tiny, lora_model_dir=str(plain)))
     assert "holds no adapter_config.json" in message
     (plain / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
     message = refused(make_cfg(tiny, lora_model_dir=str(plain)))
-    assert "holds a LORA adapter" in message and "RLORA" in message and "adapter: lora" in message
+    assert f"`lora_model_dir: {str(plain)!r}` holds a LORA adapter" in message and "RLORA" in message
+    assert "a plain LoRA adapter is loaded with `adapter: lora`" in message
     # A model-hub id is read as PEFT loads it (here from the hub cache, offline).
     cache_as_downloaded(plain, "someone/plain-lora", tmp_path / "hub")
     message = refused(make_cfg(tiny, lora_model_dir="someone/plain-lora"))
@@ -232,7 +273,8 @@ def test_lora_model_dir_under_dpo_is_refused(tiny, tmp_path):
     """Axolotl's DPO path never loads `lora_model_dir`: refuse instead of ignoring it."""
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "RLORA"}')
     message = refused(make_cfg(tiny, rl="dpo", lora_model_dir=str(tmp_path)))
-    assert "`lora_model_dir` is not loaded with `rl: dpo`" in message and "Fix:" in message
+    assert f"`lora_model_dir: {str(tmp_path)!r}` is not loaded with `rl: dpo`" in message
+    assert "Fix: remove `lora_model_dir`" in message
 
 
 def test_metrics_switch_and_routing_defaults(tiny):
@@ -252,10 +294,44 @@ def test_aux_loss_with_reentrant_checkpointing_is_refused(tiny):
             gradient_checkpointing_kwargs={"use_reentrant": True},
         )
     )
-    assert "rlora.router_aux_loss_coef" in message and "use_reentrant: false" in message
-    # unset: non-reentrant is asked for (Axolotl 0.19 would default to reentrant)
-    cfg = validated(make_cfg(tiny, rlora={"router_aux_loss_coef": 0.01}, gradient_checkpointing=True))
+    assert (
+        "`gradient_checkpointing_kwargs.use_reentrant: True` does not work with `rlora.router_aux_loss_coef`" in message
+    )
+    assert "Fix: set `use_reentrant: false`" in message
+
+
+def test_aux_loss_asks_for_non_reentrant_checkpointing_with_a_warning(tiny, caplog):
+    """Unset, non-reentrant is asked for (Axolotl 0.19 would default to reentrant), and the change of the user's
+    setting is logged with the key, the old and the new value."""
+    with caplog.at_level("WARNING"):
+        cfg = validated(make_cfg(tiny, rlora={"router_aux_loss_coef": 0.01}, gradient_checkpointing=True))
     assert cfg.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    (warning,) = [r.getMessage() for r in caplog.records if "gradient_checkpointing_kwargs" in r.getMessage()]
+    assert "`gradient_checkpointing_kwargs` changed from None to {'use_reentrant': False}" in warning
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        cfg = validated(
+            make_cfg(
+                tiny,
+                rlora={"router_aux_loss_coef": 0.01},
+                gradient_checkpointing=True,
+                gradient_checkpointing_kwargs={"preserve_rng_state": False},
+            )
+        )
+    assert cfg.gradient_checkpointing_kwargs == {"preserve_rng_state": False, "use_reentrant": False}
+    (warning,) = [r.getMessage() for r in caplog.records if "gradient_checkpointing_kwargs" in r.getMessage()]
+    assert "from {'preserve_rng_state': False} to {'preserve_rng_state': False, 'use_reentrant': False}" in warning
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the user's own non-reentrant setting is kept, without a word
+        validated(
+            make_cfg(
+                tiny,
+                rlora={"router_aux_loss_coef": 0.01},
+                gradient_checkpointing=True,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        )
+    assert not [r for r in caplog.records if "gradient_checkpointing_kwargs" in r.getMessage()]
 
 
 def test_misspelled_rlora_key_is_an_error(tiny):
@@ -370,9 +446,9 @@ def test_lora_model_dir_warns_for_every_setting_that_defines_the_adapter(tiny, t
     training-only settings (the aux-loss weight) follow this run's config; init-only ones are not compared."""
     from transformers import AutoModelForCausalLM
 
-    from rlora_plugin.config import fields_with_role
+    from rlora_plugin.config import Role, fields_with_role
 
-    assert set(fields_with_role(None)) >= {"router_temperature", "lora_dropout", "num_heads", "router_top_k"}
+    assert set(fields_with_role(Role.FORWARD)) >= {"router_temperature", "lora_dropout", "num_heads", "router_top_k"}
     saved_cfg = validated(make_cfg(tiny, rlora={"num_heads": 3}))
     model, _ = RLoraPlugin().load_adapter(AutoModelForCausalLM.from_pretrained(tiny["model"]), saved_cfg)
     model.save_pretrained(tmp_path / "adapter")
@@ -459,7 +535,8 @@ def test_fsdp2_full_state_dict_resume_is_refused_before_axolotl_021(tiny, tmp_pa
     cfg = make_cfg(tiny, **fsdp, resume_from_checkpoint=str(tmp_path))
     if Version(version("axolotl")) < Version("0.21"):
         message = refused(cfg)
-        assert "not the adapter weights" in message and "SHARDED_STATE_DICT" in message
+        assert "`fsdp_config.state_dict_type: 'FULL_STATE_DICT'`" in message and "not the adapter weights" in message
+        assert "Fix: checkpoint with `fsdp_config.state_dict_type: SHARDED_STATE_DICT`" in message
     else:
         validated(cfg)
     sharded = {**fsdp, "fsdp_config": {**fsdp["fsdp_config"], "state_dict_type": "SHARDED_STATE_DICT"}}

@@ -184,9 +184,9 @@ def test_axolotl_table_is_the_config():
 
 
 def test_llamafactory_table_is_the_config():
-    from rlora_plugin.llamafactory import METRICS_KEY, RLORA_KEYS
+    from rlora_plugin.llamafactory.translate import HOST, METRICS_KEY
 
     rows = table("llamafactory.md", "The `rlora_*` keys")
-    assert set(rows) == {*RLORA_KEYS, METRICS_KEY}
+    assert set(rows) == {*HOST.rlora_keys(), METRICS_KEY}
     check_table(rows, "rlora_", yaml.safe_load, {"init_seed": "the run's `seed`"})
     assert rows[METRICS_KEY][0] == "`true`"

@@ -60,12 +60,20 @@ ZERO_STATES = "global_step*/zero_pp_rank_*_optim_states.pt"  # one file a rank i
 
 @pytest.fixture(scope="module")
 def lf():
-    """The launcher module; importing it imports llamafactory, so a venv without it fails here."""
+    """The launcher's config translation; llamafactory is imported first, so a venv without it fails here."""
     import llamafactory  # noqa: F401
 
-    from rlora_plugin import llamafactory as launcher
+    from rlora_plugin.llamafactory import translate
 
-    return launcher
+    return translate
+
+
+@pytest.fixture(scope="module")
+def lf_patches(lf):
+    """The launcher's patches of LLaMA-Factory (the module, not installed)."""
+    from rlora_plugin.llamafactory import patches
+
+    return patches
 
 
 def _env() -> dict:
@@ -176,7 +184,7 @@ def _train_cfg(tiny: dict, output_dir: Path, **over) -> dict:
 _PROBE = f"""
 import sys, torch
 from transformers import TrainerCallback
-from rlora_plugin.llamafactory import main
+from rlora_plugin.llamafactory.cli import main
 
 class Probe(TrainerCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
@@ -201,44 +209,99 @@ def trained(lf, tiny, tmp_path_factory):
 @pytest.mark.parametrize(
     ("over", "message"),
     [
-        ({"rlora_num_head": 3}, "unknown key `rlora_num_head: 3`. Fix: did you mean `rlora_num_heads`?"),
-        ({"rlora_init": "gaussian"}, "invalid `rlora_init: 'gaussian'`: choose one of 'random', 'zero'"),
-        ({"rlora_num_heads": True}, "invalid `rlora_num_heads: True`: use an integer"),
-        ({"lora_rank": 0}, "invalid `lora_rank: 0`: the rank must be an integer >= 1"),
-        ({"rlora_metrics": "yes"}, "invalid `rlora_metrics: 'yes'`: use true or false"),
-        ({"use_dora": True}, "does not support `use_dora: True`: DoRA is a variant of plain LoRA"),
-        ({"pissa_init": True}, "does not support `pissa_init: True`: PiSSA initializes plain LoRA"),
-        ({"loraplus_lr_ratio": 16.0}, "does not support `loraplus_lr_ratio: 16.0`"),
-        ({"create_new_adapter": True}, "does not support `create_new_adapter: True`"),
-        ({"rlora_router_aux_loss_coef": 0.01}, "does not support `rlora_router_aux_loss_coef: 0.01`"),
-        ({"finetuning_type": "lora"}, "`rlora_init_gamma` is an R-LoRA setting, but `finetuning_type` is 'lora'"),
+        ({"rlora_num_head": 3}, "`rlora_num_head: 3` is not an R-LoRA key. Fix: did you mean `rlora_num_heads`?"),
+        ({"rlora_init": "gaussian"}, "`rlora_init: 'gaussian'` is invalid. Fix: choose one of 'random', 'zero'."),
+        ({"rlora_num_heads": True}, "`rlora_num_heads: True` is invalid. Fix: use an integer"),
+        ({"lora_rank": 0}, "`lora_rank: 0` is invalid. Fix: the rank must be an integer >= 1"),
+        ({"rlora_metrics": "yes"}, "`rlora_metrics: 'yes'` is invalid. Fix: use true or false."),
+        (
+            {"use_dora": True},
+            "`use_dora: True` is not supported: DoRA is a variant of plain LoRA; R-LoRA has no magnitude vector. "
+            "Fix: remove `use_dora`, or use `finetuning_type: lora`.",
+        ),
+        (
+            {"pissa_init": True},
+            "`pissa_init: True` is not supported: PiSSA initializes plain LoRA from the base weights' SVD; R-LoRA "
+            "has its own initialization. Fix: remove `pissa_init` and choose `rlora_init` ('random' or 'zero').",
+        ),
+        ({"loraplus_lr_ratio": 16.0}, "`loraplus_lr_ratio: 16.0` is not supported: LLaMA-Factory's LoRA+"),
+        ({"create_new_adapter": True}, "`create_new_adapter: True` is not supported: it merges the loaded adapter"),
+        ({"rlora_router_aux_loss_coef": 0.01}, "`rlora_router_aux_loss_coef: 0.01` is not supported"),
+        (
+            {"finetuning_type": "lora"},
+            "`rlora_init_gamma: 16.0` is an R-LoRA setting, but `finetuning_type` is 'lora'. Fix: set "
+            "`finetuning_type: rlora`, or remove the `rlora_*` keys.",
+        ),
     ],
 )
 def test_config_refused(lf, tiny, tmp_path, over, message):
-    with pytest.raises(lf.LlamaFactoryConfigError) as info:
+    from rlora_plugin.host import HostConfigError
+
+    with pytest.raises(HostConfigError) as info:
         lf.translate(_train_cfg(tiny, tmp_path, **over))
+    assert str(info.value).startswith("finetuning_type: rlora: `")  # one format for every host and error
     assert message in str(info.value)
 
 
 def test_config_rewritten_to_lora_path(lf, tiny, tmp_path, monkeypatch):
     cfg = _train_cfg(tiny, tmp_path, rlora_router_top_k=2, rlora_metrics=False)
-    out = lf.translate(cfg)
+    out, run = lf.translate(cfg)
     assert out["finetuning_type"] == "lora" and not any(k.startswith("rlora_") for k in out)
     assert {k: v for k, v in out.items() if k != "finetuning_type"} == {  # tiny["model"] is absolute already
         k: v for k, v in cfg.items() if not k.startswith("rlora_") and k != "finetuning_type"
     }
-    assert lf._Run.options == {"num_heads": N_HEADS, "init_gamma": 16.0, "router_top_k": 2, "init_seed": 7}
-    assert lf._Run.metrics is False
+    assert run.options == {"num_heads": N_HEADS, "init_gamma": 16.0, "router_top_k": 2, "init_seed": 7}
+    assert run.metrics is False
+    assert lf.translate(cfg) == (out, run) and cfg == _train_cfg(
+        tiny, tmp_path, rlora_router_top_k=2, rlora_metrics=False
+    )
+    plain = {k: v for k, v in cfg.items() if not k.startswith("rlora_")} | {"finetuning_type": "lora"}
+    assert lf.translate(plain) == (plain, None)  # any other config: unchanged, no R-LoRA settings
     # A local base model is recorded in the adapter as an absolute path, so it loads from any directory.
     monkeypatch.chdir(tiny["model"].parent)
-    relative = lf.translate({**cfg, "model_name_or_path": tiny["model"].name})
+    relative, _ = lf.translate({**cfg, "model_name_or_path": tiny["model"].name})
     assert relative["model_name_or_path"] == str(tiny["model"].resolve())
-    assert lf.translate({**cfg, "model_name_or_path": "org/model"})["model_name_or_path"] == "org/model"
-    assert set(lf.RLORA_KEYS) | {lf.METRICS_KEY} == {
-        *(f"rlora_{name}" for name in lf.rlora_fields()),
+    assert lf.translate({**cfg, "model_name_or_path": "org/model"})[0]["model_name_or_path"] == "org/model"
+    from rlora_plugin.config import Source, fields_from
+
+    assert set(lf.HOST.rlora_keys()) | {lf.METRICS_KEY} == {
+        *(f"rlora_{name}" for name in fields_from(Source.RLORA)),
         "rlora_init_seed",
         "rlora_metrics",
     }
+
+
+def test_a_later_plain_lora_config_in_the_same_process_builds_plain_lora(lf_patches, tiny, tmp_path):
+    """The R-LoRA settings of one config must not outlive it: a later config read in the same process without
+    `finetuning_type: rlora` gets PEFT's own LoraConfig from the patched constructor, not an RLoraConfig (before
+    the translation was made pure, the first config's settings stayed and this built an RLoraConfig)."""
+    from peft import LoraConfig
+
+    from rlora_plugin import RLoraConfig
+
+    rlora_cfg = _train_cfg(tiny, tmp_path)
+    plain_cfg = {k: v for k, v in rlora_cfg.items() if not k.startswith("rlora_")} | {"finetuning_type": "lora"}
+    configs = [rlora_cfg, plain_cfg]
+    patches = lf_patches.Patches()
+    read_args = patches.read_args(lambda args=None: configs.pop(0))
+    lora_config = patches.lora_config(LoraConfig)
+    # what LLaMA-Factory 0.9.5's _setup_lora_tuning passes
+    passed = dict(
+        r=RANK,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["q_proj"],
+        use_rslora=False,
+        modules_to_save=None,
+        use_dora=False,
+        task_type="CAUSAL_LM",
+        inference_mode=False,
+    )
+    read_args()
+    assert isinstance(lora_config(**passed), RLoraConfig)
+    read_args()
+    built = lora_config(**passed)
+    assert type(built) is LoraConfig and built.r == RANK
 
 
 LLAMAFACTORY_YAMLS = sorted((EXAMPLES / "llamafactory").glob("*.yaml"))
@@ -251,10 +314,10 @@ def test_example_config_passes_the_launcher_and_llamafactory(lf, path):
     from llamafactory.hparams.parser import _parse_train_args
 
     cfg = yaml.safe_load(path.read_text())
-    out = lf.translate(cfg)
+    out, run = lf.translate(cfg)
     assert cfg["finetuning_type"] == "rlora" and out["finetuning_type"] == "lora"
-    rlora = {lf.RLORA_KEYS[key]: value for key, value in cfg.items() if key.startswith("rlora_")}
-    assert lf._Run.options == {**rlora, "init_seed": cfg["seed"]} and rlora
+    rlora = {lf.HOST.rlora_keys()[key]: value for key, value in cfg.items() if key.startswith("rlora_")}
+    assert run.options == {**rlora, "init_seed": cfg["seed"]} and rlora
     _, _, training_args, finetuning_args, _ = _parse_train_args({**out, "bf16": False})  # bf16 needs a GPU
     assert (finetuning_args.finetuning_type, finetuning_args.lora_rank) == ("lora", cfg["lora_rank"])
     assert training_args.learning_rate == cfg["learning_rate"]
@@ -281,30 +344,35 @@ def test_cpu_example_data_reaches_llamafactory_as_chat_turns(lf):
 @pytest.mark.parametrize(
     "flags", [["--finetuning_type", "rlora"], ["--finetuning_type=rlora"], ["--rlora_num_heads", "3"]]
 )
-def test_rlora_flags_refused(lf, monkeypatch, flags):
+def test_rlora_flags_refused(lf_patches, monkeypatch, flags):
     """`--key value` flags bypass the YAML rewrite: refused by name. Other flags pass (`rlora` in a path)."""
     from llamafactory.hparams import parser
 
-    read_args = lf._read_args(parser.read_args)
+    from rlora_plugin.host import HostConfigError
+
+    read_args = lf_patches.Patches().read_args(parser.read_args)
     monkeypatch.setattr(sys, "argv", ["prog", *flags])
-    with pytest.raises(lf.LlamaFactoryConfigError, match="is read from a YAML or JSON config only"):
+    key, value = flags[0].split("=") if "=" in flags[0] else flags
+    message = f"finetuning_type: rlora: `{key}: {value!r}` is a command-line flag, and R-LoRA's settings are read "
+    with pytest.raises(HostConfigError, match="Fix: write the settings into CONFIG.yaml") as info:
         read_args()
+    assert str(info.value).startswith(message) and "from a YAML or JSON config only" in str(info.value)
     monkeypatch.setattr(sys, "argv", ["prog", "--output_dir", "/runs/rlora", "--finetuning_type", "lora"])
     assert read_args() == ["--output_dir", "/runs/rlora", "--finetuning_type", "lora"]
 
 
-def test_unknown_version_refused(lf, monkeypatch):
-    monkeypatch.setattr(lf, "version", lambda name: "0.9.6")
-    monkeypatch.setattr(lf, "_patched", [])
+def test_unknown_version_refused(lf_patches, monkeypatch):
+    monkeypatch.setattr(lf_patches, "version", lambda name: "0.9.6")
+    monkeypatch.setattr(lf_patches, "_installed", [])
     with pytest.raises(RuntimeError, match=r"checked against llamafactory 0\.9\.5 only, and 0\.9\.6 is installed"):
-        lf.install_patches()
+        lf_patches.install_patches()
 
 
 def test_misspelled_key_refused_by_the_command(lf, tiny, tmp_path):
     cfg = _write(tmp_path / "bad.yaml", _train_cfg(tiny, tmp_path / "out", rlora_router_topk=2))
     proc = _run(tmp_path, "train", str(cfg))
     assert proc.returncode == 2
-    assert "unknown key `rlora_router_topk: 2`. Fix: did you mean `rlora_router_top_k`?" in proc.stderr
+    assert "`rlora_router_topk: 2` is not an R-LoRA key. Fix: did you mean `rlora_router_top_k`?" in proc.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -474,7 +542,10 @@ def test_export_refused_and_its_fix_works(trained, tiny):
     cfg = inference_cfg(trained, tiny, finetuning_type="lora", export_dir=str(work / "merged"))
     proc = _run(work, "export", str(_write(work / "export.yaml", cfg)))
     assert proc.returncode == 2
-    assert "holds an R-LoRA adapter" in proc.stderr and "cannot be merged" in proc.stderr
+    assert f"finetuning_type: rlora: `adapter_name_or_path: {str(trained['out'])!r}` holds an R-LoRA adapter" in (
+        proc.stderr
+    )
+    assert "cannot be merged" in proc.stderr and "Fix: export it with frozen gates" in proc.stderr
     assert "python -m rlora_plugin.export ADAPTER_DIR OUT_DIR --gates uniform" in proc.stderr
     assert not (work / "merged").exists()
 

@@ -16,173 +16,118 @@ gets them; setting one to true explicitly is refused (they compute plain LoRA an
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rlora_plugin.config import RLoraConfig, RLoraConfigError, own_field_types, rlora_fields
-from rlora_plugin.layer import MERGE_WHY
+from rlora_plugin.config import RLoraConfig, Source, fields_from
+from rlora_plugin.host import Host, absolute_base
 from rlora_plugin.registration import PEFT_TYPE_NAME
 from rlora_plugin.saved import saved_peft_type
 
+from . import LOG
+
 ADAPTER_NAME = "rlora"
 
-# R-LoRA's own fields of `RLoraConfig`, set in the nested `rlora:` block (with RLoraConfig's types and defaults).
-BLOCK_FIELDS = rlora_fields()
-# The plain-LoRA fields of `RLoraConfig` -> the Axolotl key they come from (Axolotl's own keys keep their meaning).
-LORA_KEYS = {
-    "r": "lora_r",
-    "lora_alpha": "lora_alpha",
-    "lora_dropout": "lora_dropout",
-    "use_rslora": "peft_use_rslora",
-    "target_modules": "lora_target_modules",
-    "exclude_modules": "lora_exclude_modules",
-    "layers_to_transform": "peft_layers_to_transform",
-    "layers_pattern": "peft_layers_pattern",
-    "modules_to_save": "lora_modules_to_save",
-}
-
-
-def axolotl_key(field_name: str) -> str:
-    """The Axolotl config key an `RLoraConfig` field is set with, for error messages."""
-    return LORA_KEYS.get(field_name, f"rlora.{field_name}")
-
-
-_MERGE_FIX = (
-    "remove `merge_lora` (and do not run `axolotl merge-lora` on an R-LoRA adapter); serve it unmerged with "
-    "`axolotl inference` and `lora_model_dir`, or with `import rlora_plugin` + `PeftModel.from_pretrained`; "
-    "or export it with frozen gates as a plain LoRA that merges exactly (`axolotl rlora-export ADAPTER_DIR "
-    "OUT_DIR --gates uniform`), then merge that with `adapter: lora`"
-)
-
-# key -> (why, fix) for options that are refused when set to a truthy value with `adapter: rlora`.
-REFUSED = {
-    "merge_lora": (MERGE_WHY, _MERGE_FIX),
-    "gptq": (
-        "R-LoRA adapts torch.nn.Linear layers only, not GPTQ's quantized linear layers",
-        "set `gptq: false` and use a full-precision base model",
+HOST = Host(
+    name="Axolotl",
+    selector=f"adapter: {ADAPTER_NAME}",
+    plain_lora="adapter: lora",
+    # Axolotl's own keys for the plain-LoRA fields, with Axolotl's meaning (`lora_target_linear` is read besides).
+    lora_keys={
+        "r": "lora_r",
+        "lora_alpha": "lora_alpha",
+        "lora_dropout": "lora_dropout",
+        "use_rslora": "peft_use_rslora",
+        "target_modules": "lora_target_modules",
+        "exclude_modules": "lora_exclude_modules",
+        "layers_to_transform": "peft_layers_to_transform",
+        "layers_pattern": "peft_layers_pattern",
+        "modules_to_save": "lora_modules_to_save",
+    },
+    rlora_prefix="rlora.",
+    adapter_key="lora_model_dir",
+    merge_fix=(
+        "do not run `axolotl merge-lora` on an R-LoRA adapter; serve it unmerged with `axolotl inference` and "
+        "`lora_model_dir`, or with `import rlora_plugin` + `PeftModel.from_pretrained`; or export it with frozen "
+        "gates as a plain LoRA that merges exactly (`axolotl rlora-export ADAPTER_DIR OUT_DIR --gates uniform`), "
+        "then merge that with `adapter: lora`"
     ),
-    "relora": (
-        "ReLoRA restarts merge the adapter into the base weights, which R-LoRA's per-token router forbids",
-        "remove `relora` (and the `jagged_restart_*` keys)",
-    ),
-    "peft_use_dora": (
-        "DoRA is a variant of plain LoRA; R-LoRA has no magnitude vector",
-        "remove `peft_use_dora`, or use `adapter: lora`",
-    ),
-    "lora_rank_pattern": (
-        "R-LoRA uses one rank for every adapted layer",
-        "remove `lora_rank_pattern` and set `lora_r`",
-    ),
-    "lora_alpha_pattern": (
-        "R-LoRA uses one alpha for every adapted layer",
-        "remove `lora_alpha_pattern` and set `lora_alpha`",
-    ),
-    "lora_target_parameters": (
-        "R-LoRA adapts nn.Linear modules, not raw (e.g. fused MoE expert) parameters",
-        "remove `lora_target_parameters` and list modules in `lora_target_modules`",
-    ),
-    "peft_init_lora_weights": (
-        "R-LoRA has its own initialization",
-        "remove `peft_init_lora_weights` and use `rlora.init` ('random' or 'zero')",
-    ),
-    "loraplus_lr_ratio": (
-        "Axolotl's LoRA+ optimizer groups parameters by plain-LoRA names and was never checked with R-LoRA",
-        "remove `loraplus_lr_ratio`",
-    ),
-}
-_KERNEL_KEY = re.compile(r"^lora_\w+_kernel$")
-_KERNEL_REFUSAL = (
-    "Axolotl's fused LoRA kernels compute plain LoRA's forward and would bypass R-LoRA's router and heads "
-    "(they are also CUDA-only)",
-    "set `{key}: false` or remove it (Axolotl never auto-enables them for `adapter: rlora`)",
+    refused={
+        "merge_lora": "merge",
+        "gptq": "gptq",
+        "relora": "relora",
+        "peft_use_dora": "dora",
+        "lora_rank_pattern": "rank_pattern",
+        "lora_alpha_pattern": "alpha_pattern",
+        "lora_target_parameters": "target_parameters",
+        "peft_init_lora_weights": "lora_init",
+        "loraplus_lr_ratio": "loraplus",
+    },
+    # lora_mlp_kernel, lora_qkv_kernel, lora_o_kernel, lora_embedding_kernel (Axolotl auto-enables them only
+    # for adapter: lora/qlora)
+    refused_patterns={r"lora_\w+_kernel": "fused_lora_kernels"},
 )
 
 
-def _refusal(key: str, value: Any, why: str, fix: str) -> str:
-    return f"adapter: rlora does not support `{key}: {value!r}`: {why}. Fix: {fix}."
+def _help(name: str, note: str = "") -> str:
+    """The help text of `RLoraConfig`'s field `name` (one source), with a note for Axolotl users."""
+    return f"{RLoraConfig.__dataclass_fields__[name].metadata['help']} {note}".strip()
+
+
+class RLoraOptions(BaseModel):
+    """R-LoRA's own settings, under the `rlora:` key: `RLoraConfig`'s R-LoRA fields (its types, defaults and
+    help texts; tests/test_axolotl_config.py holds them equal), plus `metrics`. Defaults are the paper's (the
+    authors' script). Strict types: `num_heads: true` or `init_gamma: "64"` is an error, not a coercion."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    num_heads: int = Field(default=5, description=_help("num_heads", "Paper script: 5."))
+    head_dropout: Literal["per_head", "shared"] = Field(
+        default="per_head", description=_help("head_dropout", "The rate is `lora_dropout`.")
+    )
+    init: Literal["random", "zero"] = Field(default="random", description=_help("init"))
+    init_gamma: float = Field(default=64.0, description=_help("init_gamma"))
+    router_init: Literal["zero", "kaiming"] = Field(default="zero", description=_help("router_init"))
+    router_temperature: float = Field(default=1.0, description=_help("router_temperature"))
+    router_top_k: int | None = Field(default=None, description=_help("router_top_k"))
+    router_aux_loss_coef: float = Field(
+        default=0.0, description=_help("router_aux_loss_coef", "Logged as `rlora/aux_loss`; e.g. 0.01.")
+    )
+    init_seed: int | None = Field(  # `Source.RUN_SEED`: unset means the run's seed
+        default=None, description=_help("init_seed", "Default: the run's `seed`, or 0 if that is unset.")
+    )
+    metrics: bool = Field(
+        default=True,
+        description=(
+            "Log router and head-diversity metrics (`rlora/...`: router entropy, head load, head cosine "
+            "similarities) every `logging_steps`. false turns them off."
+        ),
+    )
 
 
 def refuse_incompatible(data: dict, axolotl_keys: Any = ()) -> None:
-    """Raise ValueError for the first option in a raw Axolotl config that R-LoRA cannot honour, or an R-LoRA
-    key written outside the `rlora:` block (Axolotl would drop it without a word); `axolotl_keys` are the
-    top-level keys Axolotl itself knows."""
+    """Raise for the first option in a raw Axolotl config that R-LoRA cannot honour, or an R-LoRA key written
+    outside the `rlora:` block (Axolotl would drop it without a word); `axolotl_keys` are the top-level keys
+    Axolotl itself knows."""
     for key in sorted(data):
         if key in RLoraOptions.model_fields and key not in axolotl_keys:
-            raise ValueError(
-                f"adapter: rlora: `{key}: {data[key]!r}` is an R-LoRA setting written at the top level of the "
-                f"config, where it would be ignored. Fix: move it into the `rlora:` block as `rlora.{key}` "
-                f"(rlora:\n  {key}: {data[key]!r})."
+            raise HOST.error(
+                key,
+                data[key],
+                "is an R-LoRA setting written at the top level of the config, where it would be ignored",
+                f"move it into the `rlora:` block as `rlora.{key}` (rlora:\n  {key}: {data[key]!r})",
             )
     if data.get("load_in_4bit") and data.get("load_in_8bit"):
-        raise ValueError(
-            "adapter: rlora: `load_in_4bit: true` and `load_in_8bit: true` are both set, and only one "
-            "quantization can be used. Fix: keep one of them."
+        raise HOST.error(
+            "load_in_8bit", data["load_in_8bit"], "cannot be combined with `load_in_4bit: true`", "keep one of them"
         )
-    for key, (why, fix) in REFUSED.items():
-        if data.get(key):
-            raise ValueError(_refusal(key, data[key], why, fix))
-    for key in sorted(data):
-        if _KERNEL_KEY.match(key) and data[key]:
-            why, fix = _KERNEL_REFUSAL
-            raise ValueError(_refusal(key, data[key], why, fix.format(key=key)))
+    HOST.refuse_plain_lora_features(data)
     peft = data.get("peft")
     loftq = peft.get("loftq_config") if isinstance(peft, dict) else getattr(peft, "loftq_config", None)
     if loftq:
-        raise ValueError(
-            _refusal(
-                "peft.loftq_config",
-                loftq,
-                "LoftQ initializes plain LoRA from a quantized base",
-                "remove `peft.loftq_config`; R-LoRA's initialization is set by `rlora.init`",
-            )
-        )
-
-
-_NOTES = {
-    "num_heads": "Paper script: 5.",
-    "head_dropout": "The rate is `lora_dropout`.",
-    "router_aux_loss_coef": "Logged as `rlora/aux_loss`; e.g. 0.01.",
-}
-
-
-def _as_in_config(name: str) -> tuple[Any, Any]:
-    """A field of the `rlora:` block with `RLoraConfig`'s type, default and help text: one source."""
-    spec = RLoraConfig.__dataclass_fields__[name]
-    help_text = f"{spec.metadata['help']} {_NOTES.get(name, '')}".strip()
-    return own_field_types()[name], Field(default=spec.default, description=help_text)
-
-
-# R-LoRA's own settings, under the `rlora:` key: every `BLOCK_FIELDS` entry of `RLoraConfig`, plus two
-# Axolotl-side settings. Strict types: `num_heads: true` or `init_gamma: "64"` is an error, not a coercion.
-RLoraOptions = create_model(
-    "RLoraOptions",
-    __config__=ConfigDict(extra="forbid", strict=True),
-    __doc__="R-LoRA's own settings, under the `rlora:` key. Defaults are the paper's (the authors' script).",
-    **{name: _as_in_config(name) for name in BLOCK_FIELDS},
-    metrics=(
-        bool,
-        Field(
-            default=True,
-            description=(
-                "Log router and head-diversity metrics (`rlora/...`: router entropy, head load, head cosine "
-                "similarities) every `logging_steps`. false turns them off."
-            ),
-        ),
-    ),
-    init_seed=(
-        int | None,
-        Field(
-            default=None,
-            description=(
-                "Seed of the adapter initialization (per layer, from this seed and the layer name, so every "
-                "rank builds the same adapter). Default: the run's `seed`, or 0 if that is unset."
-            ),
-        ),
-    ),
-)
+        raise HOST.refusal("peft.loftq_config", loftq, "loftq")
 
 
 class RLoraArgs(BaseModel):
@@ -207,7 +152,7 @@ class RLoraArgs(BaseModel):
         if getattr(self, "adapter", None) == ADAPTER_NAME:
             if self.rlora is None:
                 self.rlora = RLoraOptions()
-            build_rlora_config(self)  # raises a ValueError naming the Axolotl key
+            build_rlora_config(self)  # raises a HostConfigError naming the Axolotl key
             if getattr(self, "lora_model_dir", None):
                 check_adapter_dir(self.lora_model_dir)
                 self._rlora_adapter_dir_is_loaded()
@@ -222,10 +167,12 @@ class RLoraArgs(BaseModel):
         rl = getattr(self, "rl", None)
         rl = getattr(rl, "value", rl)
         if rl in ("dpo", "ipo", "kto"):
-            raise ValueError(
-                f"adapter: rlora: `lora_model_dir` is not loaded with `rl: {rl}`: Axolotl's preference-training "
-                "path builds a fresh adapter from the config and lets TRL wrap the model, so the saved adapter "
-                "would be ignored. Fix: remove `lora_model_dir` (or train without `rl`)."
+            raise HOST.error(
+                "lora_model_dir",
+                self.lora_model_dir,
+                f"is not loaded with `rl: {rl}`: Axolotl's preference-training path builds a fresh adapter from "
+                "the config and lets TRL wrap the model, so the saved adapter would be ignored",
+                "remove `lora_model_dir` (or train without `rl`)",
             )
 
     def _rlora_fsdp2_resume_restores_the_adapter(self) -> None:
@@ -240,10 +187,12 @@ class RLoraArgs(BaseModel):
         from packaging.version import Version
 
         if state_dict_type == "FULL_STATE_DICT" and Version(version("axolotl")) < Version("0.21"):
-            raise ValueError(
-                "adapter: rlora: resuming an FSDP2 run from a FULL_STATE_DICT checkpoint restores the trainer state "
-                f"but not the adapter weights with Axolotl {version('axolotl')} (fixed in 0.21). Fix: checkpoint "
-                "with `fsdp_config.state_dict_type: SHARDED_STATE_DICT`, or use Axolotl >= 0.21."
+            raise HOST.error(
+                "fsdp_config.state_dict_type",
+                state_dict_type,
+                "(the default) makes resuming an FSDP2 run restore the trainer state but not the adapter weights "
+                f"with Axolotl {version('axolotl')} (fixed in 0.21)",
+                "checkpoint with `fsdp_config.state_dict_type: SHARDED_STATE_DICT`, or use Axolotl >= 0.21",
             )
 
     def _rlora_non_reentrant_checkpointing(self) -> None:
@@ -251,17 +200,24 @@ class RLoraArgs(BaseModel):
         runs them without gradients, so the loss would silently not train the router. Axolotl 0.19 defaults
         to reentrant when `gradient_checkpointing_kwargs` is unset: ask for non-reentrant instead."""
         gc_kwargs = getattr(self, "gradient_checkpointing_kwargs", None)
-        if gc_kwargs is None:
-            self.gradient_checkpointing_kwargs = {"use_reentrant": False}
-        elif gc_kwargs.get("use_reentrant"):
-            raise ValueError(
-                "adapter: rlora: `rlora.router_aux_loss_coef` > 0 does not work with "
-                "`gradient_checkpointing_kwargs.use_reentrant: true` (a reentrant checkpoint runs the router "
-                "without gradients, so the loss would silently not train it). Fix: set `use_reentrant: false` "
-                "(or remove `gradient_checkpointing_kwargs`), or `rlora.router_aux_loss_coef: 0`."
+        if gc_kwargs and gc_kwargs.get("use_reentrant"):
+            raise HOST.error(
+                "gradient_checkpointing_kwargs.use_reentrant",
+                gc_kwargs["use_reentrant"],
+                "does not work with `rlora.router_aux_loss_coef` > 0 (a reentrant checkpoint runs the router "
+                "without gradients, so the loss would silently not train it)",
+                "set `use_reentrant: false` (or remove `gradient_checkpointing_kwargs`), or "
+                "`rlora.router_aux_loss_coef: 0`",
             )
-        elif "use_reentrant" not in gc_kwargs:
-            self.gradient_checkpointing_kwargs = {**gc_kwargs, "use_reentrant": False}
+        if gc_kwargs is None or "use_reentrant" not in gc_kwargs:
+            changed = {**(gc_kwargs or {}), "use_reentrant": False}
+            LOG.warning(
+                "R-LoRA: `gradient_checkpointing_kwargs` changed from %r to %r: `rlora.router_aux_loss_coef` > 0 "
+                "needs a non-reentrant checkpoint (a reentrant one would not train the router with the loss).",
+                gc_kwargs,
+                changed,
+            )
+            self.gradient_checkpointing_kwargs = changed
 
 
 def _get(obj: Any, key: str) -> Any:
@@ -299,35 +255,26 @@ def target_modules(cfg: Any, model: Any = None) -> Any:
     return sorted(set(modules) | set(find_all_linear_names(model)))
 
 
-def rlora_config_kwargs(cfg: Any, targets: Any = None) -> dict[str, Any]:
-    """`RLoraConfig` keyword arguments from an Axolotl config (a DictDefault or the pydantic model)."""
+def rlora_settings(cfg: Any, targets: Any = None) -> dict[str, Any]:
+    """`RLoraConfig` field -> its value in an Axolotl config (a DictDefault or the pydantic model; None: unset)."""
     options = rlora_options(cfg)
-    init_seed = options.init_seed
-    if init_seed is None:
-        init_seed = _get(cfg, "seed") or 0
-    kwargs = {
-        "r": _get(cfg, "lora_r"),
-        "lora_alpha": _get(cfg, "lora_alpha"),
-        "lora_dropout": _get(cfg, "lora_dropout"),
-        "use_rslora": bool(_get(cfg, "peft_use_rslora")),
-        "target_modules": targets if targets is not None else target_modules(cfg),
-        "exclude_modules": _get(cfg, "lora_exclude_modules") or None,
-        "layers_to_transform": _get(cfg, "peft_layers_to_transform"),
-        "layers_pattern": _get(cfg, "peft_layers_pattern"),
-        "modules_to_save": _get(cfg, "lora_modules_to_save") or None,
-        **{name: getattr(options, name) for name in BLOCK_FIELDS},
-        "init_seed": init_seed,
-    }
-    # Unset Axolotl keys fall back to RLoraConfig's defaults.
-    return {k: v for k, v in kwargs.items() if v is not None}
+    settings = {name: _get(cfg, key) for name, key in HOST.lora_keys.items()}
+    settings.update(
+        use_rslora=bool(settings["use_rslora"]),
+        target_modules=targets if targets is not None else target_modules(cfg),
+        exclude_modules=settings["exclude_modules"] or None,  # an empty list is unset
+        modules_to_save=settings["modules_to_save"] or None,
+    )
+    return {**settings, **{name: getattr(options, name) for name in fields_from(Source.RLORA, Source.RUN_SEED)}}
 
 
 def build_rlora_config(cfg: Any, targets: Any = None, **extra: Any) -> RLoraConfig:
-    """Build an `RLoraConfig` from an Axolotl config; its errors are re-raised naming the Axolotl key."""
-    try:
-        return RLoraConfig(**rlora_config_kwargs(cfg, targets), **extra)
-    except RLoraConfigError as exc:
-        raise ValueError(f"adapter: rlora: invalid config key `{axolotl_key(exc.key)}`: {exc}") from exc
+    """Build an `RLoraConfig` from an Axolotl config; its errors name the Axolotl key. A local `base_model` is
+    recorded as an absolute path (`AutoPeftModelForCausalLM.from_pretrained(ADAPTER_DIR)` reads it)."""
+    config = HOST.build_config(rlora_settings(cfg, targets), run_seed=_get(cfg, "seed") or 0, **extra)
+    if base := absolute_base(_get(cfg, "base_model")):
+        config.base_model_name_or_path = base
+    return config
 
 
 def check_adapter_dir(path: str) -> None:
@@ -342,10 +289,11 @@ def check_adapter_dir(path: str) -> None:
             else "is neither a local directory nor an adapter on the model hub (offline: in its cache; a private or "
             "gated one needs `huggingface-cli login`)"
         )
-        raise ValueError(f"adapter: rlora: `lora_model_dir: {path!r}` {where}. Fix: {fix}.")
+        raise HOST.error("lora_model_dir", path, where, fix)
     if peft_type != PEFT_TYPE_NAME:
-        raise ValueError(
-            f"adapter: rlora: `lora_model_dir: {path!r}` holds a {peft_type} adapter (peft_type in "
-            f"adapter_config.json), not an R-LoRA one ({PEFT_TYPE_NAME}). Fix: {fix}; a plain LoRA adapter "
-            "is loaded with `adapter: lora`."
+        raise HOST.error(
+            "lora_model_dir",
+            path,
+            f"holds a {peft_type} adapter (peft_type in adapter_config.json), not an R-LoRA one ({PEFT_TYPE_NAME})",
+            f"{fix}; a plain LoRA adapter is loaded with `adapter: lora`",
         )

@@ -17,7 +17,6 @@ hook acts only when `cfg.adapter == "rlora"` and returns None otherwise.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
@@ -25,7 +24,8 @@ from peft import PeftModel, get_peft_model
 
 # Importing any rlora_plugin module runs the package __init__, which registers the RLORA PEFT type.
 from rlora_plugin.callbacks import RLoraMetricsCallback
-from rlora_plugin.config import RLoraConfig, fields_with_role
+from rlora_plugin.config import RLoraConfig, Role, fields_with_role
+from rlora_plugin.host import absolute_base
 
 from . import LOG, cpu_distributed, fsdp, quantization
 from .args import ADAPTER_NAME, build_rlora_config, rlora_options, target_modules
@@ -39,13 +39,6 @@ def _task_type(model: Any) -> str:
     if "TokenClassification" in name:
         return "TOKEN_CLS"
     return "CAUSAL_LM"
-
-
-def _record_base_model(peft_config: Any, cfg: Any) -> None:
-    """A local `base_model` is recorded as an absolute path, so that the saved adapter (and
-    `AutoPeftModelForCausalLM.from_pretrained(ADAPTER_DIR)`) finds its base from any working directory."""
-    if cfg.base_model and Path(cfg.base_model).is_dir():
-        peft_config.base_model_name_or_path = str(Path(cfg.base_model).resolve())
 
 
 class RLoraPlugin(BasePlugin):
@@ -87,7 +80,6 @@ class RLoraPlugin(BasePlugin):
         if cfg.adapter != ADAPTER_NAME:
             return None
         peft_config = build_rlora_config(cfg, target_modules(cfg, model), task_type=_task_type(model))
-        _record_base_model(peft_config, cfg)
         if config_only:
             # Preference (TRL) paths want only the config; TRL wraps the model itself.
             return None, peft_config
@@ -101,7 +93,7 @@ class RLoraPlugin(BasePlugin):
             saved = model.peft_config[model.active_adapter]
             differ = [
                 f"{f}: config {getattr(peft_config, f)!r}, saved {getattr(saved, f)!r}"
-                for f in fields_with_role(None)  # the settings that define the saved adapter's forward pass
+                for f in fields_with_role(Role.FORWARD)  # the settings that define the saved adapter's forward pass
                 if getattr(peft_config, f) != getattr(saved, f)
             ]
             if differ:
@@ -109,12 +101,13 @@ class RLoraPlugin(BasePlugin):
                     "R-LoRA: the adapter in lora_model_dir governs these settings, not the config: %s",
                     "; ".join(differ),
                 )
-            for field in fields_with_role("training"):  # this run's training settings apply to it
+            for field in fields_with_role(Role.TRAINING):  # this run's training settings apply to it
                 setattr(saved, field, getattr(peft_config, field))
             peft_config = saved
         else:
             model = get_peft_model(model, peft_config, **model_kwargs)
-            _record_base_model(peft_config, cfg)  # get_peft_model sets it from the model's own name_or_path
+            if base := absolute_base(cfg.base_model):  # get_peft_model set it from the model's own name_or_path
+                peft_config.base_model_name_or_path = base
 
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             model.print_trainable_parameters()

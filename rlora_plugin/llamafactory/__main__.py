@@ -2,6 +2,6 @@
 
 import sys
 
-from rlora_plugin.llamafactory import main
+from rlora_plugin.llamafactory.cli import main
 
 sys.exit(main())

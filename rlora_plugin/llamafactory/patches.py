@@ -1,0 +1,135 @@
+"""Every patch of LLaMA-Factory's internals, checked against llamafactory 0.9.5 (`CHECKED_VERSION`; any other
+version is refused with an error before a patch is made). Each wraps a module attribute that LLaMA-Factory
+looks up at call time:
+
+1. `llamafactory.hparams.parser.read_args`: every command's config passes through it (`_parse_args` looks
+   it up at call time), so an `rlora` config is checked and rewritten there (translate.py), and the R-LoRA
+   settings of the config read last are kept for patch 2 (None after any other config).
+2. `llamafactory.model.adapter.LoraConfig`: looked up at call time by `_setup_lora_tuning`, the one place a
+   new adapter's config is built; returns an `RLoraConfig` from LLaMA-Factory's LoRA arguments plus the
+   run's R-LoRA settings while the config read last is an `rlora` one, PEFT's `LoraConfig` otherwise.
+3. `llamafactory.model.adapter._setup_lora_tuning` (called by `init_adapter` at call time): for inference
+   (`chat`, `api`, `webchat`) LLaMA-Factory merges a single unquantized adapter with `merge_and_unload()`,
+   which R-LoRA's per-token router forbids; an R-LoRA adapter is loaded unmerged instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from collections.abc import Callable
+from importlib.metadata import version
+
+import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type: building and loading need it)
+from rlora_plugin.layer import MERGE_WHY
+
+from .translate import FINETUNING_TYPE, HOST, RLoraRun, hub_options, rlora_adapters, translate
+
+CHECKED_VERSION = "0.9.5"
+# What `_setup_lora_tuning` passes to LoraConfig in 0.9.5; anything else means its code changed.
+_LORA_CONFIG_ARGUMENTS = {"task_type", "inference_mode", "use_dora", *HOST.lora_keys}
+
+
+class Patches:
+    """The three wrappers, sharing one piece of state: the R-LoRA settings of the config read last."""
+
+    def __init__(self) -> None:
+        self.run: RLoraRun | None = None
+
+    def read_args(self, original: Callable) -> Callable:
+        def read_args(args=None):
+            config = original(args)
+            if isinstance(config, dict):
+                config, self.run = translate(config)
+                return config
+            self.run = None
+            flags = [str(arg) for arg in config]  # `--key value` flags instead of a config file
+            for i, flag in enumerate(flags):
+                key, _, value = flag.partition("=")
+                value = value or (flags[i + 1] if i + 1 < len(flags) else "")
+                if (key == "--finetuning_type" and value == FINETUNING_TYPE) or key.startswith("--rlora_"):
+                    raise HOST.error(
+                        key,
+                        value,
+                        "is a command-line flag, and R-LoRA's settings are read from a YAML or JSON config only",
+                        "write the settings into CONFIG.yaml and pass its path",
+                    )
+            return config
+
+        return read_args
+
+    def lora_config(self, original: Callable) -> Callable:
+        def lora_config(**kwargs):
+            if self.run is None:
+                return original(**kwargs)
+            unknown = set(kwargs) - _LORA_CONFIG_ARGUMENTS
+            if unknown or kwargs.get("use_dora"):
+                raise RuntimeError(
+                    f"rlora_plugin.llamafactory: LLaMA-Factory passed {sorted(unknown) or 'use_dora=True'} to "
+                    f"LoraConfig, which its version {CHECKED_VERSION} does not: this version is not supported."
+                )
+            fixed = {key: kwargs.pop(key) for key in ("task_type", "inference_mode") if key in kwargs}
+            kwargs.pop("use_dora", None)
+            return HOST.build_config({**kwargs, **self.run.options}, **fixed)
+
+        return lora_config
+
+    def setup_lora_tuning(self, original: Callable) -> Callable:
+        signature = inspect.signature(original)
+
+        def setup(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs).arguments  # by name: fails loudly if the signature changed
+            model_args = bound["model_args"]
+            hub = hub_options(model_args)
+            rlora = rlora_adapters(model_args.adapter_name_or_path, model_args.adapter_folder, **hub)
+            if not rlora or bound["is_trainable"]:  # training continues the adapter as LLaMA-Factory does
+                return original(*args, **kwargs)
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(
+                bound["model"],
+                rlora[0],
+                subfolder=model_args.adapter_folder,
+                offload_folder=model_args.offload_folder,
+                **hub,
+            )
+            logging.getLogger("llamafactory.rlora_plugin").info(
+                f"Loaded the R-LoRA adapter {rlora[0]} unmerged ({MERGE_WHY})."
+            )
+            return model
+
+        return setup
+
+
+# module, attribute, the `Patches` method that wraps it: every patch in one place (see the docstring).
+PATCHES = (
+    ("llamafactory.hparams.parser", "read_args", Patches.read_args),
+    ("llamafactory.model.adapter", "LoraConfig", Patches.lora_config),
+    ("llamafactory.model.adapter", "_setup_lora_tuning", Patches.setup_lora_tuning),
+)
+_installed: list[Patches] = []
+
+
+def install_patches() -> Patches:
+    """Patch LLaMA-Factory in this process (once; later calls return the same `Patches`); refuse a version the
+    patches were not checked with."""
+    if _installed:
+        return _installed[0]
+    found = version("llamafactory")
+    if found != CHECKED_VERSION:
+        raise RuntimeError(
+            f"rlora_plugin.llamafactory patches LLaMA-Factory internals checked against llamafactory "
+            f"{CHECKED_VERSION} only, and {found} is installed. Fix: pip install llamafactory=={CHECKED_VERSION}."
+        )
+    patches = Patches()
+    for module_name, attribute, wrap in PATCHES:
+        module = importlib.import_module(module_name)
+        if not hasattr(module, attribute):
+            raise RuntimeError(
+                f"rlora_plugin.llamafactory: {module_name}.{attribute} is missing in llamafactory {found}; "
+                f"the patches were checked against {CHECKED_VERSION}."
+            )
+        setattr(module, attribute, wrap(patches, getattr(module, attribute)))
+    _installed.append(patches)
+    return patches
