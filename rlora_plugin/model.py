@@ -65,8 +65,9 @@ class RLoraModel(BaseTuner):
         if aux is None:
             warnings.warn(
                 "R-LoRA: router_aux_loss_coef is set, but no load-balancing loss was recorded in a training forward "
-                "with gradients (a reentrant gradient checkpoint runs the layers without them), so the router is not "
-                "balanced. Use non-reentrant checkpointing: gradient_checkpointing_kwargs={'use_reentrant': False}.",
+                "with gradients (a reentrant gradient checkpoint runs the layers without them, and adapters switched "
+                "off route nothing), so the router is not balanced. Use non-reentrant checkpointing: "
+                "gradient_checkpointing_kwargs={'use_reentrant': False}.",
                 stacklevel=2,
             )
             return outputs

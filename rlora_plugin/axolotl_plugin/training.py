@@ -1,5 +1,5 @@
-"""The load-balancing loss in trainers that compute their loss from the logits (TRL's preference trainers: DPO,
-IPO, KTO, ORPO, GRPO): the model returns no loss there, so `RLoraModel.forward` cannot add it and keeps it for
+"""The load-balancing loss in trainers that compute their loss from the logits (the TRL preference trainers that
+`rl:` selects, such as DPO): the model returns no loss there, so `RLoraModel.forward` cannot add it and keeps it for
 the trainer (`pop_unadded_aux_loss`). Everywhere else the model adds it itself."""
 
 from __future__ import annotations
