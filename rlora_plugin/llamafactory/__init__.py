@@ -95,11 +95,6 @@ REFUSED = {
         "remove `use_unsloth`",
     ),
     "use_kt": ("KTransformers builds its own plain LoRA config", "remove `use_kt`"),
-    "rlora_router_aux_loss_coef": (
-        "LLaMA-Factory's trainers have no hook to add a loss from outside, so the load-balancing loss is not "
-        "wired into them (it is in the Axolotl plugin)",
-        "remove `rlora_router_aux_loss_coef` or set it to 0",
-    ),
 }
 
 
@@ -182,12 +177,35 @@ def translate(config: dict[str, Any]) -> dict[str, Any]:
         if config.get(key) is not None and name in ("r", "lora_alpha", "lora_dropout", "use_rslora")
     }
     build_rlora_config(run, **lora)  # every value checked now, before anything loads
+    checkpointing = _aux_loss_checkpointing(config) if run.get("router_aux_loss_coef", 0) > 0 else {}
     _Run.options, _Run.metrics = run, metrics
-    rewritten = {**{k: v for k, v in config.items() if k not in rlora_keys}, "finetuning_type": "lora"}
+    rewritten = {**{k: v for k, v in config.items() if k not in rlora_keys}, "finetuning_type": "lora", **checkpointing}
     base = config.get("model_name_or_path")
     if base and Path(base).is_dir():  # the adapter records its base: absolute, so it loads from any directory
         rewritten["model_name_or_path"] = str(Path(base).resolve())
     return rewritten
+
+
+def _aux_loss_checkpointing(config: dict[str, Any]) -> dict[str, Any]:
+    """The load-balancing loss is computed inside the checkpointed decoder layers, and LLaMA-Factory checkpoints
+    them reentrantly by default (`use_reentrant_gc: true`), which runs them without gradients: the loss would
+    silently not train the router. Non-reentrant checkpointing instead (with a warning), unless the user chose."""
+    if config.get("disable_gradient_checkpointing"):
+        return {}
+    why = (
+        "with `rlora_router_aux_loss_coef` > 0 it runs the router without gradients, so the load-balancing loss "
+        "would silently not train it"
+    )
+    for key in ("use_reentrant_gc", "use_unsloth_gc"):  # Unsloth's checkpoint is reentrant too
+        if config.get(key):
+            raise _refusal(key, config[key], why, f"remove `{key}`, or set `rlora_router_aux_loss_coef: 0`")
+    if "use_reentrant_gc" in config:
+        return {}
+    logging.getLogger("llamafactory.rlora_plugin").warning(
+        "R-LoRA: `use_reentrant_gc` set to false: the load-balancing loss (rlora_router_aux_loss_coef) needs "
+        "non-reentrant gradient checkpointing (LLaMA-Factory's default is reentrant)."
+    )
+    return {"use_reentrant_gc": False}
 
 
 def _read_args(original):
