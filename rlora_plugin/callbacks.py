@@ -7,7 +7,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from rlora_plugin.metrics import MetricsCollector, RouterAuxLoss
+from rlora_plugin.metrics import MetricsCollector
+from rlora_plugin.model import find_tuner
 
 
 class RLoraMetricsCallback(TrainerCallback):
@@ -23,17 +24,22 @@ class RLoraMetricsCallback(TrainerCallback):
     Factory's; `trainer` None, the model is taken at train begin) they are added to the next train record in
     `on_log`: the console, `log_history` and the callbacks after this one see them; the `report_to`
     reporters, which transformers puts before it, do not.
+
+    With `router_aux_loss_coef > 0` it also logs `rlora/aux_loss`, the mean load-balancing loss of the training
+    forwards since the last log (recorded by `RLoraModel.forward`, which adds it to the loss).
     """
 
-    def __init__(self, trainer: Any, metrics: bool, aux: RouterAuxLoss | None = None) -> None:
+    def __init__(self, trainer: Any, metrics: bool) -> None:
         self.trainer = trainer
         self.metrics = metrics
-        self.collector = MetricsCollector(trainer.model) if metrics and trainer is not None else None
-        self.aux = aux
+        self.model = trainer.model if trainer is not None else None
+        self.collector = MetricsCollector(self.model) if metrics and self.model is not None else None
         self._pending: dict[str, float] = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.metrics and self.collector is None:  # no trainer given (LLaMA-Factory): the trainer's model
+        if self.model is None:  # no trainer given (LLaMA-Factory): the trainer's model
+            self.model = model
+        if self.metrics and self.collector is None:
             self.collector = MetricsCollector(model)
         if self.collector is not None:
             self.collector.enable()
@@ -41,15 +47,15 @@ class RLoraMetricsCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.collector is not None:
             self.collector.disable()
-        if self.aux is not None:
-            self.aux.close()  # takes the observers and the token-mask hook off the model
 
     def on_step_end(self, args, state, control, **kwargs):
         if not control.should_log:
             return
         values = self.collector.compute() if self.collector is not None else {}
-        if self.aux is not None and (aux := self.aux.pop_mean()) is not None:
-            values["rlora/aux_loss"] = aux
+        tuner = find_tuner(self.model) if self.model is not None else None
+        aux = tuner.router_aux_loss if tuner is not None else None
+        if aux is not None and (value := aux.pop_mean()) is not None:
+            values["rlora/aux_loss"] = value
         if not values:
             return
         trl_metrics = getattr(self.trainer, "_metrics", None)

@@ -124,9 +124,8 @@ class RLoraConfig(PeftConfig):
     )
     router_aux_loss_coef: float = option(
         0.0,
-        "Weight of the Switch/Mixtral load-balancing loss N * sum_i f_i P_i (averaged over layers) "
-        "added to the training loss by the Axolotl plugin (or by you, through "
-        "rlora_plugin.metrics.RouterAuxLoss). 0 turns it off.",
+        "Weight of the Switch/Mixtral load-balancing loss N * sum_i f_i P_i (averaged over layers), "
+        "added to the training loss inside the model (RLoraModel.forward), in every host. 0 turns it off.",
         source=Source.RLORA,
         role=Role.TRAINING,
     )

@@ -80,11 +80,6 @@ REFUSALS = {
     ),
     "unsloth": ("Unsloth builds its own plain LoRA layers and would skip R-LoRA's", "remove `{key}`"),
     "ktransformers": ("KTransformers builds its own plain LoRA config", "remove `{key}`"),
-    "trainer_aux_loss": (
-        "{host}'s trainers have no hook to add a loss from outside, so the load-balancing loss is not wired "
-        "into them (it is in the Axolotl plugin)",
-        "remove `{key}` or set it to 0",
-    ),
 }
 
 _BACKTICKED = re.compile(r"`(\w+)`")

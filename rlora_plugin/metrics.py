@@ -8,7 +8,8 @@ Pure functions on tensors, plus two small stateful helpers that switch on record
   (`TokenMask`). `compute()` turns the sums into metrics, adds the head similarities (computed from the
   weights, only when asked) and resets the sums.
 - `RouterAuxLoss`: between `start()` and `stop()`, every adapted layer records its load-balancing loss
-  over the batch's real tokens (with gradient); `stop()` returns their mean over layers.
+  over the batch's real tokens (with gradient); `stop()` returns their mean over layers. `RLoraModel.forward`
+  uses it to add the loss of `router_aux_loss_coef` to the model's own.
 
 Metric keys (all floats, averaged over adapted layers unless the key says otherwise):
     rlora/router_entropy            mean over tokens of H(g(x)) / log N, in [0, 1] (1: uniform gates)
@@ -94,13 +95,23 @@ def load_ratio(load: torch.Tensor) -> float:
     return float(min(load.max() / load.min().clamp_min(_EPS), _RATIO_CAP))
 
 
-def token_weights(token_mask: torch.Tensor | None, flat: torch.Tensor) -> torch.Tensor:
-    """`(tokens,)`: 1 for each real token of `flat (tokens, N)` and 0 for padding, from `token_mask` (one
-    value per token of the batch, bool or 1.0/0.0); all ones without a mask or when it does not describe
-    these tokens (a layer whose input is not the batch's `(B, T)` tokens). Weights, not indexing: no sync."""
-    if token_mask is None or token_mask.numel() != flat.shape[0]:
-        return flat.new_ones(flat.shape[0])
-    return token_mask.to(flat.device, flat.dtype)
+def real_tokens(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """`(B, T)`: 1.0 for each real token and 0.0 for padding, from the `attention_mask` a model is called with (0 =
+    padding; packed sequence ids are nonzero); None for no mask or one that is not `(B, T)` (a 4-D mask)."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
+        return None
+    return (attention_mask != 0).float()  # float once per forward: the layers' fp32 statistics need no conversion
+
+
+def token_weights(token_mask: torch.Tensor | None, gates: torch.Tensor) -> torch.Tensor:
+    """`(tokens,)`: 1 for each real token of `gates (..., N)` (flattened) and 0 for padding. `token_mask (B, T)`
+    (bool or 1.0/0.0) applies to a layer whose tokens are the batch's positions, `gates (B, T, N)`; a layer that
+    sees other tokens (a decoding step, or tokens gathered in another order) counts all of them as real.
+    Weights, not indexing: no device sync."""
+    tokens = gates.shape[:-1].numel()
+    if token_mask is None or token_mask.shape != gates.shape[:-1]:
+        return gates.new_ones(tokens, dtype=torch.float32)
+    return token_mask.reshape(tokens).to(gates.device, torch.float32)
 
 
 def load_balancing_loss(
@@ -111,14 +122,14 @@ def load_balancing_loss(
     `f_i` is the fraction of tokens routed to head i (its top-1 choice, or with `chosen (..., k)` its
     top-k choices, each counting 1/k), `P_i` the mean gate probability of head i. `f` carries no gradient,
     so the gradient pushes `P` toward balance. The minimum, 1, is reached by balanced routing. With
-    `token_mask` (one bool or 1.0/0.0 per token), padding tokens are left out, as in transformers' Mixtral.
+    `token_mask (B, T)` (see `token_weights`), padding tokens are left out, as in transformers' Mixtral.
     """
     n = probs.shape[-1]
     flat = probs.reshape(-1, n).float()
     if chosen is None:
         chosen = flat.argmax(-1, keepdim=True)
     chosen = chosen.reshape(flat.shape[0], -1)
-    weight = token_weights(token_mask, flat)
+    weight = token_weights(token_mask, probs)
     tokens = weight.sum().clamp_min(1)  # a batch of padding only gives 0
     counts = torch.zeros_like(flat).scatter_add_(-1, chosen, weight[:, None].expand(chosen.shape))
     fraction = counts.sum(0) / (tokens * chosen.shape[-1])
@@ -141,7 +152,7 @@ class GateStats:
     @torch.no_grad()
     def update(self, gates: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
         flat = gates.reshape(-1, gates.shape[-1]).float()
-        weight = token_weights(token_mask, flat)
+        weight = token_weights(token_mask, gates)
         gate_sum, entropy_sum = (flat * weight[:, None]).sum(0), (normalized_entropy(flat) * weight).sum()
         if self.gate_sum is None:
             self.gate_sum, self.entropy_sum, self.tokens = gate_sum, entropy_sum, weight.sum()
@@ -152,13 +163,11 @@ class GateStats:
 
 
 class TokenMask:
-    """Which tokens of the batch are real, from the `attention_mask` keyword the model is called with (as the
-    HF Trainer and `generate` call it; 0 = padding, and packed sequence ids are nonzero), so gate statistics,
-    the load-balancing loss and recorded gates leave padding out.
+    """Which tokens of the batch are real (`real_tokens`), from the `attention_mask` keyword the model is called with
+    (as the HF Trainer and `generate` call it), so gate statistics and recorded gates leave padding out.
 
-    A forward pre-hook on the model. `current` (one 1.0/0.0 per token of the batch, or None) stays set until
-    the next call, so a forward that gradient checkpointing recomputes during backward sees its own batch's
-    mask. A layer that sees other tokens than the batch's `(B, T)` (a decoding step) counts all of them.
+    A forward pre-hook on the model. `current` (`(B, T)` or None) stays set until the next call, so a forward that
+    gradient checkpointing recomputes during backward sees its own batch's mask.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -166,9 +175,7 @@ class TokenMask:
         self.handle = model.register_forward_pre_hook(self._set, with_kwargs=True)
 
     def _set(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask")
-        # float once per forward, so that the layers' fp32 statistics need no conversion
-        self.current = (mask.reshape(-1) != 0).float() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self.current = real_tokens(kwargs.get("attention_mask"))
 
     def remove(self) -> None:
         self.handle.remove()
@@ -300,34 +307,38 @@ class MetricsCollector:
 
 
 class RouterAuxLoss:
-    """Collects the layers' load-balancing losses of one forward pass.
+    """Collects the layers' load-balancing losses of one forward pass (what `RLoraModel.forward` adds to the loss
+    with `router_aux_loss_coef > 0`).
 
         aux = RouterAuxLoss(model)
-        aux.start()
+        aux.start(attention_mask)   # the batch's mask (optional): padding is left out
         loss = model(**batch).loss
         loss = loss + coef * aux.stop()   # stop() returns None if nothing was recorded
 
-    Only forwards in training mode with gradients enabled record a loss, and only between start() and
-    stop(): a forward recomputed by gradient checkpointing during backward records nothing. After the first
-    start() the layers compute the loss in every training forward (so that a recomputed forward runs exactly
-    the ops of the original one); close() switches that off.
+    Only forwards in training mode with gradients enabled record a loss, and only between start() and stop(): a
+    forward that non-reentrant gradient checkpointing recomputes during backward records nothing, and one that a
+    reentrant checkpoint runs without gradients records nothing at all. From its creation the layers compute the
+    loss in every training forward with gradients (so that a recomputed forward runs exactly the ops of the original
+    one, with the mask of the last start()); close() switches that off.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.observers: GateObservers | None = None
+        self.layers = [layer for _, layer in rlora_layers(model)]
+        self.token_mask: torch.Tensor | None = None
         self.open: list[torch.Tensor] | None = None  # the losses of the current start()/stop() window
         self.total = 0.0  # detached running sum of the values returned by stop(), for logging
         self.count = 0
+        for layer in self.layers:
+            layer.gate_observers.append(self._record)
 
-    def _record(self, layer, probs, gates, chosen, token_mask) -> None:  # noqa: ANN001
+    def _record(self, layer, probs, gates, chosen) -> None:  # noqa: ANN001
         if layer.training and torch.is_grad_enabled():
-            loss = load_balancing_loss(probs, chosen, token_mask)
+            loss = load_balancing_loss(probs, chosen, self.token_mask)
             if self.open is not None:
                 self.open.append(loss)
 
-    def start(self) -> None:
-        self.observers = self.observers or GateObservers(self.model, self._record)
+    def start(self, attention_mask: torch.Tensor | None = None) -> None:
+        self.token_mask = real_tokens(attention_mask)
         self.open = []
 
     def stop(self) -> torch.Tensor | None:
@@ -340,10 +351,9 @@ class RouterAuxLoss:
         return loss
 
     def close(self) -> None:
-        if self.observers is not None:
-            self.observers.detach()
-            self.observers = None
-        self.open = None
+        for layer in self.layers:
+            layer.gate_observers.remove(self._record)
+        self.layers, self.open, self.token_mask = [], None, None
 
     def pop_mean(self) -> float | None:
         """Mean of the losses returned by stop() since the last call (None if none), and reset."""

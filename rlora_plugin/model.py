@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import RLoraConfig
 from .layer import MERGE_REFUSAL, RLoraLayer, RLoraLinear
+from .metrics import RouterAuxLoss
 
 # A saved R-LoRA tensor's key: `<module>.<tensor name>[.<adapter>]` (peft >= 0.21 leaves the adapter name off a key
 # it finds no place for).
@@ -23,12 +25,93 @@ class RLoraModel(BaseTuner):
     """Creates an R-LoRA model (Liu et al., 2025) from a transformers model; use it through
     `peft.get_peft_model(model, RLoraConfig(...))` after `import rlora_plugin`.
 
-    Targets default to PEFT's LoRA targets for the architecture.
+    Targets default to PEFT's LoRA targets for the architecture. With `router_aux_loss_coef > 0`, training forwards
+    add the routers' load-balancing loss to the model's loss (see `forward`).
     """
 
     prefix: str = "rlora_"
     tuner_layer_cls = RLoraLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    # The load-balancing loss recorder, made at the first training forward with `router_aux_loss_coef > 0`.
+    router_aux_loss: RouterAuxLoss | None = None
+    # `coef *` the load-balancing loss of training forwards that returned no loss of their own, for a trainer that
+    # computes its loss from the logits (TRL's DPO): see `pop_unadded_aux_loss`.
+    _unadded_aux_loss: torch.Tensor | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward; in a training forward with gradients and `router_aux_loss_coef > 0`, the model's loss
+        plus `coef *` the routers' load-balancing loss over the batch's real tokens (mean over the adapted layers),
+        as PEFT's AdaLoRA adds its regularizer here: so it trains in every host that lets the model compute its
+        loss (HF Trainer, TRL's SFT, Axolotl, LLaMA-Factory). Weighted like the loss under gradient accumulation
+        (see `_loss_share`)."""
+        coef = self.peft_config[self.active_adapters[0]].router_aux_loss_coef
+        if not (coef > 0 and self.training and torch.is_grad_enabled()):
+            return self.model(*args, **kwargs)
+        if self.router_aux_loss is None:
+            self.router_aux_loss = RouterAuxLoss(self.model)
+        if self._unadded_aux_loss is not None:
+            warnings.warn(
+                "R-LoRA: a training forward returned no loss (no `labels`), and nothing added its load-balancing loss "
+                "(router_aux_loss_coef) to the loss the trainer computed from the logits, so the router is not "
+                "balanced. Pass `labels` to the model, or add `model.base_model.pop_unadded_aux_loss()` to your loss.",
+                stacklevel=2,
+            )
+            self._unadded_aux_loss = None
+        self.router_aux_loss.start(kwargs.get("attention_mask"))
+        try:
+            outputs = self.model(*args, **kwargs)
+        finally:
+            aux = self.router_aux_loss.stop()
+        if aux is None:
+            warnings.warn(
+                "R-LoRA: router_aux_loss_coef is set, but no load-balancing loss was recorded in a training forward "
+                "with gradients (a reentrant gradient checkpoint runs the layers without them, and adapters switched "
+                "off route nothing), so the router is not balanced. Use non-reentrant checkpointing: "
+                "gradient_checkpointing_kwargs={'use_reentrant': False}.",
+                stacklevel=2,
+            )
+            return outputs
+        weighted = coef * aux * self._loss_share(kwargs, aux.device)
+        loss = getattr(outputs, "loss", None)
+        if isinstance(loss, torch.Tensor):
+            outputs.loss = loss + weighted.to(loss.device, loss.dtype)
+        else:
+            self._unadded_aux_loss = weighted
+        return outputs
+
+    def _loss_share(self, kwargs: dict[str, Any], device: torch.device) -> torch.Tensor:
+        """This micro-batch's weight in the loss of the accumulated batch, which the load-balancing loss takes on.
+
+        The HF Trainer divides a micro-batch's loss (its own mean) by the accumulation steps: weight 1, divided as
+        the loss is. When it passes `num_items_in_batch` (model_accepts_loss_kwargs), the loss is the sum over the
+        micro-batch's label tokens divided by the accumulated batch's count, and the trainer does not divide: the
+        weight is this micro-batch's label tokens over `num_items_in_batch`, counted as the loss counts them (a
+        causal LM predicts `labels[..., 1:]`), so the weights of the k micro-batches add up to 1 as the loss's
+        own tokens do."""
+        total = kwargs.get("num_items_in_batch")
+        labels = kwargs.get("shift_labels")
+        if labels is None and (labels := kwargs.get("labels")) is not None:
+            if self.peft_config[self.active_adapters[0]].task_type == "CAUSAL_LM":
+                labels = labels[..., 1:]
+        if total is None or not isinstance(labels, torch.Tensor):
+            return torch.ones((), device=device)
+        return labels.ne(-100).sum().to(device) / torch.as_tensor(total).to(device)
+
+    def pop_unadded_aux_loss(self) -> torch.Tensor | None:
+        """`coef *` the load-balancing loss of the training forwards since the last call that returned no loss of
+        their own (None if none), and reset: for a trainer that computes its loss from the logits (TRL's DPO), to
+        add to that loss. A training forward warns when the previous one's was never taken."""
+        unadded, self._unadded_aux_loss = self._unadded_aux_loss, None
+        return unadded
+
+    def _check_new_adapter_config(self, config: RLoraConfig) -> None:
+        super()._check_new_adapter_config(config)
+        if config.router_aux_loss_coef > 0 and config.task_type is None and not config.inference_mode:
+            raise ValueError(
+                f"RLoraConfig: `router_aux_loss_coef` = {config.router_aux_loss_coef} needs a `task_type` (e.g. "
+                "'CAUSAL_LM'): the load-balancing loss is added to the loss in the tuner's forward, which a PeftModel "
+                "without a task type does not call. Fix: set task_type, or router_aux_loss_coef=0."
+            )
 
     def _create_and_replace(
         self,
@@ -70,11 +153,15 @@ class RLoraModel(BaseTuner):
         adapted layer must get each of its tensors (a missing one would leave a random router or head in
         place), no tensor it does not have (an `adapter_config.json` edited from `init: random` to `zero`
         would silently drop the saved offset path), and only finite values."""
-        loaded = {}  # key without the adapter name -> (adapter, tensor); adapter None: PEFT found no place for it
+        loaded = {}  # key without the prefix and the adapter name -> (adapter, tensor)
         for key, value in state_dict.items():
             match = _ADAPTER_TENSOR.search(key)
-            if key.startswith(prefix) and match:
-                loaded[key[len(prefix) : match.start(2) - 1 if match.group(2) else None]] = (match.group(2), value)
+            if not (key.startswith(prefix) and match):
+                continue
+            name, adapter = key.removeprefix(prefix), match.group(2)  # adapter None: PEFT found no place for it
+            if adapter is not None:
+                name = name.removesuffix(f".{adapter}")
+            loaded[name] = (adapter, value)
         adapters = {adapter for adapter, _ in loaded.values() if adapter}
         if loaded:
             self._check_adapter_tensors(loaded, adapters or {"default"}, prefix)
@@ -99,9 +186,9 @@ class RLoraModel(BaseTuner):
             for tensor in RLoraLayer.adapter_tensor_names:
                 for adapter in adapters & set(getattr(layer, tensor)):
                     expected[f"model.{name}.{tensor}"] = adapter
-        (first,) = sorted(adapters)[:1]
+        unnamed = min(adapters)  # the adapter a key without an adapter name is reported under
         for key, (adapter, value) in sorted(loaded.items()):
-            adapter = adapter or first  # peft >= 0.21 leaves a key it cannot place without the adapter name
+            adapter = adapter or unnamed  # peft >= 0.21 leaves a key it cannot place without the adapter name
             if key not in expected:
                 config = self.peft_config.get(adapter)
                 refuse(
@@ -111,3 +198,8 @@ class RLoraModel(BaseTuner):
                 refuse(adapter, key, "holds NaN or infinite values.")
         for key in sorted(set(expected) - set(loaded)):
             refuse(expected[key], key, "is missing.")
+
+
+def find_tuner(model: nn.Module) -> RLoraModel | None:
+    """The `RLoraModel` inside `model` (a PeftModel, or a module that holds one), or None."""
+    return next((module for module in model.modules() if isinstance(module, RLoraModel)), None)

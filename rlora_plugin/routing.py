@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .metrics import GateObservers, rlora_layers
+from .metrics import GateObservers, rlora_layers, token_weights
 
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the base model's module names
 
@@ -44,8 +44,8 @@ class GateRecord:
 
     def add(self, layer, probs, gates, chosen, token_mask) -> None:  # noqa: ANN001
         flat = gates.detach().reshape(-1, gates.shape[-1]).float()
-        if token_mask is not None and token_mask.numel() == flat.shape[0]:  # a decoding step's tokens are all real
-            flat = flat[token_mask.to(flat.device).bool()]
+        if token_mask is not None:  # a decoding step's tokens are all real (see token_weights)
+            flat = flat[token_weights(token_mask, gates).to(flat.device).bool()]
         self._parts[self._names[layer]].append(flat.cpu())
 
     @property

@@ -463,25 +463,26 @@ def test_lora_model_dir_warns_for_every_setting_that_defines_the_adapter(tiny, t
 
 
 class FakeTrainer:
-    """What the plugin's callback and loss wrapper use of an AxolotlTrainer."""
+    """What the plugin's callback and loss wrapper use of an AxolotlTrainer (`from_logits`: of a TRL preference
+    trainer, which calls the model without labels and computes its loss from the logits)."""
 
-    def __init__(self, model, gradient_accumulation_steps=1):
-        from types import SimpleNamespace
-
+    def __init__(self, model, from_logits=False):
         self.model = model
-        self.args = SimpleNamespace(gradient_accumulation_steps=gradient_accumulation_steps)
-        self.model_accepts_loss_kwargs = True
+        self.from_logits = from_logits
+        self.model_accepts_loss_kwargs = not from_logits
+        self.compute_loss_func = None
         self.stored = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+        loss = outputs.logits.mean() if self.from_logits else outputs.loss
+        return (loss, outputs) if return_outputs else loss
 
     def store_metrics(self, metrics, train_eval="train"):
         self.stored.append((dict(metrics), train_eval))
 
 
-def test_plugin_callback_and_aux_loss_wrapper(tiny, base_model):
+def test_plugin_callback_logs_the_aux_loss_and_preference_trainers_get_it(tiny, base_model):
     from types import SimpleNamespace
 
     block = {"num_heads": 3, "router_init": "kaiming", "router_aux_loss_coef": 0.5}
@@ -491,16 +492,15 @@ def test_plugin_callback_and_aux_loss_wrapper(tiny, base_model):
     model.train()
     ids = torch.tensor([[1, 20, 30, 40, 50, 60]])
     inputs = {"input_ids": ids, "labels": ids}
-    plain = FakeTrainer(model).compute_loss(model, inputs)
-    trainer = FakeTrainer(model, gradient_accumulation_steps=4)
+    with torch.no_grad():  # no gradients: no load-balancing loss
+        plain, logits = model(**inputs).loss, model(input_ids=ids).logits.mean()
+    trainer = FakeTrainer(model)
     (callback,) = plugin.add_callbacks_post_trainer(cfg, trainer)
+    assert "compute_loss" not in vars(trainer)  # SFT: the model adds the loss itself, nothing is wrapped
     callback.on_train_begin(None, None, None)
     loss, outputs = trainer.compute_loss(model, inputs, return_outputs=True)
-    assert float(outputs.loss.detach()) == pytest.approx(float(plain.detach()), abs=1e-6)
-    aux = float(loss.detach() - plain.detach()) / 0.5
-    assert aux == pytest.approx(float(callback.aux.total), abs=1e-5) and aux >= 1.0  # N * sum f_i P_i >= 1
-    loss = trainer.compute_loss(model, inputs, num_items_in_batch=6)  # normalized over 4 micro-batches
-    assert float(loss.detach() - plain.detach()) == pytest.approx(0.5 * aux / 4, abs=1e-5)
+    aux = float(loss.detach() - plain) / 0.5
+    assert aux >= 1.0  # N * sum f_i P_i >= 1
 
     callback.on_step_end(None, None, SimpleNamespace(should_log=False))
     assert trainer.stored == []
@@ -523,6 +523,16 @@ def test_plugin_callback_and_aux_loss_wrapper(tiny, base_model):
     off_model, _ = plugin.load_adapter(AutoModelForCausalLM.from_pretrained(tiny["model"]), off)
     assert plugin.add_callbacks_post_trainer(off, FakeTrainer(off_model)) == []
     assert plugin.add_callbacks_post_trainer(validated(make_cfg(tiny, adapter="lora")), FakeTrainer(model)) == []
+
+    # A preference trainer (rl): the model returns no loss; the plugin's wrapper adds the one the forward kept.
+    cfg.rl = "dpo"
+    preference = FakeTrainer(model, from_logits=True)
+    plugin.add_callbacks_post_trainer(cfg, preference)
+    loss = preference.compute_loss(model, {"input_ids": ids})
+    assert float(loss.detach() - logits) == pytest.approx(0.5 * aux, abs=1e-5)
+    assert model.base_model.pop_unadded_aux_loss() is None  # taken
+    with pytest.raises(RuntimeError, match="cannot be weighted like it"):
+        plugin.add_callbacks_post_trainer(cfg, FakeTrainer(model))  # one whose loss the HF Trainer does not divide
 
 
 def test_fsdp2_full_state_dict_resume_is_refused_before_axolotl_021(tiny, tmp_path):

@@ -226,7 +226,15 @@ def trained(lf, tiny, tmp_path_factory):
         ),
         ({"loraplus_lr_ratio": 16.0}, "`loraplus_lr_ratio: 16.0` is not supported: LLaMA-Factory's LoRA+"),
         ({"create_new_adapter": True}, "`create_new_adapter: True` is not supported: it merges the loaded adapter"),
-        ({"rlora_router_aux_loss_coef": 0.01}, "`rlora_router_aux_loss_coef: 0.01` is not supported"),
+        (
+            {"rlora_router_aux_loss_coef": 0.01, "use_reentrant_gc": True},
+            "`use_reentrant_gc: True` is not supported: with `rlora_router_aux_loss_coef` > 0 it runs the router "
+            "without gradients",
+        ),
+        (
+            {"rlora_router_aux_loss_coef": 0.01, "use_unsloth_gc": True},
+            "`use_unsloth_gc: True` is not supported: with `rlora_router_aux_loss_coef` > 0",
+        ),
         (
             {"finetuning_type": "lora"},
             "`rlora_init_gamma: 16.0` is an R-LoRA setting, but `finetuning_type` is 'lora'. Fix: set "
@@ -302,6 +310,34 @@ def test_a_later_plain_lora_config_in_the_same_process_builds_plain_lora(lf_patc
     read_args()
     built = lora_config(**passed)
     assert type(built) is LoraConfig and built.r == RANK
+
+
+def test_aux_loss_asks_for_non_reentrant_checkpointing(lf, tiny, tmp_path):
+    """LLaMA-Factory checkpoints reentrantly by default, which would leave the router untrained by the loss."""
+    cfg = _train_cfg(tiny, tmp_path, rlora_router_aux_loss_coef=0.01)
+    rewritten, run = lf.translate(cfg)
+    assert rewritten["use_reentrant_gc"] is False
+    assert run.options["router_aux_loss_coef"] == 0.01
+    assert lf.translate({**cfg, "use_reentrant_gc": False})[0]["use_reentrant_gc"] is False
+    assert "use_reentrant_gc" not in lf.translate({**cfg, "disable_gradient_checkpointing": True})[0]
+    assert "use_reentrant_gc" not in lf.translate(_train_cfg(tiny, tmp_path))[0]  # no loss: the user's default
+
+
+def test_train_with_the_aux_loss_trains_a_top1_router(lf, tiny, tmp_path):
+    """`rlora_router_aux_loss_coef` in LLaMA-Factory's SFT trainer, with its default gradient checkpointing: with
+    top-1 routing the gate is constantly 1, so only the load-balancing loss (added by the model) moves the router,
+    and it is logged as `rlora/aux_loss`."""
+    out = tmp_path / "out"
+    cfg = _train_cfg(tiny, out, rlora_router_top_k=1, rlora_router_aux_loss_coef=0.5, save_steps=STEPS)
+    proc = _run(tmp_path, "train", str(_write(tmp_path / "train.yaml", cfg)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Gradient checkpointing enabled" in proc.stdout + proc.stderr
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    train_logs = [r for r in history if "loss" in r]
+    assert [r["step"] for r in train_logs] == [2, 4]
+    assert all(r["rlora/aux_loss"] >= 1 - 1e-4 for r in train_logs)  # N * sum f_i P_i >= 1
+    routers = {k: v for k, v in _adapter_tensors(out).items() if "rlora_router" in k}
+    assert routers and all(v.abs().max() > 0 for v in routers.values())  # moved from its zero init
 
 
 LLAMAFACTORY_YAMLS = sorted((EXAMPLES / "llamafactory").glob("*.yaml"))

@@ -164,14 +164,13 @@ def test_load_balancing_loss_leaves_masked_tokens_out():
     probs = torch.softmax(torch.randn(2, 6, 4, generator=gen), dim=-1)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
     real = probs[mask]
-    torch.testing.assert_close(load_balancing_loss(probs, token_mask=mask.flatten()), load_balancing_loss(real))
+    torch.testing.assert_close(load_balancing_loss(probs, token_mask=mask), load_balancing_loss(real))
     chosen = probs.topk(2, dim=-1).indices
-    torch.testing.assert_close(
-        load_balancing_loss(probs, chosen, mask.flatten()), load_balancing_loss(real, chosen[mask])
-    )
-    assert float(load_balancing_loss(probs, token_mask=torch.zeros(12, dtype=torch.bool))) == 0.0
-    # a mask that does not describe these tokens is not applied
+    torch.testing.assert_close(load_balancing_loss(probs, chosen, mask), load_balancing_loss(real, chosen[mask]))
+    assert float(load_balancing_loss(probs, token_mask=torch.zeros(2, 6, dtype=torch.bool))) == 0.0
+    # a mask that does not describe these tokens' (B, T) positions is not applied, even with as many entries
     torch.testing.assert_close(load_balancing_loss(probs, token_mask=mask[0]), load_balancing_loss(probs))
+    torch.testing.assert_close(load_balancing_loss(probs, token_mask=mask.flatten()), load_balancing_loss(probs))
 
 
 def test_padding_is_left_out_of_gate_statistics_and_aux_loss():
@@ -186,7 +185,7 @@ def test_padding_is_left_out_of_gate_statistics_and_aux_loss():
         collector, aux = MetricsCollector(model).enable(), RouterAuxLoss(model)
         losses = []
         for batch in batches:
-            aux.start()
+            aux.start(batch.get("attention_mask"))
             model(**batch)
             losses.append(float(aux.stop().detach()))
         aux.close()

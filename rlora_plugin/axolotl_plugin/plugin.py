@@ -29,7 +29,7 @@ from rlora_plugin.host import absolute_base
 
 from . import LOG, cpu_distributed, fsdp, quantization
 from .args import ADAPTER_NAME, build_rlora_config, rlora_options, target_modules
-from .training import install_aux_loss
+from .training import add_unadded_aux_loss
 
 
 def _task_type(model: Any) -> str:
@@ -133,15 +133,16 @@ class RLoraPlugin(BasePlugin):
             config.write_model_card(cfg.output_dir)
 
     def add_callbacks_post_trainer(self, cfg, trainer):
-        """The metrics callback and, with `rlora.router_aux_loss_coef > 0`, the load-balancing loss."""
+        """The metrics callback (it also logs `rlora/aux_loss`). The load-balancing loss is added to the loss by the
+        model (`RLoraModel.forward`), except in the preference trainers, which compute their loss from the logits."""
         if cfg.adapter != ADAPTER_NAME:
             return []
         options = rlora_options(cfg)
         coef = trainer.model.peft_config[trainer.model.active_adapter].router_aux_loss_coef
-        aux = None
         if coef > 0:
-            aux = install_aux_loss(trainer, coef)
             LOG.info("R-LoRA: router load-balancing loss with coefficient %s", coef)
-        if not options.metrics and aux is None:
+            if cfg.rl:
+                add_unadded_aux_loss(trainer)
+        if not options.metrics and coef == 0:
             return []
-        return [RLoraMetricsCallback(trainer, metrics=options.metrics, aux=aux)]
+        return [RLoraMetricsCallback(trainer, metrics=options.metrics)]

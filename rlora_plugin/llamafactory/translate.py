@@ -10,6 +10,7 @@ resuming, DPO's reference model as the adapter switched off, DDP's `find_unused_
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +53,6 @@ HOST = Host(
         "create_new_adapter": "merge_loaded",
         "use_unsloth": "unsloth",
         "use_kt": "ktransformers",
-        "rlora_router_aux_loss_coef": "trainer_aux_loss",
     },
 )
 # The LoRA fields checked when the config is read; `lora_target` and `additional_target` are resolved by
@@ -108,10 +108,35 @@ def translate(config: dict[str, Any]) -> tuple[dict[str, Any], RLoraRun | None]:
     checked = HOST.build_config({**lora, **options}, run_seed=config.get("seed", _default("seed")))
     for name in fields_from(Source.RUN_SEED):  # the run's seed, resolved now
         options.setdefault(name, getattr(checked, name))
-    rewritten = {**{k: v for k, v in config.items() if k not in rlora_keys}, "finetuning_type": "lora"}
+    checkpointing = aux_loss_checkpointing(config) if checked.router_aux_loss_coef > 0 else {}
+    rewritten = {**{k: v for k, v in config.items() if k not in rlora_keys}, "finetuning_type": "lora", **checkpointing}
     if base := absolute_base(config.get("model_name_or_path")):
         rewritten["model_name_or_path"] = base
     return rewritten, RLoraRun(options, metrics)
+
+
+def aux_loss_checkpointing(config: dict[str, Any]) -> dict[str, Any]:
+    """The load-balancing loss is computed inside the checkpointed decoder layers, and LLaMA-Factory checkpoints
+    them reentrantly by default (`use_reentrant_gc: true`), which runs them without gradients: the loss would
+    silently not train the router. Non-reentrant checkpointing instead (with a warning), unless the user chose."""
+    if config.get("disable_gradient_checkpointing"):
+        return {}
+    why = (
+        "with `rlora_router_aux_loss_coef` > 0 it runs the router without gradients, so the load-balancing loss "
+        "would silently not train it"
+    )
+    for key in ("use_reentrant_gc", "use_unsloth_gc"):  # Unsloth's checkpoint is reentrant too
+        if config.get(key):
+            raise HOST.error(
+                key, config[key], f"is not supported: {why}", f"remove `{key}`, or set `rlora_router_aux_loss_coef: 0`"
+            )
+    if "use_reentrant_gc" in config:
+        return {}
+    logging.getLogger("llamafactory.rlora_plugin").warning(
+        "R-LoRA: `use_reentrant_gc` set to false: the load-balancing loss (rlora_router_aux_loss_coef) needs "
+        "non-reentrant gradient checkpointing (LLaMA-Factory's default is reentrant)."
+    )
+    return {"use_reentrant_gc": False}
 
 
 def hub_options(source: Any) -> dict[str, Any]:
