@@ -272,3 +272,17 @@ def main(argv: list[str] | None = None) -> list[Chosen]:
 
 if __name__ == "__main__":
     main()
+
+
+# What the rule chose (`python -m benchmarks.quality.bigbench` re-derives it), with the base model's exact match
+# on each task's validation split.
+CHOSEN = (
+    "modified_arithmetic/three_digit_subtraction_control",  # 0.00, 814 usable items
+    "modified_arithmetic/three_digit_subtraction_plus_one",  # 0.00, 813
+    "matrixshapes",  # 0.00, 2640
+    "word_unscrambling",  # 0.00, 8917
+    "ascii_word_recognition",  # 0.00, 785
+    "unnatural_in_context_learning/unnatural_addition_2_digit",  # 0.00, 8100
+    "linguistic_mappings/plural_json",  # 0.00, 1702
+    "chinese_remainder_theorem",  # 0.00, 314
+)
