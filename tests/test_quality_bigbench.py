@@ -167,3 +167,24 @@ def test_a_cached_sdist_with_another_hash_is_refused(tmp_path):
     (tmp_path / bigbench.SDIST).write_bytes(b"not the sdist")
     with pytest.raises(SystemExit, match=r"sha256 [0-9a-f]{64}, expected 1bb398a5.*delete it and run again"):
         download(tmp_path)
+
+
+def test_an_unfinished_grid_is_marked_partial(tmp_path, tiny):
+    from benchmarks.quality.methods import METHODS, Recipe
+    from benchmarks.quality.results import Run, write_results
+    from benchmarks.quality.scoring import Scores
+
+    items = [{"task": "t", "prompt": "p", "answer": "a"}]
+    run = Run("lora", 1e-3, 0, 1, 60.0, Scores.derived({"val": ["a"], "test": ["b"]}, items, items), "k")
+    recipe = Recipe(tiny["model"], tiny["chat"], tmp_path / "prepared")
+    written = {}
+    for partial in ("1 of the 35 training runs planned", None):
+        md = write_results(tmp_path / str(partial), list(METHODS.values()), [run], [], recipe, 29, "data", "argv",
+                           items, items, name="quality-bigbench", partial=partial)  # fmt: skip
+        assert md.name == "quality-bigbench.md" and (md.parent / "quality-bigbench.json").exists()
+        written[partial] = md.read_text().splitlines()
+    assert written["1 of the 35 training runs planned"][2] == (
+        "**Partial**: 1 of the 35 training runs planned; the tables below hold what exists so far."
+    )
+    partial = written["1 of the 35 training runs planned"]
+    assert partial[:2] + partial[4:] == written[None]  # the marker is the only difference
