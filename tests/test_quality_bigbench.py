@@ -188,3 +188,35 @@ def test_an_unfinished_grid_is_marked_partial(tmp_path, tiny):
     )
     partial = written["1 of the 35 training runs planned"]
     assert partial[:2] + partial[4:] == written[None]  # the marker is the only difference
+
+
+@pytest.mark.cli
+def test_quick_bigbench_runs_end_to_end_from_a_given_tarball(tmp_path):
+    """`--mixture bigbench --quick` through the CLI on SmolLM2-135M-Instruct (the recipe's special tokens are
+    its own): its data from the fake sdist, one real Axolotl run of 2 steps, outputs named by the mixture, and
+    `--reuse` from an empty work directory trains nothing."""
+    import os
+    import subprocess
+    import sys
+
+    sdist = fake_sdist(tmp_path / "bigbench-1.0.0.tar.gz", PAIR)
+    out, work = tmp_path / "out", tmp_path / "work"
+    command = [sys.executable, "-m", "benchmarks.quality", "--mixture", "bigbench", "--quick", "--bigbench-sdist",
+               str(sdist), "--methods", "base", "lora", "--steps", "2",
+               "--out", str(out), "--work-dir", str(work)]  # fmt: skip
+    env = dict(os.environ, AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1")
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    recorded = json.loads((out / "quality-bigbench.json").read_text())
+    assert [run["method"] for run in recorded["runs"]] == ["base", "lora"]
+    assert {item["task"] for item in recorded["test_items"]} == set(PAIR) and len(recorded["test_items"]) == 12
+    assert set(recorded["runs"][1]["scores"]["test"]) == {*PAIR, "average"}
+    table = (out / "quality-bigbench.md").read_text()
+    assert "(BIG-bench tasks)" in table and "Partial" not in table and (out / "quality-bigbench.png").exists()
+    assert (work / "bigbench-quick" / "runs" / "lora-lr0.001-seed0" / "train.log").exists()
+    reuse = [*command, "--reuse", str(out / "quality-bigbench.json")]
+    reuse[reuse.index(str(out))], reuse[reuse.index(str(work))] = str(tmp_path / "again"), str(tmp_path / "empty")
+    again = subprocess.run(reuse, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("recorded in --reuse") == 1 and not list((tmp_path / "empty").glob("*/runs/*"))
+    assert json.loads((tmp_path / "again" / "quality-bigbench.json").read_text())["runs"] == recorded["runs"]
