@@ -199,6 +199,13 @@ def test_parameter_counts_match_peft(tiny):
     assert lora.get_nb_trainable_parameters()[0] == sum(lora_params(i, o, rank) for i, o in shapes)
     # SmolLM2-135M's MLP shapes at the benchmark's r=8, N=5: LoRA rank 29 has the closest count.
     assert equal_param_rank([(576, 1536), (576, 1536), (1536, 576)], 8, 5) == 29
+    # Each method's rank: the benchmark's r, the equal-parameter rank, or its own (LoRA at r=64, whatever r is).
+    smollm2 = [(576, 1536), (576, 1536), (1536, 576)]
+    ranks = {key: quality.rank_and_params(METHODS[key], smollm2, 8, 5)[0] for key in ("lora", "lora_eq", "lora_r64")}
+    assert ranks == {"lora": 8, "lora_eq": 29, "lora_r64": 64}
+    r64, rlora_size = (quality.rank_and_params(METHODS[key], shapes, 4, 3) for key in ("lora_r64", "rlora"))
+    assert r64 == (64, sum(lora_params(i, o, 64) for i, o in shapes))
+    assert rlora_size == (4, rlora.get_nb_trainable_parameters()[0])
 
 
 def test_every_method_config_is_valid_axolotl_with_its_ablation_switches(tiny, tmp_path):

@@ -1,6 +1,7 @@
 """The methods compared, and the Axolotl YAML that trains each: the paper's ablation ladder from HydraLoRA
-to R-LoRA (docs/method.md#hydralora-and-plain-lora-from-the-same-options), plus LoRA at the same rank and
-at equal trainable parameters."""
+to R-LoRA (docs/method.md#hydralora-and-plain-lora-from-the-same-options), plus LoRA at the same rank, at equal
+trainable parameters and at a clearly larger rank (the re-evaluations of LoRA variants find a tuned, larger
+plain LoRA competitive)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ class Method:
     adapter: str | None  # None: the base model, not trained
     rlora: dict = field(default_factory=dict)  # the `rlora:` block for adapter: rlora
     equal_params: bool = False  # LoRA whose rank matches R-LoRA's trainable parameter count
+    rank: int | None = None  # a fixed rank, whatever the benchmark's r
     exported: bool = False  # also scored with its gates frozen as the export to a plain LoRA freezes them
 
     @property
@@ -33,6 +35,7 @@ METHODS = {
         Method("base", "base model (no training)", None),
         Method("lora", "LoRA, same r", "lora"),
         Method("lora_eq", "LoRA, equal params", "lora", equal_params=True),
+        Method("lora_r64", "LoRA, r=64", "lora", rank=64),
         Method("hydralora", "HydraLoRA", "rlora", {"init": "zero", "head_dropout": "shared"}),
         # With the zero router above, every head gets the same gradient and HydraLoRA stays one LoRA; the
         # authors' code initializes the router like nn.Linear, which breaks that symmetry.
