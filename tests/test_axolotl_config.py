@@ -18,6 +18,7 @@ from pydantic import ValidationError  # noqa: E402
 from rlora_plugin import RLoraConfig  # noqa: E402
 from rlora_plugin.axolotl_plugin.args import RLoraArgs, RLoraOptions, build_rlora_config  # noqa: E402
 from rlora_plugin.axolotl_plugin.plugin import RLoraPlugin  # noqa: E402
+from rlora_plugin.config import rlora_fields  # noqa: E402
 
 PLUGIN = "rlora_plugin.RLoraPlugin"
 
@@ -64,8 +65,10 @@ def test_schema_adds_only_the_rlora_block():
     assert (defaults.router_top_k, defaults.router_aux_loss_coef, defaults.metrics) == (None, 0.0, True)
     for name, field in RLoraOptions.model_fields.items():
         assert field.description, name
+    # Every R-LoRA option of the PEFT config is in the block, with the config's default (init_seed: the run's
+    # seed instead; the LoRA options are Axolotl's own lora_* / peft_* keys).
     shared = set(RLoraOptions.model_fields) & set(RLoraConfig.__dataclass_fields__) - {"init_seed"}
-    assert len(shared) == 8  # the same defaults as the PEFT config (init_seed: the run's seed instead)
+    assert shared == set(rlora_fields())
     for name in shared:
         assert getattr(defaults, name) == RLoraConfig.__dataclass_fields__[name].default, name
 
@@ -118,29 +121,28 @@ def test_rlora_block_values_reach_the_peft_config(tiny):
 
 
 @pytest.mark.parametrize(
-    "overrides, key",
+    "overrides, key, explained",
     [
-        ({"merge_lora": True}, "merge_lora"),
-        ({"gptq": True}, "gptq"),
-        ({"lora_mlp_kernel": True}, "lora_mlp_kernel"),
-        ({"lora_qkv_kernel": True}, "lora_qkv_kernel"),
-        ({"lora_o_kernel": True}, "lora_o_kernel"),
-        ({"lora_embedding_kernel": True}, "lora_embedding_kernel"),
-        ({"relora": True, "jagged_restart_steps": 10}, "relora"),
-        ({"peft_use_dora": True}, "peft_use_dora"),
-        ({"lora_rank_pattern": {"q_proj": 8}}, "lora_rank_pattern"),
-        ({"lora_target_parameters": ["experts.gate_up_proj"], "lora_dropout": 0.0}, "lora_target_parameters"),
+        ({"merge_lora": True}, "merge_lora", ["`merge_lora: True`", "router", "axolotl merge-lora"]),
+        ({"gptq": True}, "gptq", []),
+        ({"lora_mlp_kernel": True}, "lora_mlp_kernel", []),
+        ({"lora_qkv_kernel": True}, "lora_qkv_kernel", []),
+        ({"lora_o_kernel": True}, "lora_o_kernel", []),
+        ({"lora_embedding_kernel": True}, "lora_embedding_kernel", []),
+        ({"relora": True, "jagged_restart_steps": 10}, "relora", []),
+        ({"peft_use_dora": True}, "peft_use_dora", []),
+        ({"lora_rank_pattern": {"q_proj": 8}}, "lora_rank_pattern", []),
+        ({"lora_target_parameters": ["experts.gate_up_proj"], "lora_dropout": 0.0}, "lora_target_parameters", []),
     ],
 )
-def test_incompatible_options_are_refused(tiny, overrides, key):
+def test_incompatible_options_are_refused(tiny, overrides, key, explained):
+    """Each refusal names the key and a fix; `explained`: what else it must say (the merge: why, and that
+    `axolotl merge-lora` is refused too)."""
     message = refused(make_cfg(tiny, **overrides))
     assert f"adapter: rlora does not support `{key}: " in message
     assert "Fix:" in message
-
-
-def test_merge_refusal_explains_why(tiny):
-    message = refused(make_cfg(tiny, merge_lora=True))
-    assert "`merge_lora: True`" in message and "router" in message and "axolotl merge-lora" in message
+    for text in explained:
+        assert text in message, text
 
 
 def test_kernels_explicitly_off_are_fine(tiny):
