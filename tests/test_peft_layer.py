@@ -1,9 +1,10 @@
-"""The R-LoRA layer against the spec: exact at init, equal to a per-head reference, dropout, gradients, init."""
+"""The R-LoRA layer against the spec: exact at init, equal to a per-head reference, a bf16 base, dropout (none in
+eval), gradients, init."""
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from tiny_models import MLP, SIZES, adapted_layers, perturb, tiny_llama, tokens
+from tiny_models import MLP, SIZES, adapted_layers, greedy, perturb, tiny_llama, tokens
 from torch import nn
 from transformers import (
     GPTNeoXConfig,
@@ -177,15 +178,50 @@ def test_layer_output_is_base_plus_update_with_gradients(shape):
         torch.testing.assert_close(g, w)
 
 
-def test_bf16_base_with_fp32_adapter_adds_in_the_base_dtype():
-    config = RLoraConfig(target_modules=MLP, num_heads=3, r=4)
-    layer, initial = perturbed_layer(config)
-    layer.eval().base_layer.to(torch.bfloat16)
-    x = torch.randn(2, 5, layer.in_features, dtype=torch.bfloat16)
-    out = layer(x)
+def test_bf16_base_with_fp32_adapter():
+    """PEFT keeps the adapter of a bf16 base in fp32: the model is exact at init and trains with fp32 gradients;
+    each layer adds its fp32 update in the base's dtype; trained, the model generates like the same weights in
+    fp32, the bf16 rounding of the base moving the logits far less than the adapter does."""
+    config = RLoraConfig(target_modules=MLP, num_heads=3, r=4, init_seed=3)
+    base, ids = tiny_llama().to(torch.bfloat16), tokens()
+    expected = base(ids).logits
+    model = get_peft_model(base, config)
+    layer = adapted_layers(model)[0]
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    assert {p.dtype for n, p in model.named_parameters() if "rlora_" in n} == {torch.float32}
+    assert layer.rlora_offset_B["default"].dtype == torch.float32
+    model.eval()
+    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-2)
+    model.train()
+    loss = model(ids, labels=ids).loss
+    assert loss.dtype == torch.float32  # transformers computes the loss in fp32 from the bf16 logits
+    loss.backward()
+    assert layer.rlora_B["default"].grad.dtype == torch.float32
+
+    # Perturbation 1: no near-tie on the greedy path (its smallest top-2 logit gap, 0.0067, is over twice the
+    # bf16 error, 0.0028), so equal tokens test the dtype path, not a coin flip (seed 3: a gap of 0.0014).
+    perturb(model, seed=1)
+    model.eval()
+    alone, initial = perturbed_layer(config)  # one layer, its base weight then cast to bf16
+    alone.eval().base_layer.to(torch.bfloat16)
+    x = torch.randn(2, 5, alone.in_features, dtype=torch.bfloat16)
+    out = alone(x)
     assert out.dtype == torch.bfloat16
-    expected = layer.base_layer(x) + reference_update(layer, x.float(), config, initial).to(torch.bfloat16)
-    torch.testing.assert_close(out, expected)
+    update = reference_update(alone, x.float(), config, initial).to(torch.bfloat16)
+    torch.testing.assert_close(out, alone.base_layer(x) + update)
+    with torch.no_grad():
+        trained = model(ids).logits
+        assert trained.dtype == torch.bfloat16 and torch.isfinite(trained).all()
+        with model.disable_adapter():
+            assert not torch.equal(trained, model(ids).logits)
+        reference = get_peft_model(tiny_llama(), config)
+        perturb(reference, seed=1)
+        reference.eval()
+        in_fp32 = reference(ids).logits
+        with reference.disable_adapter():
+            adapter_effect = (in_fp32 - reference(ids).logits).abs().max()
+    assert (trained.float() - in_fp32).abs().max() < 0.1 * adapter_effect
+    assert torch.equal(greedy(model, ids), greedy(reference, ids))
 
 
 def dropped_features(layer: RLoraLinear, x: torch.Tensor) -> torch.Tensor:
@@ -218,13 +254,22 @@ def test_shared_dropout_uses_one_mask():
     assert abs(kept.float().mean().item() - 0.5) < 0.03
 
 
-def test_no_dropout_in_eval_mode():
-    config = RLoraConfig(target_modules=MLP, lora_dropout=0.5)
-    layer, initial = perturbed_layer(config)
-    layer.eval()
-    x = torch.randn(4, layer.in_features)
+def test_eval_mode_has_no_dropout_and_is_deterministic():
+    """With dropout configured, training forwards differ, while eval ones equal the reference without dropout
+    and repeat bit for bit, as does greedy generation."""
+    config = RLoraConfig(target_modules=MLP, lora_dropout=0.5, router_init="kaiming")
+    model = get_peft_model(tiny_llama(), config)
+    perturb(model)
+    layer, initial = adapted_layers(model)[0], adapted_layers(get_peft_model(tiny_llama(), config))[0]
+    x, ids = torch.randn(4, layer.in_features), tokens()
+    model.train()
+    assert not torch.equal(layer.routed_update(x, "default"), layer.routed_update(x, "default"))
+    model.eval()
     torch.testing.assert_close(layer.routed_update(x, "default"), layer.routed_update(x, "default"))
     torch.testing.assert_close(layer.routed_update(x, "default"), reference_update(layer, x, config, initial))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model(ids).logits)
+    assert torch.equal(greedy(model, ids), greedy(model, ids))
 
 
 def test_gradients_reach_adapter_not_base():
@@ -334,14 +379,20 @@ def test_init_weights_false_is_not_an_identity(init):
 
 
 def test_router_temperature_sharpens_gates():
+    from rlora_plugin.metrics import normalized_entropy
+
     config = RLoraConfig(target_modules=MLP, router_init="kaiming", router_temperature=0.05)
     layer, initial = perturbed_layer(config)
     layer.eval()
     x = torch.randn(4, 32)
+    gates = []
+    layer.gate_observers.append(lambda _layer, _probs, applied, _chosen: gates.append(applied))
     cold = layer.routed_update(x, "default")
     torch.testing.assert_close(cold, reference_update(layer, x, config, initial))
     layer.router_temperature["default"] = 1.0
     assert not torch.allclose(cold, layer.routed_update(x, "default"))
+    cold_gates, warm_gates = gates
+    assert (normalized_entropy(cold_gates) < normalized_entropy(warm_gates)).all()  # sharper for every token
 
 
 def test_training_steps_lower_the_loss():

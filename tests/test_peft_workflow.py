@@ -1,4 +1,5 @@
-"""What PEFT users rely on, for the RLORA type: registration, save and reload, adapters, generate, dtypes."""
+"""What PEFT users rely on, for the RLORA type: registration, save and reload, adapters, generate with the KV
+cache, gradient checkpointing, the merge refusal, unload, the model card."""
 
 import importlib
 import json
@@ -10,10 +11,11 @@ import torch
 from hub_cache import cache_as_downloaded
 from peft import AutoPeftModelForCausalLM, PeftModel, PeftType, get_peft_model
 from safetensors.torch import load_file
-from tiny_models import MLP, adapted_layers, perturb, tiny_llama, tokens
+from tiny_models import MLP, PAD, adapted_layers, greedy, perturb, tiny_llama, tokens
 
 import rlora_plugin
 from rlora_plugin import RLoraConfig, RLoraLinear
+from rlora_plugin.layer import MERGE_REFUSAL
 from rlora_plugin.model_card import UNREGISTERED_ERROR
 from rlora_plugin.saved import saved_peft_type
 
@@ -163,30 +165,45 @@ def test_several_named_adapters(tmp_path):
     assert not any(".second" in n for n, _ in model.named_parameters())
 
 
-def test_generate_equals_greedy_decoding_without_cache():
-    """`generate` (KV cache, one token per step through the adapted layers) picks the same tokens as argmax
-    over full forwards of the whole sequence, and the adapter changes what is generated."""
-    model = trained_model()
-    prompt = tokens(batch=1, length=4)
-    out = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, eos_token_id=None)
-    ids = prompt
+@pytest.mark.parametrize(
+    ("config", "batch", "length", "new"),
+    [({}, 1, 4, 6), ({"r": 4, "num_heads": 3, "router_init": "kaiming"}, 2, 6, 8)],
+    ids=["defaults", "kaiming-router-batch"],
+)
+def test_kv_cache_decoding_equals_full_recompute(config, batch, length, new):
+    """`generate` with the KV cache (one new token per step through the adapted layers) picks the tokens of
+    argmax over full forwards of the whole sequence, with the scores of `generate(use_cache=False)`; and the
+    adapter changes what is generated."""
+    model, ids = trained_model(**config), tokens(batch=batch, length=length)
+    options = dict(max_new_tokens=new, do_sample=False, pad_token_id=PAD, eos_token_id=None)
+    cached = model.generate(input_ids=ids, output_scores=True, return_dict_in_generate=True, **options)
+    full = model.generate(input_ids=ids, output_scores=True, return_dict_in_generate=True, use_cache=False, **options)
+    recomputed = ids
     with torch.no_grad():
-        for _ in range(6):
-            ids = torch.cat([ids, model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-        with model.disable_adapter():
-            base_out = model.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, eos_token_id=None)
-    assert out.shape == (1, 10) and torch.equal(out, ids)
-    assert not torch.equal(out, base_out)
+        for _ in range(new):
+            chosen = model(recomputed, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            recomputed = torch.cat([recomputed, chosen], dim=1)
+    assert cached.sequences.shape == (batch, length + new) and torch.equal(cached.sequences, recomputed)
+    assert torch.equal(cached.sequences, full.sequences)
+    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(full.scores), rtol=1e-4, atol=1e-5)
+    with model.disable_adapter():
+        assert not torch.equal(greedy(model, ids, new), cached.sequences[:, length:])
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
+    """With checkpointing, the backward recomputes each decoder layer (every adapted layer runs twice a step)
+    and the gradients are those of the plain forward."""
+
     def grads(checkpointing: bool):
         model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP, lora_dropout=0.0))
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
+        calls = []
+        adapted_layers(model)[0].register_forward_hook(lambda *_: calls.append(1))
         ids = tokens()
         model(ids, labels=ids).loss.backward()
+        assert len(calls) == (2 if checkpointing else 1)
         return [p.grad for p in model.parameters() if p.requires_grad]
 
     plain, checkpointed = grads(False), grads(True)
@@ -194,29 +211,16 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b)
 
 
-def test_bf16_base_gets_fp32_adapter():
-    base = tiny_llama().to(torch.bfloat16)
-    ids = tokens()
-    expected = base(ids).logits
-    model = get_peft_model(base, RLoraConfig(target_modules=MLP))
-    layer = adapted_layers(model)[0]
-    assert layer.base_layer.weight.dtype == torch.bfloat16
-    assert {p.dtype for n, p in model.named_parameters() if "rlora_" in n} == {torch.float32}
-    assert layer.rlora_offset_B["default"].dtype == torch.float32
-    model.eval()
-    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-2)
-    model.train()
-    loss = model(ids, labels=ids).loss
-    assert loss.dtype == torch.float32  # transformers computes the loss in fp32 from the bf16 logits
-    loss.backward()
-    assert layer.rlora_B["default"].grad.dtype == torch.float32
-
-
 @pytest.mark.parametrize("call", ["merge_and_unload", "merge_adapter"])
 def test_merge_is_refused_with_the_reason(call):
-    model = trained_model()
-    with pytest.raises(ValueError, match="cannot be merged.*router gates"):
+    """PEFT's merge calls raise the refusal that says why and what to do instead, and leave the model as it was."""
+    model, ids = trained_model(), tokens()
+    expected = model(ids).logits
+    with pytest.raises(ValueError, match="cannot be merged.*router gates") as info:
         getattr(model, call)()
+    assert str(info.value) == MERGE_REFUSAL
+    assert not any(layer.merged for layer in adapted_layers(model))
+    assert torch.equal(model(ids).logits, expected)
 
 
 def test_unload_returns_the_base_model():

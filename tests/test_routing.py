@@ -99,9 +99,8 @@ def test_export_with_constant_gates_equals_the_fixed_gate_model(tmp_path):
     lora = PeftModel.from_pretrained(tiny_llama(), tmp_path / "lora").eval()
     with torch.no_grad():
         torch.testing.assert_close(lora(ids).logits, expected, atol=1e-5, rtol=1e-5)
-        with torch.no_grad():
-            routed = model(ids).logits
-        assert (routed - expected).abs().max() > 1e-4  # freezing changes a routed model: measure it
+        routed = model(ids).logits
+    assert (routed - expected).abs().max() > 1e-4  # freezing changes a routed model: measure it
 
 
 @pytest.fixture
@@ -178,3 +177,5 @@ def test_mean_needs_data_and_data_needs_mean(tiny, adapter_on_disk, capsys):
     assert "--gates mean needs --data FILE" in capsys.readouterr().err
     args = [str(adapter_on_disk / "rlora"), str(adapter_on_disk / "lora"), "--data", str(tiny["chat"])]
     assert main(args) == 2
+    assert "--data is used only with --gates mean (got --gates 'uniform'" in capsys.readouterr().err
+    assert not (adapter_on_disk / "lora").exists()

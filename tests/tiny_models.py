@@ -1,5 +1,5 @@
-"""Tiny random models for the fast tests: a 2-layer Llama and GPT-2, token batches, and adapter weights moved
-as if trained."""
+"""Tiny random models for the fast tests: a 2-layer Llama and GPT-2, token batches, adapter weights moved as if
+trained, and greedy decoding."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from rlora_plugin import RLoraLinear
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
+PAD = 0  # the pad token id of `greedy`
 SIZES = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
 
 
@@ -27,6 +28,14 @@ def tiny_gpt2(vocab_size: int = 50, n_positions: int = 32) -> GPT2LMHeadModel:
 
 def tokens(batch: int = 2, length: int = 9, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, SIZES["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def greedy(model: nn.Module, ids: torch.Tensor, max_new_tokens: int = 8, **kwargs) -> torch.Tensor:
+    """The token ids `model` generates after `ids` by greedy decoding (no end-of-sequence stop, pad id 0)."""
+    out = model.generate(
+        input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=PAD, eos_token_id=None, **kwargs
+    )
+    return out[:, ids.shape[1] :]
 
 
 def model_with(**kwargs) -> nn.Module:
