@@ -38,7 +38,6 @@ VARIANT_LABELS = {
     "lora_merged": "LoRA-eq, merged",
     "lora_eq": "LoRA-eq, unmerged",
     "rlora": "R-LoRA",
-    "rlora_nocache": "R-LoRA, weights concatenated per call",
 }
 PHASES = ("prefill", "decode")
 
@@ -69,19 +68,6 @@ def load_base(name: str, smollm2_dir: Path | None) -> nn.Module:
     return transformers.LlamaForCausalLM(smollm2_config(30))
 
 
-class NoWeightCache(nn.Module):
-    """R-LoRA as it ran before the inference cache: grad mode on with nothing requiring grad (so no graph is
-    recorded), which takes `_fused_weights`' per-call concatenation path."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model.requires_grad_(False)
-
-    def forward(self, **kwargs):  # noqa: ANN003, ANN201
-        with torch.enable_grad():
-            return self.model(**kwargs)
-
-
 def build_variants(
     base: nn.Module, keys: list[str], r: int, heads: int, eq: int
 ) -> tuple[dict[str, nn.Module], dict[str, int]]:
@@ -95,12 +81,12 @@ def build_variants(
                 if name.rsplit(".", 1)[-1] in MLP:
                     module.weight = nn.Parameter(module.weight.detach().clone())
         shared.requires_grad_(False)
-        model = adapt(shared, {"lora_merged": "lora_eq", "rlora_nocache": "rlora"}.get(key, key), r, heads, eq, MLP)
+        model = adapt(shared, "lora_eq" if key == "lora_merged" else key, r, heads, eq, MLP)
         counts[key] = trainable(model)
         if key == "lora_merged":
             model = model.merge_and_unload()
         model.eval()
-        models[key] = NoWeightCache(model) if key == "rlora_nocache" else model
+        models[key] = model
     return models, counts
 
 
@@ -163,11 +149,9 @@ def run_model(
                     v.times.append(clocks[v.key].wall / steps)
                     v.cpu_times.append(clocks[v.key].cpu / steps)
         print(f"  {name} batch {batch}: round {rnd + 1}/{args.warmup + args.rounds}", flush=True)
-    # Same greedy tokens from the unmerged and the merged LoRA, and from R-LoRA with and without the cache.
-    for a, b in (("lora_eq", "lora_merged"), ("rlora", "rlora_nocache")):
-        if a in outputs and b in outputs:
-            same = (outputs[a] == outputs[b]).float().mean().item()
-            print(f"  {name} batch {batch}: {a} vs {b} same greedy tokens: {100 * same:.0f}%", flush=True)
+    # Same greedy tokens from the unmerged and the merged LoRA.
+    same = (outputs["lora_eq"] == outputs["lora_merged"]).float().mean().item()
+    print(f"  {name} batch {batch}: lora_eq vs lora_merged same greedy tokens: {100 * same:.0f}%", flush=True)
     label = f"{name}, batch {batch}"
     cases = []
     for phase in PHASES:
@@ -238,11 +222,9 @@ def write_results(cases: list[CaseResult], args: argparse.Namespace, loads: list
         "",
         *summary_table(cases),
         "",
-        "Target: R-LoRA prefill and decode <= 1.00x LoRA-eq unmerged at batch 1 and 8. 'R-LoRA, weights "
-        "concatenated per call' is R-LoRA as it ran before the inference cache of `RLoraLayer._fused_weights`. "
-        "Where a row says **no**, the reason and its per-layer profile (the frozen offset path of `init: random` "
-        "and the routing ops) are in benchmarks/README.md, 'Results on the project machine, and where the time "
-        "goes'.",
+        "Target: R-LoRA prefill and decode <= 1.00x LoRA-eq unmerged at batch 1 and 8. Where a row says **no**, "
+        "the reason and its per-layer profile (the frozen offset path of `init: random` and the routing ops) are in "
+        "benchmarks/README.md, 'Results on the project machine, and where the time goes'.",
         "",
         "## Details",
         "",
@@ -262,7 +244,7 @@ def plot(cases: list[CaseResult], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = [k for k in VARIANT_LABELS if k in cases[0].variants and k != REFERENCE]
-    colors = {"base": "#bdbdbd", "lora_merged": "#9ecae1", "rlora": "#e6550d", "rlora_nocache": "#fdae6b"}
+    colors = {"base": "#bdbdbd", "lora_merged": "#9ecae1", "rlora": "#e6550d"}
     fig, ax = plt.subplots(figsize=(max(8, 1.3 * len(cases) + 2), 5))
     width = 0.8 / len(keys)
     for j, key in enumerate(keys):
@@ -296,7 +278,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--heads", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
-    parser.add_argument("--no-cache-variant", action="store_true", help="skip 'R-LoRA, concatenated per call'")
     parser.add_argument("--smollm2-dir", type=Path, default=None, help="HF directory of SmolLM2-135M(-Instruct)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -304,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    keys = [k for k in VARIANT_LABELS if not (args.no_cache_variant and k == "rlora_nocache")]
+    keys = list(VARIANT_LABELS)
     names = {"smollm2": "SmolLM2-135M", "qwen": "Qwen2.5-0.5B shape"}
     loads = [tuple(round(x, 2) for x in os.getloadavg())]
     start = time.perf_counter()

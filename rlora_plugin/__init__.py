@@ -4,12 +4,17 @@
 `PeftModel.from_pretrained` know it.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from .config import RLoraConfig
 from .layer import RLoraLayer, RLoraLinear
 from .model import RLoraModel
 from .registration import register_rlora
 
-__version__ = "0.1.0"
+try:  # one source: pyproject.toml's version, as installed
+    __version__ = version("rlora-plugin")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 __all__ = ["RLoraConfig", "RLoraLayer", "RLoraLinear", "RLoraModel", "RLoraPlugin"]
 
 register_rlora()

@@ -1,4 +1,5 @@
-"""Export an R-LoRA adapter with its gates frozen to constants as a plain PEFT LoRA adapter (spec section 7).
+"""Export an R-LoRA adapter with its gates frozen to constants as a plain PEFT LoRA adapter
+(docs/method.md#frozen-gates-the-export-to-a-plain-lora).
 
     python -m rlora_plugin.export ADAPTER_DIR OUT_DIR --gates uniform
     python -m rlora_plugin.export ADAPTER_DIR OUT_DIR --gates 0.1,0.3,0.2,0.2,0.2

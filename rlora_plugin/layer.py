@@ -1,10 +1,9 @@
-"""The R-LoRA layer. The method's math (spec sections 1-3) lives here and nowhere else."""
+"""The R-LoRA layer. The method's math (docs/method.md) lives here and nowhere else."""
 
 from __future__ import annotations
 
 import hashlib
 import math
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -42,9 +41,10 @@ def frozen_gate_lora(
     offset_a: torch.Tensor | None = None,
     offset_b: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Spec section 7: with the gates frozen to constants `c (N,)` (eval mode), a layer's update
+    """With the gates frozen to constants `c (N,)` (eval mode), a layer's update
     `s * sum_i c_i B_i A x - s * Bbar0 A0 x` is the plain LoRA `B' A' x` (scaling 1) with
-    `A' = [A ; A0]` and `B' = [s * sum_i c_i B_i , -s * Bbar0]`; rank r without an offset path."""
+    `A' = [A ; A0]` and `B' = [s * sum_i c_i B_i , -s * Bbar0]`; rank r without an offset path
+    (docs/method.md#frozen-gates-the-export-to-a-plain-lora)."""
     heads = gates.numel()
     mixed = scaling * (lora_b.view(lora_b.shape[0], heads, -1) * gates.view(1, heads, 1)).sum(dim=1)
     if offset_a is None:
@@ -68,7 +68,7 @@ def initial_weights(
     """
     gen = torch.Generator().manual_seed(layer_seed(config.init_seed, layer_name))
     r, heads = config.r, config.num_heads
-    if config.init == "random":  # spec section 2, scaling from LoRA-GA
+    if config.init == "random":  # docs/method.md#initialization-and-the-offset-path (LoRA-GA's scaling)
         scale = out_features**0.25 / math.sqrt(config.init_gamma)
         lora_a = torch.randn(r, in_features, generator=gen) * (scale / math.sqrt(in_features))
         lora_b = torch.randn(out_features, heads * r, generator=gen) * (scale / math.sqrt(out_features))
@@ -129,7 +129,6 @@ class RLoraLayer(BaseTunerLayer):
         self.gate_observers: list[Callable[..., None]] = []
         # Gates fixed to constants `(N,)` per adapter, instead of the router's (rlora_plugin.routing).
         self.fixed_gates: dict[str, torch.Tensor] = {}
-        self._rlora_weight_cache: dict[str, tuple] = {}  # inference-time fused weights, see _fused_weights
         self.rlora_dropout = nn.ModuleDict({})
         self.rlora_A = nn.ParameterDict({})
         self.rlora_B = nn.ParameterDict({})
@@ -185,7 +184,7 @@ class RLoraLayer(BaseTunerLayer):
     def routed_update(self, x: torch.Tensor, adapter: str, add_to: torch.Tensor | None = None) -> torch.Tensor:
         """`s * sum_i g_i(x) B_i drop_i(A x) - offset(x)` in two matmuls, with no loop over heads; with
         `add_to` (the base layer's output), `add_to` plus that, the addition fused into the second matmul."""
-        down, up, sizes, folded, routed, has_offset = self._fused_weights(adapter)
+        down, up, sizes = self._stacked_weights(adapter)
         if x.dtype != down.dtype:
             x = self._cast_input_dtype(x, down.dtype)
         scaling = self.scaling[adapter]
@@ -194,24 +193,22 @@ class RLoraLayer(BaseTunerLayer):
         # One split, not three slices: the backward of a slice allocates, fills and adds a tensor of the full size.
         parts = F.linear(x, down).split(sizes, dim=-1)
         features = parts[0]
-        if routed:
+        if adapter in self.rlora_router:
             logits, tau = parts[1].float(), self.router_temperature[adapter]
             probs = torch.softmax(logits if tau == 1.0 else logits / tau, dim=-1)
         else:  # one head: its gate is 1
             probs = features.new_ones(*features.shape[:-1], 1, dtype=torch.float32)
-        gates = self.route(probs, adapter).to(features.dtype)
-        if not folded:
-            gates = gates * scaling
+        gates = self.route(probs, adapter).to(features.dtype) * scaling
 
-        dropout = self._modules["rlora_dropout"]._modules[adapter]
+        dropout = self.rlora_dropout[adapter]
         if self.head_dropout[adapter] == "shared" and dropout.training:
             features = dropout(features)
         mixed = gates.unsqueeze(-1) * features.unsqueeze(-2)  # (..., N, r): s * g_i * h for every head
         if self.head_dropout[adapter] == "per_head" and dropout.training:
             mixed = dropout(mixed)  # an independent mask for each head
         mixed = mixed.flatten(-2)
-        if has_offset:
-            mixed = torch.cat([mixed, parts[-1] if folded else parts[-1] * -scaling], dim=-1)
+        if adapter in self.rlora_offset_A:
+            mixed = torch.cat([mixed, parts[-1] * -scaling], dim=-1)
 
         if add_to is None:
             return F.linear(mixed, up)
@@ -225,76 +222,18 @@ class RLoraLayer(BaseTunerLayer):
         """The active adapters that are R-LoRA adapters of this layer."""
         return [adapter for adapter in self.active_adapters if adapter in self.rlora_A]
 
-    def _fused_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, list[int], bool, bool, bool]:
-        """`down = [A ; W_g ; A0]`, `up = [B_cat, Bbar0]`, the row sizes of `down`, whether `s` and the offset's
-        `-s` are folded into `up` (then the caller must not apply them), and whether there are a router and an
-        offset path.
-
-        In training mode or with grad enabled they are concatenated at every call, unfolded: autograd sees the
-        plain math, and a training forward empties the cache.
-        Without grad (generation, evaluation) they are built once and reused until a weight changes: decoding runs
-        every adapted layer once per token, where rebuilding them costs as much as the adapter's matmuls. An entry
-        is valid while each weight has the same identity, storage, dtype and in-place version counter (optimizer
-        steps and `load_state_dict` bump it; writes through `.data` do not). `s` is folded only when it is a power
-        of two, where scaling the weights instead of the activations gives the same bits. Not cached while
-        compiling, nor for DeepSpeed ZeRO-3 parameters (gathered anew for each forward) or inference tensors.
-        """
-        # The stores' own dicts: `self.rlora_A[adapter]` is two Module.__getattr__ calls, ~1 us each per layer.
-        # Parameters are read with `[]`, never `.get()`: under ZeRO-3 `_parameters` is DeepSpeed's dict whose
-        # `__getitem__` gathers a partitioned parameter (`dict.get` would return the empty partition).
-        stores = self._modules
-        routers = stores["rlora_router"]._parameters
-        weights = (
-            stores["rlora_A"]._parameters[adapter],
-            routers[adapter] if adapter in routers else None,
-            stores["rlora_offset_A"]._buffers.get(adapter),
-            stores["rlora_B"]._parameters[adapter],
-            stores["rlora_offset_B"]._buffers.get(adapter),
-        )
-        scaling = self.scaling[adapter]
-        lora_a = weights[0]  # inference tensors (made under torch.inference_mode) have no version counter
-        if self.training:
-            # Between training steps weights can change where the version counter does not see it (DeepSpeed
-            # ZeRO-1/2 copies updated weights in through `.data`): every training forward starts the cache over.
-            self._rlora_weight_cache.clear()
-        cache = not (
-            self.training
-            or torch.is_grad_enabled()
-            or torch.compiler.is_compiling()
-            or hasattr(lora_a, "ds_id")
-            or lora_a.is_inference()
-        )
-        entry = self._rlora_weight_cache.get(adapter) if cache else None
-        if entry is not None and entry[0] == scaling:
-            for t, source in zip(weights, entry[1], strict=True):
-                if t is None or source is None:
-                    if t is not source:  # a weight added or removed
-                        break
-                elif (
-                    source[0]() is not t or source[1] != t._version or source[2] != t.data_ptr() or source[3] != t.dtype
-                ):
-                    break
-            else:
-                return entry[2]
-        lora_a, router, offset_a, lora_b, offset_b = weights
-        down = [t for t in (lora_a, router, offset_a) if t is not None]
-        up = [lora_b] if offset_b is None else [lora_b, offset_b]
-        folded = cache and math.frexp(scaling)[0] == 0.5
-        if folded:
-            up = [u * (scaling if i == 0 else -scaling) for i, u in enumerate(up)]
-        sizes = [t.shape[0] for t in down]
-        built = (torch.cat(down), torch.cat(up, dim=-1), sizes, folded, router is not None, offset_a is not None)
-        if cache:
-            sources = [None if t is None else (weakref.ref(t), t._version, t.data_ptr(), t.dtype) for t in weights]
-            # The aliases keep the weights' storages alive: no new tensor can take one's address while the entry
-            # exists, so an equal address means the same storage (and device).
-            aliases = [t.detach() for t in weights if t is not None]
-            self._rlora_weight_cache[adapter] = (scaling, sources, built, aliases)
-        return built
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        self._rlora_weight_cache.pop(adapter_name, None)
-        super().delete_adapter(adapter_name)
+    def _stacked_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """`down = [A ; W_g ; A0]` (rows: the router for more than one head, the offset path for `init: random`),
+        `up = [B_cat, Bbar0]`, and the row sizes of `down`: two matmuls instead of five. Concatenated at every
+        call (a few microseconds per layer), so they always reflect the weights as they are, however written."""
+        down = [self.rlora_A[adapter]]
+        if adapter in self.rlora_router:
+            down.append(self.rlora_router[adapter])
+        up = [self.rlora_B[adapter]]
+        if adapter in self.rlora_offset_A:
+            down.append(self.rlora_offset_A[adapter])
+            up.append(self.rlora_offset_B[adapter])
+        return torch.cat(down), torch.cat(up, dim=-1), [t.shape[0] for t in down]
 
     def route(self, probs: torch.Tensor, adapter: str) -> torch.Tensor:
         """The gates applied to the heads from the router's softmax `probs (..., N)` (fp32): dense, the top-k

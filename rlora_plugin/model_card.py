@@ -1,9 +1,9 @@
 """The R-LoRA section of a saved adapter's model card (README.md).
 
 PEFT's and Axolotl's cards say nothing about R-LoRA, so a person who downloads the adapter from a model hub
-gets `Unknown PEFT type RLORA`. The section says what the adapter is, how to install and load it, and its
-settings; it is written between markers, so writing it again replaces it, and the card's tags get `rlora` and
-`peft`.
+gets `KeyError: 'RLORA'` without `import rlora_plugin`. The section says what the adapter is, how to install
+and load it, and its settings; it is written between markers, so writing it again replaces it, and the card's
+tags get `rlora` and `peft`.
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def fetch(version: str) -> Path:
                 member.name = member.name.removeprefix(prefix)
             sdist.extractall(staged / PACKAGE, members=members, filter="data")
         if not (staged / PACKAGE / "testing_common.py").is_file():
-            raise RuntimeError(f"The sdist of peft=={version} ships no tests/testing_common.py.")
+            raise RuntimeError(f"The sdist of peft=={version} has no testing_common.py in its tests.")
         (staged / PACKAGE / "__init__.py").touch()
         shutil.rmtree(root, ignore_errors=True)
         try:

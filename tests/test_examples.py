@@ -59,25 +59,3 @@ def test_reference_lists_every_rlora_key(tiny):
     )  # fmt: skip
     peft = build_rlora_config(validated(cfg, CPU))
     assert (peft.num_heads, peft.init_gamma, peft.router_init, peft.router_temperature) == (5, 64, "zero", 1.0)
-
-
-def _readme_table_keys(after: str) -> set[str]:
-    """The backticked names in the first column of the README table that follows the line containing `after`."""
-    lines = (EXAMPLES.parent / "README.md").read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if after in line)
-    rows = []
-    for line in lines[start + 1 :]:
-        if rows and not line.startswith("|"):
-            break
-        if line.startswith("| `"):
-            rows.append(line.split("|")[1])
-    return {name.strip("` ") for row in rows for name in row.split(",")}
-
-
-def test_readme_option_tables_list_exactly_the_fields():
-    """Adding an option means one RLoraConfig field: the README's tables must follow (and this test says so)."""
-    from rlora_plugin.axolotl_plugin.args import RLoraOptions
-    from rlora_plugin.config import own_field_types
-
-    assert _readme_table_keys("Every `rlora:` key") == set(RLoraOptions.model_fields)
-    assert _readme_table_keys("`RLoraConfig` fields (all saved") == set(own_field_types())

@@ -1,4 +1,5 @@
-"""The frozen-gate export to a plain LoRA (spec section 7): exact, mergeable, loadable without rlora_plugin."""
+"""The frozen-gate export to a plain LoRA (docs/method.md#frozen-gates-the-export-to-a-plain-lora): exact, mergeable,
+loadable without rlora_plugin."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def reference_update(
     initial: RLoraLinear | None = None,
     head_masks: list[torch.Tensor] | None = None,
 ):
-    """The method written out head by head, as in spec section 1, with the scaling, the temperature and the
+    """The method written out head by head, as in docs/method.md#the-layer, with the scaling, the temperature and the
     offset computed from `config` (never read from the layer under test); `initial` is the same layer of an
     untrained twin model, whose `A` and heads `B_i` give the offset `s * mean_i(B_i^0) A^0 x`."""
     n, r = config.num_heads, config.r

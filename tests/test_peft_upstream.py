@@ -113,7 +113,8 @@ LEFT_OUT = {
     "after torch.manual_seed(1), to differ from the first; RLORA draws every adapter from `init_seed` and the layer "
     "name (the same on every rank), not from torch's global generator (and the merge it ends in is refused)",
     "test_disable_adapters[MLP 6 RLoRA top-k rsLoRA]": "it first checks that the output equals the base's at init, "
-    "which README documents as not exact with router_top_k and init='random' (the offset subtracts the dense mean)",
+    "which docs/method.md#the-router documents as not exact with router_top_k and init='random' (the offset "
+    "subtracts the dense mean)",
     "test_active_adapter[MLP 3 RLoRA modules_to_save]": "PEFT refuses several active adapters with modules_to_save "
     "(the test skips it)",
     "test_disable_adapter_with_bias_warns": "skips itself for every method but LoRA and BOFT (a `bias` option)",

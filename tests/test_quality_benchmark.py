@@ -203,7 +203,8 @@ def test_parameter_counts_match_peft(tiny):
 
 def test_every_method_config_is_valid_axolotl_with_its_ablation_switches(tiny, tmp_path):
     recipe = Recipe(tiny["model"], tiny["chat"], tmp_path / "prepared")
-    expected = {  # spec section 4: HydraLoRA -> +multi-head dropout / +random init -> R-LoRA
+    # the ablation ladder of docs/method.md#hydralora-and-plain-lora-from-the-same-options, HydraLoRA to R-LoRA
+    expected = {
         "hydralora": ("zero", "shared", "zero"),
         "hydralora_kaiming": ("zero", "shared", "kaiming"),
         "hydralora_mhd": ("zero", "per_head", "zero"),

@@ -1,5 +1,6 @@
 """The methods compared, and the Axolotl YAML that trains each: the paper's ablation ladder from HydraLoRA
-to R-LoRA (spec section 4), plus LoRA at the same rank and at equal trainable parameters."""
+to R-LoRA (docs/method.md#hydralora-and-plain-lora-from-the-same-options), plus LoRA at the same rank and
+at equal trainable parameters."""
 
 from __future__ import annotations
 
