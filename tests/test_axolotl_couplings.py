@@ -132,6 +132,7 @@ def test_the_fsdp_plugin_is_read_by_name_wherever_accelerate_puts_it(monkeypatch
     init(SimpleNamespace(), "plugin")
     init(SimpleNamespace(), mixed_precision="bf16", fsdp_plugin="by name")
     init(SimpleNamespace(), None, "bf16")
+    init(SimpleNamespace())  # left out: its default
     assert switched == ["plugin", "by name"]
 
 

@@ -93,3 +93,22 @@ def test_a_trainer_that_did_not_append_the_record_is_an_error():
     assert f"transformers {version('transformers')} does not provide" in message and "log_history" in message
     assert "`rlora_metrics: false`" in message
     assert state.log_history == [{"loss": 2.0, "step": 2}]  # nothing written into a record of another step
+
+
+def test_a_real_trainer_logs_the_metrics_into_its_history(tmp_path):
+    """What the two checks above stand for, on the installed transformers: `Trainer.log` appends the train record
+    before `on_log`, and the callback's values reach `log_history`."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    model = model_with(router_init="kaiming")
+    ids = tokens(batch=4).tolist()
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})
+    args = TrainingArguments(
+        str(tmp_path), max_steps=2, logging_steps=1, per_device_train_batch_size=2, report_to=[], use_cpu=True
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[RLoraMetricsCallback(None, metrics=True)])
+    trainer.train()
+    records = [r for r in trainer.state.log_history if "loss" in r]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(0 < r["rlora/router_entropy"] < 1 for r in records), records

@@ -94,6 +94,7 @@ def fsdp_on_cpu(original):
     def __init__(*args, **kwargs):
         original(*args, **kwargs)
         call = signature.bind(*args, **kwargs)
+        call.apply_defaults()  # an argument left out has its default
         state, fsdp_plugin = call.arguments["self"], call.arguments["fsdp_plugin"]
         if state.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
             switch_to_fsdp(state, fsdp_plugin)
