@@ -3,12 +3,32 @@ LLaMA-Factory launcher (math: rlora_plugin.metrics)."""
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 from transformers import TrainerCallback
 
 from rlora_plugin.metrics import MetricsCollector
 from rlora_plugin.model import find_tuner
+from rlora_plugin.patching import Checked, HostChanged, private_attribute, qualified_name
+
+TRL = Checked("trl", "1.9.0 and 1.14.1, with Axolotl 0.19.0 and 0.21.0")
+TRANSFORMERS = Checked("transformers", "5.6.0, 5.16.1 and 5.20.1")
+_FIX = (
+    "Turn the R-LoRA metrics off to train without them (Axolotl: `rlora: {metrics: false}`; LLaMA-Factory: "
+    "`rlora_metrics: false`), or install one of the checked versions, or report this at rlora-plugin."
+)
+
+
+def trl_train_metrics(trainer: Any) -> MutableMapping | None:
+    """The private `_metrics["train"]` lists that TRL's trainers (DPO, KTO, GRPO, ...) average into each train
+    record in their `log()` override; None for a trainer that is not TRL's. Checked before anything is written."""
+    if not any(cls.__module__.split(".")[0] == "trl" for cls in type(trainer).__mro__):
+        return None
+    train = private_attribute(trainer, "_metrics", dict, TRL, _FIX).get("train")
+    if not isinstance(train, MutableMapping):
+        raise HostChanged(TRL, f"`{qualified_name(trainer)}._metrics['train']` as a dict of metric lists", _FIX)
+    return train
 
 
 class RLoraMetricsCallback(TrainerCallback):
@@ -34,6 +54,8 @@ class RLoraMetricsCallback(TrainerCallback):
         self.metrics = metrics
         self.model = trainer.model if trainer is not None else None
         self.collector = MetricsCollector(self.model) if metrics and self.model is not None else None
+        stores = trainer is not None and hasattr(trainer, "store_metrics")
+        self._trl_metrics = None if trainer is None or stores else trl_train_metrics(trainer)
         self._pending: dict[str, float] = {}
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
@@ -58,19 +80,25 @@ class RLoraMetricsCallback(TrainerCallback):
             values["rlora/aux_loss"] = value
         if not values:
             return
-        trl_metrics = getattr(self.trainer, "_metrics", None)
         if hasattr(self.trainer, "store_metrics"):
             self.trainer.store_metrics(values, train_eval="train")
-        elif isinstance(trl_metrics, dict) and "train" in trl_metrics:
+        elif self._trl_metrics is not None:
             for key, value in values.items():
-                trl_metrics["train"][key].append(value)
+                self._trl_metrics.setdefault(key, []).append(value)
         else:  # a plain HF Trainer: add them to the next train record
             self._pending = values
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self._pending and logs is not None and "loss" in logs:
             logs.update(self._pending)
-            # The trainer appended a copy of `logs` (plus "step") to the history before calling back.
-            if state.log_history and state.log_history[-1].get("step") == state.global_step:
-                state.log_history[-1].update(self._pending)
+            # transformers' Trainer.log appended a copy of `logs` (plus "step") to the history before calling back.
+            record = state.log_history[-1] if state.log_history else None
+            if not (isinstance(record, dict) and record.get("step") == state.global_step and "loss" in record):
+                raise HostChanged(
+                    TRANSFORMERS,
+                    "`Trainer.log` to append the train record (with its `step`) to `state.log_history` before it "
+                    "calls `on_log`",
+                    _FIX,
+                )
+            record.update(self._pending)
             self._pending = {}

@@ -140,11 +140,22 @@ class RLoraLayer(BaseTunerLayer):
         self.kwargs = kwargs
         base = self.get_base_layer()
         self.in_features, self.out_features = in_out_features(base)
-        if getattr(base, "support_avx512bf16_for_cpu", False):
-            # bitsandbytes' Linear4bit on an AVX512-BF16 CPU repacks its weight at the first no-grad eval forward
-            # for a bf16 kernel that has no backward (later training steps drop the gradient through the layer)
-            # and that a state_dict() unpacks with a lossy absmax round trip: keep the dequantize + matmul path.
+        # bitsandbytes' Linear4bit on an AVX512-BF16 CPU repacks its weight at the first no-grad eval forward
+        # for a bf16 kernel that has no backward (later training steps drop the gradient through the layer)
+        # and that a state_dict() unpacks with a lossy absmax round trip: keep the dequantize + matmul path
+        # while this layer wraps it; unload() puts the user's setting back.
+        self._bnb_cpu_packing = bool(getattr(base, "support_avx512bf16_for_cpu", False))
+        if self._bnb_cpu_packing:
             base.support_avx512bf16_for_cpu = False
+
+    def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: Any) -> nn.Module:
+        """PEFT's `unload()` takes the base layer from here: it gets its bitsandbytes setting back."""
+        if merge:
+            raise ValueError(MERGE_REFUSAL)
+        base = self.get_base_layer()
+        if self._bnb_cpu_packing:
+            base.support_avx512bf16_for_cpu = True
+        return base
 
     def update_layer(self, adapter_name: str, config: RLoraConfig, layer_name: str) -> None:
         r, heads = config.r, config.num_heads

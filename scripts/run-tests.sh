@@ -57,8 +57,8 @@ llamafactory_suite() {
   python -m pip install -q --no-deps -e . && python -m pip install -q "pytest>=8"
   echo "== llamafactory $version: $(versions)"
   # transformers 5.6's load_adapter needs a peft newer than LLaMA-Factory's pin (0.18.1), for any adapter type
-  python -m pytest tests/test_peft_layer.py tests/test_peft_workflow.py tests/test_peft_errors.py \
-    tests/test_export.py tests/test_metrics.py tests/test_routing.py \
+  python -m pytest tests/test_peft_layer.py tests/test_peft_workflow.py tests/test_peft_errors.py tests/test_couplings.py \
+    tests/test_export.py tests/test_metrics.py tests/test_routing.py tests/test_aux_loss.py \
     --deselect tests/test_peft_workflow.py::test_transformers_adapter_paths
   python -m pytest -m llamafactory tests/test_llamafactory.py
 }

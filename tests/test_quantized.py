@@ -2,7 +2,8 @@
 
 bitsandbytes 0.50.2 (an Axolotl dependency) quantizes, runs forward and backward of `Linear4bit` and
 `Linear8bitLt` on CPU, so both are trained end to end: `load_in_4bit` (Axolotl's QLoRA config: NF4, double
-quantization) with gradient checkpointing, and `load_in_8bit`. Each run checks that the quantized layers
+quantization) with gradient checkpointing, and `load_in_8bit` (Axolotl's 8-bit LoRA config), both built by
+Axolotl's own code for the adapter it quantizes for. Each run checks that the quantized layers
 were the ones R-LoRA wrapped, that the adapted model equals the quantized base at init, that the loss falls,
 and that the saved adapter, reloaded with `PeftModel.from_pretrained` onto a freshly quantized base in
 this process, reproduces the trained model to float error. The base is loaded in the run's dtype (recorded in
@@ -23,20 +24,17 @@ from axolotl_runs import BIN, Run, train_losses, write_cfg
 pytestmark = pytest.mark.cli
 
 
-def quantized_reload_logits(tiny: dict, adapter_dir: Path, bits: int, dtype):
+def quantized_reload_logits(tiny: dict, adapter_dir: Path, dtype):
     from axolotl_probe import probe_logits
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     import rlora_plugin  # noqa: F401
-    from rlora_plugin.axolotl_plugin.quantization import bnb_config
 
-    class Cfg(dict):
-        __getattr__ = dict.get
-
-    quantization = bnb_config(Cfg(load_in_4bit=bits == 4, load_in_8bit=bits == 8, torch_dtype=dtype))
+    # The quantization Axolotl built for the run, as recorded next to the adapter.
+    recorded = json.loads((adapter_dir / "config.json").read_text())["quantization_config"]
     base = AutoModelForCausalLM.from_pretrained(
-        tiny["model"], dtype=dtype, quantization_config=quantization, device_map={"": "cpu"}
+        tiny["model"], dtype=dtype, quantization_config=BitsAndBytesConfig.from_dict(recorded), device_map={"": "cpu"}
     )
     model = PeftModel.from_pretrained(base, adapter_dir)
     layer = model.base_model.model.model.layers[0].mlp.down_proj.get_base_layer()
@@ -81,9 +79,16 @@ def test_quantized_base(tiny, work, bits, layer):
     trained = torch.load(out / "probe_trained.pt")["trained"]
     assert (trained - init["base"]).abs().max() > 1e-3
     # Axolotl's run dtype (bf16 and fp16 off): float16 for load_in_8bit, float32 otherwise.
-    dtype = json.loads((out / "config.json").read_text())["dtype"]
+    recorded = json.loads((out / "config.json").read_text())
+    dtype = recorded["dtype"]
     assert dtype == {4: "float32", 8: "float16"}[bits]
-    reloaded, base_layer = quantized_reload_logits(tiny, out, bits, getattr(torch, dtype))
+    # Axolotl's own QLoRA config (NF4, double quantization, compute dtype = the run's) or its 8-bit LoRA config.
+    quantization = recorded["quantization_config"]
+    assert quantization[f"load_in_{bits}bit"] and not quantization[f"load_in_{ {4: 8, 8: 4}[bits] }bit"]
+    if bits == 4:
+        assert quantization["bnb_4bit_quant_type"] == "nf4" and quantization["bnb_4bit_use_double_quant"]
+        assert quantization["bnb_4bit_compute_dtype"] == dtype
+    reloaded, base_layer = quantized_reload_logits(tiny, out, getattr(torch, dtype))
     assert base_layer == layer
     # Float error of the run's dtype: 8-bit logits come out of a float16 lm_head (rtol 1e-3 > its rounding).
     atol, rtol = 1e-4, 1e-4 if bits == 4 else 1e-3

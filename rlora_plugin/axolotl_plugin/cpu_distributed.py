@@ -32,12 +32,13 @@ All act only when no CUDA device is visible and WORLD_SIZE > 1; on GPU hosts not
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
-from .patching import wrap_once
+from rlora_plugin.patching import Checked, HostChanged, private_attribute, wrap_once
 
-CHECKED = "accelerate 1.13.0 and 1.15.0 (Axolotl 0.19.0 and 0.21.0)"
+CHECKED = Checked("accelerate", "1.13.0 and 1.15.0, with Axolotl 0.19.0 and 0.21.0")
 
 
 def cpu_multiprocess() -> bool:
@@ -47,62 +48,93 @@ def cpu_multiprocess() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+def gloo_backend(original):
+    """Wrap `PartialState._prepare_backend`: `gloo` where accelerate found no backend in a launched run."""
+    from accelerate.utils import DistributedType
+
+    def _prepare_backend(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise HostChanged(CHECKED, "`PartialState._prepare_backend` to return (backend, distributed_type)")
+        found, distributed_type = result
+        if (
+            found is None
+            and distributed_type == DistributedType.NO
+            and int(os.environ.get("LOCAL_RANK", "-1")) != -1
+            and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        ):
+            if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+                # PartialState initializes deepspeed.comm with this backend, then switches to DEEPSPEED
+                return "gloo", DistributedType.NO
+            return "gloo", DistributedType.MULTI_CPU
+        return result
+
+    return _prepare_backend
+
+
+def cpu_device_mesh(original):
+    """Wrap `ParallelismConfig.build_device_mesh`: a "cuda" mesh is built on "cpu"."""
+    signature = inspect.signature(original)
+
+    def build_device_mesh(*args, **kwargs):
+        call = signature.bind(*args, **kwargs)
+        if call.arguments["device_type"] == "cuda":
+            call.arguments["device_type"] = "cpu"
+        return original(*call.args, **call.kwargs)
+
+    return build_device_mesh
+
+
+def fsdp_on_cpu(original):
+    """Wrap `AcceleratorState.__init__`: with an FSDP plugin on CPU processes, the FSDP distributed type."""
+    from accelerate.utils import DistributedType
+
+    signature = inspect.signature(original)
+
+    def __init__(*args, **kwargs):
+        original(*args, **kwargs)
+        call = signature.bind(*args, **kwargs)
+        call.apply_defaults()  # an argument left out has its default
+        state, fsdp_plugin = call.arguments["self"], call.arguments["fsdp_plugin"]
+        if state.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
+            switch_to_fsdp(state, fsdp_plugin)
+
+    return __init__
+
+
+def switch_to_fsdp(state: Any, fsdp_plugin: Any) -> None:
+    """What `AcceleratorState.__init__` does for accelerators, including recording the type in the shared
+    `PartialState` (every later `AcceleratorState()` copies that state back over its own)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    mixed_precision = private_attribute(state, "_mixed_precision", str, CHECKED)
+    shared = private_attribute(PartialState, "_shared_state", dict, CHECKED)
+    if "distributed_type" not in shared:
+        raise HostChanged(CHECKED, "`PartialState._shared_state` to hold the initialized state's distributed_type")
+    if mixed_precision != "no":
+        fsdp_plugin.set_mixed_precision(mixed_precision)
+    state.distributed_type = DistributedType.FSDP
+    state.fsdp_plugin = fsdp_plugin
+    shared["distributed_type"] = state.distributed_type
+
+
 def patch_cpu_backend() -> None:
     """Make accelerate's `PartialState` use `gloo` where it would otherwise find no backend in a multi-process
     launch (no accelerator). Idempotent."""
     from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
 
-    def prepare_backend(original):
-        def _prepare_backend(self, cpu: bool = False, sagemaker_dp: bool = False, backend: str | None = None):
-            found, distributed_type = original(self, cpu, sagemaker_dp, backend)
-            if (
-                found is None
-                and distributed_type == DistributedType.NO
-                and int(os.environ.get("LOCAL_RANK", "-1")) != -1
-                and int(os.environ.get("WORLD_SIZE", "1")) > 1
-            ):
-                if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-                    # PartialState initializes deepspeed.comm with this backend, then switches to DEEPSPEED
-                    return "gloo", DistributedType.NO
-                return "gloo", DistributedType.MULTI_CPU
-            return found, distributed_type
-
-        return _prepare_backend
-
-    wrap_once(PartialState, "_prepare_backend", prepare_backend, CHECKED)
+    wrap_once(PartialState, "_prepare_backend", gloo_backend, CHECKED)
 
 
 def patch_cpu_fsdp() -> None:
     """Let FSDP2 run on CPU processes (see 3. above): the device mesh on "cpu", and the FSDP distributed type
     where accelerate would leave MULTI_CPU although an FSDP plugin is given. Idempotent."""
     from accelerate.parallelism_config import ParallelismConfig
-    from accelerate.state import AcceleratorState, PartialState
-    from accelerate.utils import DistributedType
+    from accelerate.state import AcceleratorState
 
-    def build_device_mesh(original):
-        def _build_device_mesh(self, device_type: str):
-            return original(self, "cpu" if device_type == "cuda" else device_type)
-
-        return _build_device_mesh
-
-    def init_state(original):
-        def __init__(self, *args, **kwargs):
-            original(self, *args, **kwargs)
-            fsdp_plugin = kwargs.get("fsdp_plugin", args[4] if len(args) > 4 else None)
-            if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
-                # what accelerate does for accelerators, including recording the type in the shared PartialState
-                # (every later AcceleratorState() copies that state back over its own)
-                if self._mixed_precision != "no":
-                    fsdp_plugin.set_mixed_precision(self._mixed_precision)
-                self.distributed_type = DistributedType.FSDP
-                self.fsdp_plugin = fsdp_plugin
-                PartialState._shared_state["distributed_type"] = self.distributed_type
-
-        return __init__
-
-    wrap_once(ParallelismConfig, "build_device_mesh", build_device_mesh, CHECKED)
-    wrap_once(AcceleratorState, "__init__", init_state, CHECKED)
+    wrap_once(ParallelismConfig, "build_device_mesh", cpu_device_mesh, CHECKED, parameters=("device_type",))
+    wrap_once(AcceleratorState, "__init__", fsdp_on_cpu, CHECKED, parameters=("self", "fsdp_plugin"))
 
 
 def cpu_device_map(cfg: Any) -> None:
