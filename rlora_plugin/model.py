@@ -44,7 +44,8 @@ class RLoraModel(BaseTuner):
         as PEFT's AdaLoRA adds its regularizer here: so it trains in every host that lets the model compute its
         loss (HF Trainer, TRL's SFT, Axolotl, LLaMA-Factory). Weighted like the loss under gradient accumulation
         (see `_loss_share`)."""
-        coef = self.peft_config[self.active_adapters[0]].router_aux_loss_coef
+        active = [a for a in self.active_adapters if a in self.peft_config]  # none after the last delete_adapter
+        coef = self.peft_config[active[0]].router_aux_loss_coef if active else 0.0
         if not (coef > 0 and self.training and torch.is_grad_enabled()):
             return self.model(*args, **kwargs)
         if self.router_aux_loss is None:

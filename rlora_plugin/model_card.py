@@ -139,17 +139,17 @@ def write_export_card(directory: str | Path, source: str, gates: str, targets: l
 
 
 def write_section(directory: str | Path, section: str, base: str | None, tags: tuple[str, ...]) -> Path:
-    """Put `section` at the top of `directory`/README.md (replacing an earlier one), add `tags`, name the base
-    in the card's metadata only when it is a hub id, and replace transformers' "trained from scratch" (its
-    words for a base it takes for no hub model)."""
+    """Put `section` at the top of `directory`/README.md (replacing an earlier one), add `tags`, and replace
+    transformers' "trained from scratch" (its words for a base it takes for no hub model). The metadata's
+    `base_model` is the recorded base when that is a hub id, else as PEFT writes it (the base's name or path, a
+    convention PEFT's own tests hold); the section's text tells a hub user which base to load."""
     from huggingface_hub import ModelCard
 
     path = Path(directory) / "README.md"
     card = ModelCard.load(path) if path.is_file() else ModelCard("---\nlibrary_name: peft\n---\n")
-    # PEFT names the base in the metadata and in a `base_model:adapter:` tag, a local path too: link hub ids only
-    card.data.base_model = base if is_hub_id(base) else None
-    tags = set(card.data.tags or []) | set(tags)
-    card.data.tags = sorted(t for t in tags if not t.startswith("base_model:") or is_hub_id(t.split(":", 2)[-1]))
+    if is_hub_id(base):  # e.g. recorded after training from a local copy: the metadata links it too
+        card.data.base_model = base
+    card.data.tags = sorted(set(card.data.tags or []) | set(tags))
     text = card.text
     if START in text and END in text:
         text = text[: text.index(START)] + text[text.index(END) + len(END) :]
