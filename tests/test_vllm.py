@@ -1,7 +1,7 @@
 """The frozen-gate export served by vLLM's own LoRA support (`enable_lora`, `LoRARequest`) replies, greedy and
 token for token, as PEFT's R-LoRA model does with its gates fixed to the same constants (`fixed_gates`): on
 tiny random Llama- and Qwen2-family models adapted on every linear layer (so vLLM's fused `qkv_proj` and
-`gate_up_proj` carry it).
+`gate_up_proj` carry it) and on the CPU example's SmolLM2-135M-Instruct with mean gates.
 
 Runs only in the vLLM venv: `python -m pytest -m vllm tests/test_vllm.py` (`bash scripts/run-tests.sh vllm-0.32.0`).
 """
@@ -17,11 +17,12 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from tiny_models import perturb
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks import tiny_assets
+from examples import multitask_data, prepare_smollm2
 from rlora_plugin import RLoraConfig
-from rlora_plugin.export import main
+from rlora_plugin.export import export_lora, loaded_mean_gates, main
 from rlora_plugin.routing import fixed_gates
 
 pytestmark = pytest.mark.vllm
@@ -120,6 +121,34 @@ def test_tiny_export_served_by_vllm(tmp_path, family, gates):
     questions = dict.fromkeys(row["instruction"] for row in tiny_assets.alpaca_rows(16, seed=7))
     prompts = [tokenizer(question)["input_ids"] for question in list(questions)[:6]]
     reference = load_rlora(base, adapter)
+    with fixed_gates(reference, gates):
+        expected = [greedy(reference, prompt, 16) for prompt in prompts]
+    assert_same_replies(served_by_vllm(tmp_path, base, export, prompts, 16), expected)
+
+
+def test_smollm2_mean_gate_export_served_by_vllm(tmp_path):
+    """The CPU example's model and adapter shape (r=8, 5 heads, MLP targets), moved deterministically as if
+    trained, exported with its mean gates over the example's training prompts, on the example's test items."""
+    base, adapter, export = tmp_path / "smollm2", tmp_path / "rlora", tmp_path / "export"
+    prepare_smollm2.main(base)
+    train, test = multitask_data.generate(train_per_task=8, test_per_task=12)
+    config = RLoraConfig(target_modules=["gate_proj", "up_proj", "down_proj"], r=8, lora_alpha=16, num_heads=5)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), config)
+    perturb(model, seed=11)
+    model.save_pretrained(adapter)
+    del model
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    reference = load_rlora(base, adapter)
+    gates = loaded_mean_gates(reference, tokenizer, tiny_assets.write_jsonl(tmp_path / "train.jsonl", train))
+    export_lora(adapter, export, gates)
+    prompts = [  # as examples/evaluate.py prompts them
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": item["prompt"]}], add_generation_prompt=True, tokenize=False
+        )
+        for item in test
+    ]
+    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompts]
     with fixed_gates(reference, gates):
         expected = [greedy(reference, prompt, 16) for prompt in prompts]
     assert_same_replies(served_by_vllm(tmp_path, base, export, prompts, 16), expected)
