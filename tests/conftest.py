@@ -13,13 +13,17 @@ def tiny(tmp_path_factory) -> dict:
     return tiny_assets.build_assets(tmp_path_factory.mktemp("tiny_assets"))
 
 
+HOST_MARKERS = ("llamafactory", "vllm")  # tests that need a host installed only in its own venv
+
+
 def pytest_collection_modifyitems(config, items):
-    """The `llamafactory` tests need a venv with LLaMA-Factory: they run only when `-m` names their marker
-    (`python -m pytest -m llamafactory tests/test_llamafactory.py`), never as part of another selection
-    such as `-m "not cli"`."""
-    if "llamafactory" in (config.getoption("markexpr") or ""):
-        return
-    deselected = [item for item in items if "llamafactory" in item.keywords]
+    """The `llamafactory` and `vllm` tests need a venv with that host: they run only when `-m` names their
+    marker (`python -m pytest -m llamafactory tests/test_llamafactory.py`), never as part of another selection
+    such as `-m "not cli"` (deselected, not skipped: nothing counts them as passed)."""
+    named = config.getoption("markexpr") or ""
+    hosts = [marker for marker in HOST_MARKERS if marker not in named]
+    # markers, not `item.keywords`: those also hold the names of the enclosing directories (a checkout named vllm)
+    deselected = [item for item in items if any(item.get_closest_marker(marker) for marker in hosts)]
     if deselected:
         config.hook.pytest_deselected(items=deselected)
-        items[:] = [item for item in items if "llamafactory" not in item.keywords]
+        items[:] = [item for item in items if item not in deselected]

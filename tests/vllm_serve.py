@@ -1,0 +1,52 @@
+"""Greedy generation with vLLM for tests/test_vllm.py, in its own process (vLLM's engine core is a spawned
+process, so the code that builds `LLM` needs a `__main__` guard):
+
+    python tests/vllm_serve.py JOB_JSON OUT_JSON
+
+JOB_JSON: {"base": DIR, "export": DIR, "max_lora_rank": R, "prompts": [[token ids]], "max_tokens": N}.
+OUT_JSON: per prompt, the generated ids and each chosen token's log-probability, with the export served as
+a LoRA (`lora`, `lora_logprobs`) and without it (`base`, `base_logprobs`). Prompts go in as token ids so
+that both sides decode from the same tokens; `ignore_eos` makes every reply N tokens long.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def serve(job: dict) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+    from vllm.lora.request import LoRARequest
+
+    llm = LLM(
+        model=job["base"],
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=512,
+        enable_lora=True,
+        max_lora_rank=job["max_lora_rank"],
+        max_loras=1,
+        kv_cache_memory_bytes=512 * 2**20,  # else vLLM's CPU worker reserves 92% of the machine's memory
+        seed=0,
+    )
+    params = SamplingParams(temperature=0, max_tokens=job["max_tokens"], ignore_eos=True, logprobs=0)
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]]
+    result = {}
+    for name, lora in (("lora", LoRARequest("export", 1, job["export"])), ("base", None)):
+        outputs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
+        completions = [out.outputs[0] for out in outputs]
+        result[name] = [list(c.token_ids) for c in completions]
+        result[f"{name}_logprobs"] = [
+            [step[token].logprob for token, step in zip(c.token_ids, c.logprobs, strict=True)] for c in completions
+        ]
+    return result
+
+
+if __name__ == "__main__":
+    job_file, out_file = sys.argv[1:3]
+    with open(job_file) as f:
+        job = json.load(f)
+    with open(out_file, "w") as f:
+        json.dump(serve(job), f)
