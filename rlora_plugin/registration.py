@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from peft.utils import PeftType, register_peft_method
 
+from .patching import Checked, private_attribute
+
 PEFT_TYPE_NAME = "RLORA"
+PEFT = Checked("peft", "0.18.1, 0.20.0 and 0.21.2")
 
 
 def add_peft_type_member(name: str) -> PeftType:
@@ -18,11 +21,14 @@ def add_peft_type_member(name: str) -> PeftType:
     member._name_ = name
     member._value_ = name
     member.__objclass__ = PeftType
-    member._sort_order_ = len(PeftType._member_names_)
+    names = private_attribute(PeftType, "_member_names_", list, PEFT)
+    members = private_attribute(PeftType, "_member_map_", dict, PEFT)
+    values = private_attribute(PeftType, "_value2member_map_", dict, PEFT)
+    member._sort_order_ = len(names)
     type.__setattr__(PeftType, name, member)
-    PeftType._member_names_.append(name)
-    PeftType._member_map_[name] = member
-    PeftType._value2member_map_[name] = member
+    names.append(name)
+    members[name] = member
+    values[name] = member
     return member
 
 

@@ -112,3 +112,16 @@ def test_a_real_trainer_logs_the_metrics_into_its_history(tmp_path):
     records = [r for r in trainer.state.log_history if "loss" in r]
     assert [r["step"] for r in records] == [1, 2]
     assert all(0 < r["rlora/router_entropy"] < 1 for r in records), records
+
+
+def test_a_changed_peft_type_enum_is_refused_before_it_is_touched(monkeypatch):
+    """`import rlora_plugin` extends PEFT's closed `PeftType` enum through its private tables."""
+    from peft.utils import PeftType
+
+    from rlora_plugin.patching import HostChanged
+    from rlora_plugin.registration import add_peft_type_member
+
+    monkeypatch.setattr(PeftType, "_value2member_map_", None)
+    with pytest.raises(HostChanged, match=r"PeftType\._value2member_map_` as a dict \(it is a NoneType\)"):
+        add_peft_type_member("RLORA_CHANGED")
+    assert "RLORA_CHANGED" not in PeftType._member_names_ and "RLORA_CHANGED" not in PeftType.__members__
