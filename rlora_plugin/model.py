@@ -45,7 +45,8 @@ class RLoraModel(BaseTuner):
         loss (HF Trainer, TRL's SFT, Axolotl, LLaMA-Factory). Weighted like the loss under gradient accumulation
         (see `_loss_share`)."""
         active = [a for a in self.active_adapters if a in self.peft_config]  # none after the last delete_adapter
-        coef = self.peft_config[active[0]].router_aux_loss_coef if active else 0.0
+        config = self.peft_config[active[0]] if active else None
+        coef = config.router_aux_loss_coef if config is not None else 0.0
         if not (coef > 0 and self.training and torch.is_grad_enabled()):
             return self.model(*args, **kwargs)
         if self.router_aux_loss is None:
@@ -72,7 +73,7 @@ class RLoraModel(BaseTuner):
                 stacklevel=2,
             )
             return outputs
-        weighted = coef * aux * self._loss_share(kwargs, aux.device)
+        weighted = coef * aux * self._loss_share(kwargs, config.task_type == "CAUSAL_LM", aux.device)
         loss = getattr(outputs, "loss", None)
         if isinstance(loss, torch.Tensor):
             outputs.loss = loss + weighted.to(loss.device, loss.dtype)
@@ -80,7 +81,7 @@ class RLoraModel(BaseTuner):
             self._unadded_aux_loss = weighted
         return outputs
 
-    def _loss_share(self, kwargs: dict[str, Any], device: torch.device) -> torch.Tensor:
+    def _loss_share(self, kwargs: dict[str, Any], causal_lm: bool, device: torch.device) -> torch.Tensor:
         """This micro-batch's weight in the loss of the accumulated batch, which the load-balancing loss takes on.
 
         The HF Trainer divides a micro-batch's loss (its own mean) by the accumulation steps: weight 1, divided as
@@ -92,7 +93,7 @@ class RLoraModel(BaseTuner):
         total = kwargs.get("num_items_in_batch")
         labels = kwargs.get("shift_labels")
         if labels is None and (labels := kwargs.get("labels")) is not None:
-            if self.peft_config[self.active_adapters[0]].task_type == "CAUSAL_LM":
+            if causal_lm:
                 labels = labels[..., 1:]
         if total is None or not isinstance(labels, torch.Tensor):
             return torch.ones((), device=device)
