@@ -52,6 +52,67 @@ def frozen_gate_lora(
     return torch.cat([lora_a, offset_a]), torch.cat([mixed, -scaling * offset_b], dim=1)
 
 
+def top_k_gates(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's top-k: the `top_k` largest of `probs (..., N)` renormalized to sum to 1, the others 0, and the
+    indices kept."""
+    kept, chosen = probs.topk(top_k, dim=-1)
+    return torch.zeros_like(probs).scatter(-1, chosen, kept / kept.sum(-1, keepdim=True)), chosen
+
+
+def routed_update(
+    x: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    *,
+    rank: int,
+    heads: int,
+    scaling: float,
+    temperature: float = 1.0,
+    offset: bool = False,
+    route: Callable[[torch.Tensor], torch.Tensor] = lambda probs: probs,
+    dropout: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    per_head_dropout: bool = False,
+    add_to: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`s * sum_i g_i(x) B_i drop_i(A x) - offset(x)` in two matmuls, with no loop over heads
+    (docs/method.md): the one source of the routed update, for the PEFT layer and the vLLM plugin.
+
+    `down = [A ; W_g ; A0]` stacks the rows of `A (rank, d_in)`, of the router `W_g (heads, d_in)` when there is
+    more than one head, and of the offset path's `A0 (rank, d_in)` when `offset`; `up = [B_1 .. B_N, Bbar0]`
+    its columns. The router's softmax runs in fp32 (at `temperature`); `route` maps its probabilities to the
+    gates (dense by default; `top_k_gates` keeps k). `dropout` (training only) masks the features once, or for
+    each head with `per_head_dropout`. With `add_to` (the base layer's output), returns `add_to` plus the update,
+    the addition fused into the second matmul.
+    """
+    sizes = [rank] + [heads] * (heads > 1) + [rank] * offset
+    # [h ; logits ; h0] = [A ; W_g ; A0] x: the rank-r features, router logits and offset features at once.
+    # One split, not three slices: the backward of a slice allocates, fills and adds a tensor of the full size.
+    parts = F.linear(x, down).split(sizes, dim=-1)
+    features = parts[0]
+    if heads > 1:
+        logits = parts[1].float()
+        probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+    else:  # one head: its gate is 1
+        probs = features.new_ones(*features.shape[:-1], 1, dtype=torch.float32)
+    gates = route(probs).to(features.dtype) * scaling
+
+    if dropout is not None and not per_head_dropout:
+        features = dropout(features)
+    mixed = gates.unsqueeze(-1) * features.unsqueeze(-2)  # (..., N, r): s * g_i * h for every head
+    if dropout is not None and per_head_dropout:
+        mixed = dropout(mixed)  # an independent mask for each head
+    mixed = mixed.flatten(-2)
+    if offset:
+        mixed = torch.cat([mixed, parts[-1] * -scaling], dim=-1)
+
+    if add_to is None:
+        return F.linear(mixed, up)
+    if add_to.dtype != up.dtype or add_to.dim() < 2:  # e.g. a bf16 base with fp32 adapter weights
+        return add_to + F.linear(mixed, up).to(add_to.dtype)
+    # addmm writes base + update in one pass, saving a (tokens, d_out) temporary and an add over it.
+    return torch.addmm(add_to.flatten(0, -2), mixed.flatten(0, -2), up.T).view(add_to.shape)
+
+
 def layer_seed(init_seed: int, layer_name: str) -> int:
     """A seed per layer from the config seed and the module name, identical on every rank and run."""
     digest = hashlib.sha256(f"{init_seed}:{layer_name}".encode()).digest()
@@ -182,50 +243,27 @@ class RLoraLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def routed_update(self, x: torch.Tensor, adapter: str, add_to: torch.Tensor | None = None) -> torch.Tensor:
-        """`s * sum_i g_i(x) B_i drop_i(A x) - offset(x)` in two matmuls, with no loop over heads; with
-        `add_to` (the base layer's output), `add_to` plus that, the addition fused into the second matmul."""
-        down, up, sizes = self._stacked_weights(adapter)
+        """This layer's `routed_update` for `adapter`, with its dropout while training and its `route`."""
+        down, up = self._stacked_weights(adapter)
         if x.dtype != down.dtype:
             x = self._cast_input_dtype(x, down.dtype)
-        scaling = self.scaling[adapter]
-
-        # [h ; logits ; h0] = [A ; W_g ; A0] x: the rank-r features, router logits and offset features at once.
-        # One split, not three slices: the backward of a slice allocates, fills and adds a tensor of the full size.
-        parts = F.linear(x, down).split(sizes, dim=-1)
-        features = parts[0]
-        if adapter in self.rlora_router:
-            logits, tau = parts[1].float(), self.router_temperature[adapter]
-            probs = torch.softmax(logits if tau == 1.0 else logits / tau, dim=-1)
-        else:  # one head: its gate is 1
-            probs = features.new_ones(*features.shape[:-1], 1, dtype=torch.float32)
-        gates = self.route(probs, adapter).to(features.dtype) * scaling
-
         dropout = self.rlora_dropout[adapter]
-        if self.head_dropout[adapter] == "shared" and dropout.training:
-            features = dropout(features)
-        mixed = gates.unsqueeze(-1) * features.unsqueeze(-2)  # (..., N, r): s * g_i * h for every head
-        if self.head_dropout[adapter] == "per_head" and dropout.training:
-            mixed = dropout(mixed)  # an independent mask for each head
-        mixed = mixed.flatten(-2)
-        if adapter in self.rlora_offset_A:
-            mixed = torch.cat([mixed, parts[-1] * -scaling], dim=-1)
-
-        if add_to is None:
-            return F.linear(mixed, up)
-        if add_to.dtype != up.dtype or add_to.dim() < 2:  # e.g. a bf16 base with fp32 adapter weights
-            return add_to + F.linear(mixed, up).to(add_to.dtype)
-        # addmm writes base + update in one pass, saving a (tokens, d_out) temporary and an add over it.
-        return torch.addmm(add_to.flatten(0, -2), mixed.flatten(0, -2), up.T).view(add_to.shape)
+        return routed_update(
+            x, down, up, rank=self.r[adapter], heads=self.num_heads[adapter], scaling=self.scaling[adapter],
+            temperature=self.router_temperature[adapter], offset=adapter in self.rlora_offset_A,
+            route=lambda probs: self.route(probs, adapter), dropout=dropout if dropout.training else None,
+            per_head_dropout=self.head_dropout[adapter] == "per_head", add_to=add_to,
+        )  # fmt: skip
 
     @property
     def routed_adapters(self) -> list[str]:
         """The active adapters that are R-LoRA adapters of this layer."""
         return [adapter for adapter in self.active_adapters if adapter in self.rlora_A]
 
-    def _stacked_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        """`down = [A ; W_g ; A0]` (rows: the router for more than one head, the offset path for `init: random`),
-        `up = [B_cat, Bbar0]`, and the row sizes of `down`: two matmuls instead of five. Concatenated at every
-        call (a few microseconds per layer), so they always reflect the weights as they are, however written."""
+    def _stacked_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """`down = [A ; W_g ; A0]` (rows: the router for more than one head, the offset path for `init: random`)
+        and `up = [B_cat, Bbar0]`: two matmuls instead of five. Concatenated at every call (a few microseconds
+        per layer), so they always reflect the weights as they are, however written."""
         down = [self.rlora_A[adapter]]
         if adapter in self.rlora_router:
             down.append(self.rlora_router[adapter])
@@ -233,7 +271,7 @@ class RLoraLayer(BaseTunerLayer):
         if adapter in self.rlora_offset_A:
             down.append(self.rlora_offset_A[adapter])
             up.append(self.rlora_offset_B[adapter])
-        return torch.cat(down), torch.cat(up, dim=-1), [t.shape[0] for t in down]
+        return torch.cat(down), torch.cat(up, dim=-1)
 
     def route(self, probs: torch.Tensor, adapter: str) -> torch.Tensor:
         """The gates applied to the heads from the router's softmax `probs (..., N)` (fp32): dense, the top-k
@@ -245,8 +283,7 @@ class RLoraLayer(BaseTunerLayer):
         if adapter in self.fixed_gates:
             gates = self.fixed_gates[adapter].to(probs).expand_as(probs)
         elif top_k and top_k < probs.shape[-1]:
-            kept, chosen = probs.topk(top_k, dim=-1)
-            gates = torch.zeros_like(probs).scatter(-1, chosen, kept / kept.sum(-1, keepdim=True))
+            gates, chosen = top_k_gates(probs, top_k)
         for observe in self.gate_observers:
             observe(self, probs, gates, chosen)
         return gates

@@ -24,6 +24,7 @@ from examples import multitask_data, prepare_smollm2
 from rlora_plugin import RLoraConfig
 from rlora_plugin.export import export_lora, loaded_mean_gates, main
 from rlora_plugin.routing import fixed_gates
+from rlora_plugin.vllm_plugin import hf_overrides
 
 pytestmark = pytest.mark.vllm
 
@@ -49,10 +50,16 @@ def greedy(model: torch.nn.Module, prompt: list[int], max_tokens: int) -> dict[s
     return {"ids": ids, "logprobs": logprobs, "gaps": gaps}
 
 
-def served_by_vllm(work: Path, base: Path, export: Path, prompts: list[list[int]], max_tokens: int) -> dict:
-    """`tests/vllm_serve.py` on the export, in a fresh process."""
-    rank = json.loads((export / "adapter_config.json").read_text())["r"]
-    job = dict(base=str(base), export=str(export), max_lora_rank=rank, prompts=prompts, max_tokens=max_tokens)
+def served_by_vllm(work: Path, base: Path, prompts: list[list[int]], max_tokens: int, export: Path | None = None,
+                   routed: Path | None = None) -> dict:  # fmt: skip
+    """`tests/vllm_serve.py` in a fresh process, on the `export` through vLLM's LoRA support or on the `routed`
+    adapter through the plugin (its architecture for the base's, as docs/export-and-serving.md says)."""
+    job = dict(base=str(base), prompts=prompts, max_tokens=max_tokens)
+    if export is not None:
+        job.update(export=str(export), max_lora_rank=json.loads((export / "adapter_config.json").read_text())["r"])
+    else:
+        (architecture,) = json.loads((base / "config.json").read_text())["architectures"]
+        job.update(hf_overrides=hf_overrides(str(routed), architecture))
     (work / "job.json").write_text(json.dumps(job))
     run = subprocess.run(
         [sys.executable, str(SERVE), str(work / "job.json"), str(work / "served.json")],
@@ -62,9 +69,9 @@ def served_by_vllm(work: Path, base: Path, export: Path, prompts: list[list[int]
     return json.loads((work / "served.json").read_text())
 
 
-def assert_same_replies(served: dict, expected: list[dict]) -> None:
+def assert_same_replies(served: dict, expected: list[dict], unadapted: list[list[int]] | None = None) -> None:
     """Every reply equal token for token, each chosen token's log-probability within fp32 tolerance, and the
-    adapter visibly served (some reply differs from vLLM's base model's)."""
+    adapter visibly served (some reply differs from the base model's: vLLM's, or `unadapted`)."""
     replies = zip(served["lora"], served["lora_logprobs"], expected, strict=True)
     for number, (ids, logprobs, reference) in enumerate(replies):
         if ids != reference["ids"]:
@@ -75,7 +82,8 @@ def assert_same_replies(served: dict, expected: list[dict]) -> None:
             )
         torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(reference["logprobs"]),
                                    atol=LOGPROB_ATOL, rtol=0, msg=lambda m, n=number: f"prompt {n}: {m}")  # fmt: skip
-    assert served["lora"] != served["base"], "the export changed no reply: was the LoRA served at all?"
+    base = served["base"] if unadapted is None else unadapted
+    assert served["lora"] != base, "the adapter changed no reply: was it served at all?"
 
 
 def tiny_base(family: str, out_dir: Path):  # noqa: ANN201
@@ -123,7 +131,7 @@ def test_tiny_export_served_by_vllm(tmp_path, family, gates):
     reference = load_rlora(base, adapter)
     with fixed_gates(reference, gates):
         expected = [greedy(reference, prompt, 16) for prompt in prompts]
-    assert_same_replies(served_by_vllm(tmp_path, base, export, prompts, 16), expected)
+    assert_same_replies(served_by_vllm(tmp_path, base, prompts, 16, export=export), expected)
 
 
 def test_smollm2_mean_gate_export_served_by_vllm(tmp_path):
@@ -151,4 +159,28 @@ def test_smollm2_mean_gate_export_served_by_vllm(tmp_path):
     prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompts]
     with fixed_gates(reference, gates):
         expected = [greedy(reference, prompt, 16) for prompt in prompts]
-    assert_same_replies(served_by_vllm(tmp_path, base, export, prompts, 16), expected)
+    assert_same_replies(served_by_vllm(tmp_path, base, prompts, 16, export=export), expected)
+
+
+@pytest.mark.parametrize(
+    ("family", "routing"),
+    [("llama", {}), ("qwen2", {"router_top_k": 2, "router_temperature": 0.7})],
+)
+def test_tiny_routed_adapter_served_by_vllm(tmp_path, family, routing):
+    """The routed adapter inside vLLM (the plugin), with its per-token router, replies as PEFT's routed model:
+    a random-init R-LoRA (its offset folded into the base weights) on all seven linear layers, moved as if
+    trained; dense routing on Llama, the saved top-2 of 3 heads at temperature 0.7 on Qwen2."""
+    base, adapter = tmp_path / "base", tmp_path / "rlora"
+    tokenizer = tiny_base(family, base)
+    config = RLoraConfig(target_modules=ALL_LINEAR, r=4, lora_alpha=8, num_heads=3, lora_dropout=0.0, **routing)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), config)
+    perturb(model, seed=5)
+    model.save_pretrained(adapter)
+
+    questions = dict.fromkeys(row["instruction"] for row in tiny_assets.alpaca_rows(16, seed=7))
+    prompts = [tokenizer(question)["input_ids"] for question in questions]
+    reference = load_rlora(base, adapter)
+    expected = [greedy(reference, prompt, 16) for prompt in prompts]
+    with reference.disable_adapter():
+        unadapted = [greedy(reference, prompt, 16)["ids"] for prompt in prompts]
+    assert_same_replies(served_by_vllm(tmp_path, base, prompts, 16, routed=adapter), expected, unadapted)

@@ -3,10 +3,11 @@ process, so the code that builds `LLM` needs a `__main__` guard):
 
     python tests/vllm_serve.py JOB_JSON OUT_JSON
 
-JOB_JSON: {"base": DIR, "export": DIR, "max_lora_rank": R, "prompts": [[token ids]], "max_tokens": N}.
-OUT_JSON: per prompt, the generated ids and each chosen token's log-probability, with the export served as
-a LoRA (`lora`, `lora_logprobs`) and without it (`base`, `base_logprobs`). Prompts go in as token ids so
-that both sides decode from the same tokens; `ignore_eos` makes every reply N tokens long.
+JOB_JSON: {"base": DIR, "prompts": [[token ids]], "max_tokens": N} and either "export": DIR, "max_lora_rank": R
+(the export served through vLLM's LoRA support) or "hf_overrides": {...} (the routed adapter, by the plugin).
+OUT_JSON: per prompt, the generated ids and each chosen token's log-probability, with the adapter (`lora`,
+`lora_logprobs`) and, for the export, without it (`base`, `base_logprobs`). Prompts go in as token ids so that
+both sides decode from the same tokens; `ignore_eos` makes every reply N tokens long.
 """
 
 from __future__ import annotations
@@ -20,21 +21,26 @@ def serve(job: dict) -> dict:
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
+    routed = "hf_overrides" in job
+    adapter = (
+        dict(hf_overrides=job["hf_overrides"])
+        if routed
+        else dict(enable_lora=True, max_lora_rank=job["max_lora_rank"], max_loras=1)
+    )
     llm = LLM(
         model=job["base"],
         dtype="float32",
         enforce_eager=True,
         max_model_len=512,
-        enable_lora=True,
-        max_lora_rank=job["max_lora_rank"],
-        max_loras=1,
         kv_cache_memory_bytes=512 * 2**20,  # else vLLM's CPU worker reserves 92% of the machine's memory
         seed=0,
+        **adapter,
     )
     params = SamplingParams(temperature=0, max_tokens=job["max_tokens"], ignore_eos=True, logprobs=0)
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job["prompts"]]
     result = {}
-    for name, lora in (("lora", LoRARequest("export", 1, job["export"])), ("base", None)):
+    runs = [("lora", None)] if routed else [("lora", LoRARequest("export", 1, job["export"])), ("base", None)]
+    for name, lora in runs:
         outputs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
         completions = [out.outputs[0] for out in outputs]
         result[name] = [list(c.token_ids) for c in completions]
