@@ -171,6 +171,10 @@ def test_axolotl_lm_eval_plugin_after_training_is_refused_with_the_command(tiny)
     """Axolotl's LMEvalPlugin would run `lm_eval --model hf --model_args pretrained=OUTPUT_DIR,...`, which cannot
     load an R-LoRA adapter: refused at validation, naming the key, and giving the command for each few-shot
     group of `lm_eval_tasks`."""
+    from axolotl.integrations.lm_eval import LMEvalArgs, LMEvalPlugin
+
+    assert f"{LMEvalPlugin.__module__}.{LMEvalPlugin.__name__}" == LM_EVAL_PLUGIN  # the names the refusal reads
+    assert {"lm_eval_tasks", "lm_eval_post_train", "lm_eval_batch_size"} <= set(LMEvalArgs.model_fields)
     with pytest.raises((ValidationError, ValueError)) as info:
         validated(lm_eval_cfg(tiny, lm_eval_batch_size=2))
     message = str(info.value)

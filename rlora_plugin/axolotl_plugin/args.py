@@ -135,9 +135,9 @@ def refuse_incompatible(data: dict, axolotl_keys: Any = ()) -> None:
 
 def refuse_post_train_lm_eval(data: dict) -> None:
     """Axolotl's LMEvalPlugin runs lm_eval's own `lm_eval` command on `pretrained=OUTPUT_DIR` after training:
-    that process never imports rlora_plugin and takes the adapter directory for a full model, so the run would
-    fail after training (or, with `lm_eval_model: BASE`, score the base model without the adapter). Refused
-    here with the command that evaluates base + R-LoRA adapter instead."""
+    that process never imports rlora_plugin and takes the adapter directory for a full model, so it fails after
+    training, or scores a model without the routed adapter (`lm_eval_model: BASE`; a DPO output directory, which
+    also holds Axolotl's `model.safetensors`). Refused here with the command that evaluates base + adapter."""
     tasks = data.get("lm_eval_tasks")
     if LM_EVAL_PLUGIN not in (data.get("plugins") or []) or not tasks or not data.get("lm_eval_post_train", True):
         return
