@@ -2,7 +2,7 @@
 # Install and run the test suites, each in its own venv under .venv/:
 #   axolotl-0.21.0     lint, fast tests, every Axolotl CLI run (the newest Axolotl and peft)
 #   axolotl-0.19.0     fast tests and the core CLI runs (train, resume, reload, inference, refusals,
-#                      quantized bases, DPO, DDP and DeepSpeed) on the Axolotl that declares Python 3.11
+#                      quantized bases, DPO, DDP and DeepSpeed, lm_eval) on the Axolotl that declares Python 3.11
 #   llamafactory-0.9.5 the PEFT-side tests on LLaMA-Factory's pinned peft/transformers, then its launcher
 #   vllm-0.32.0        the export tests on vLLM's pinned transformers, then the export served by vLLM (not in
 #                      the default list yet)
@@ -46,7 +46,7 @@ axolotl_suite() {  # axolotl_suite VERSION full|core
   if [ "$cli" = full ]; then
     python -m pytest -m cli
   else
-    python -m pytest -m cli tests/test_axolotl_cli.py tests/test_quantized.py tests/test_axolotl_dpo.py
+    python -m pytest -m cli tests/test_axolotl_cli.py tests/test_quantized.py tests/test_axolotl_dpo.py tests/test_lm_eval.py
     python -m pytest -m cli tests/test_multiprocess.py -k "ddp or zero"
   fi
 }

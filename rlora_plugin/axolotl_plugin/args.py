@@ -23,12 +23,14 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from rlora_plugin.config import RLoraConfig, Source, fields_from
 from rlora_plugin.host import Host, absolute_base
+from rlora_plugin.lm_eval import command as lm_eval_command
 from rlora_plugin.registration import PEFT_TYPE_NAME
 from rlora_plugin.saved import saved_peft_type
 
 from . import LOG
 
 ADAPTER_NAME = "rlora"
+LM_EVAL_PLUGIN = "axolotl.integrations.lm_eval.LMEvalPlugin"
 
 HOST = Host(
     name="Axolotl",
@@ -128,6 +130,41 @@ def refuse_incompatible(data: dict, axolotl_keys: Any = ()) -> None:
     loftq = peft.get("loftq_config") if isinstance(peft, dict) else getattr(peft, "loftq_config", None)
     if loftq:
         raise HOST.refusal("peft.loftq_config", loftq, "loftq")
+    refuse_post_train_lm_eval(data)
+
+
+def refuse_post_train_lm_eval(data: dict) -> None:
+    """Axolotl's LMEvalPlugin runs lm_eval's own `lm_eval` command on `pretrained=OUTPUT_DIR` after training:
+    that process never imports rlora_plugin and takes the adapter directory for a full model, so it fails after
+    training, or scores a model without the routed adapter (`lm_eval_model: BASE`; a DPO output directory, which
+    also holds Axolotl's `model.safetensors`). Refused here with the command that evaluates base + adapter."""
+    tasks = data.get("lm_eval_tasks")
+    if LM_EVAL_PLUGIN not in (data.get("plugins") or []) or not tasks or not data.get("lm_eval_post_train", True):
+        return
+    tasks = [tasks] if isinstance(tasks, str) else list(tasks)
+    by_fewshot: dict[str | None, list[str]] = {}  # Axolotl's `task:N` means N-shot
+    for task in tasks:
+        name, _, shots = str(task).partition(":")
+        by_fewshot.setdefault(shots or None, []).append(name)
+    base, output_dir = data.get("base_model", "BASE_MODEL"), data.get("output_dir", "./model-out")
+    commands = [
+        lm_eval_command(
+            base,
+            output_dir,
+            ["--tasks", ",".join(names), "--batch_size", str(data.get("lm_eval_batch_size") or 8)]
+            + (["--num_fewshot", shots] if shots else [])
+            + ["--output_path", f"{output_dir.rstrip('/')}/lm_eval_results"],
+        )
+        for shots, names in by_fewshot.items()
+    ]
+    raise HOST.error(
+        "lm_eval_tasks",
+        data["lm_eval_tasks"],
+        f"is not supported with `{LM_EVAL_PLUGIN}` after training: it runs lm_eval's own `lm_eval` command on "
+        "`pretrained=OUTPUT_DIR`, which never imports rlora_plugin and cannot load an R-LoRA adapter",
+        "set `lm_eval_post_train: false` (or remove `lm_eval_tasks`) and, after training, evaluate the base model "
+        f"with the adapter with lm_eval's options: `{' ; '.join(commands)}`",
+    )
 
 
 class RLoraArgs(BaseModel):
