@@ -158,7 +158,7 @@ def test_an_adapter_from_a_model_hub_id(vllm_process, tiny, tmp_path, monkeypatc
         ("tensor parallel", r"`tensor_parallel_size: 2` is not supported yet. Fix: serve on one device"),
         ("quantized base", r"a quantized base \(`quantization: fp8`\) is not supported yet"),
         ("dummy weights", r"`load_format: dummy` does not load weights through the model"),
-        ("other base", r"has A \(4, 256\), B \(128, 12\), but this base's layer needs \(4, 384\), \(128, 12\). Fix: serve"),
+        ("other base", r"A \(4, 256\), B \(128, 12\), but this base's layer needs \(4, 384\), \(128, 12\). Fix"),
         ("modules_to_save", r"saves full tensors besides its R-LoRA layers \(base_model.model.lm_head"),
     ],
 )
