@@ -212,3 +212,59 @@ def test_tiny_routed_adapter_served_by_vllm(tmp_path, family, routing):
     with reference.disable_adapter():
         unadapted = [greedy(reference, prompt, 16)["ids"] for prompt in prompts]
     assert_same_replies(served_by_vllm(tmp_path, base, prompts, 16, routed=adapter), expected, unadapted)
+
+
+def test_the_openai_server_answers_a_burst_of_chat_requests(tmp_path, smollm2):
+    """vLLM's OpenAI-compatible server with the routed adapter, on the loopback address: a burst of 24 concurrent
+    chat requests is answered in full, each greedy answer equals the same request's sent alone, and the server
+    stops cleanly on SIGINT. Bounded: every request times out after 120 s, the server after 300 s."""
+    import signal
+    import socket
+    import time
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    overrides = hf_overrides(str(smollm2.adapter), "LlamaForCausalLM")
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2.base),
+         "--served-model-name", "rlora", "--hf-overrides", json.dumps(overrides), "--dtype", "float32",
+         "--enforce-eager", "--max-model-len", "512", "--kv-cache-memory-bytes", str(512 * 2**20),
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+
+    def ask(question: str) -> str:
+        body = {"model": "rlora", "messages": [{"role": "user", "content": question}], "temperature": 0,
+                "max_tokens": 16}  # fmt: skip
+        request = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(),
+                                         {"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.load(response)["choices"][0]["message"]["content"]
+
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the server did not start in 300 s"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5):
+                    break
+            except OSError:
+                time.sleep(1)
+        _, test = multitask_data.generate(train_per_task=8, test_per_task=12)
+        questions = [item["prompt"] for item in test[::2]][:24]
+        with ThreadPoolExecutor(len(questions)) as pool:
+            burst = list(pool.map(ask, questions))
+        alone = [ask(question) for question in questions]
+    finally:
+        server.send_signal(signal.SIGINT)
+        code = server.wait(timeout=120)
+        log.close()
+    assert len(burst) == len(questions) and all(burst)
+    assert burst == alone
+    assert code == 0, (tmp_path / "server.log").read_text()[-3000:]
