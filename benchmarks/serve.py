@@ -161,10 +161,11 @@ def tables(all_results: dict) -> list[str]:
     for model, results in all_results.items():
         for n, variants in results.items():
             for variant, m in variants.items():
-                lines.append(f"| {MODELS[model]} | {n} | {VARIANTS[variant]} | "
-                             f"{statistics.median(m['tokens_per_s']):.1f} | {statistics.median(m['ttft_s']):.3f} |")  # fmt: skip
+                speed, ttft = statistics.median(m["tokens_per_s"]), statistics.median(m["ttft_s"])
+                lines.append(f"| {MODELS[model]} | {n} | {VARIANTS[variant]} | {speed:.1f} | {ttft:.3f} |")
     lines += ["", "## Paired throughput ratios (median over rounds, range in brackets) and the targets", "",
-              "| model | concurrent requests | ratio | tokens/s ratio | target | met |", "|---|---|---|---|---|---|"]  # fmt: skip
+              "| model | concurrent requests | ratio | tokens/s ratio | target | met |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
     for model, results in all_results.items():
         for n in results:
             for name, ((a, b), at, target) in TARGETS.items():
@@ -209,8 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)  # as vLLM's CPU worker runs on this machine (it reduces torch's threads to 1)
     started, load = time.time(), os.getloadavg()
     all_results = {model: run_model(model, args) for model in args.models}
-    (args.out / "serve.json").write_text(json.dumps({"args": vars(args) | {"work_dir": None, "out": None,
-                                                     "smollm2_dir": None}, "results": all_results}, indent=1))  # fmt: skip
+    recorded = {key: value for key, value in vars(args).items() if not isinstance(value, Path)}
+    (args.out / "serve.json").write_text(json.dumps({"args": recorded, "results": all_results}, indent=1))
     import vllm
 
     command = " ".join(["python -m benchmarks.serve", *(argv if argv is not None else sys.argv[1:])])

