@@ -4,9 +4,9 @@
 #   axolotl-0.19.0     fast tests and the core CLI runs (train, resume, reload, inference, refusals,
 #                      quantized bases, DPO, DDP and DeepSpeed, lm_eval) on the Axolotl that declares Python 3.11
 #   llamafactory-0.9.5 the PEFT-side tests on LLaMA-Factory's pinned peft/transformers, then its launcher
-#   vllm-0.32.0        the export tests on vLLM's pinned transformers, then the export served by vLLM (not in
-#                      the default list yet)
-# Usage: bash scripts/run-tests.sh [SUITE ...]   (default: the first three, in that order)
+#   vllm-0.32.0        the export tests on vLLM's pinned transformers, then the vLLM plugin's start-up and the
+#                      export and the routed adapter served by vLLM (CPU build)
+# Usage: bash scripts/run-tests.sh [SUITE ...]   (default: all four, in that order)
 # torch is pinned through constraints.txt (LLaMA-Factory's venv: see .ci/install-llamafactory.sh) so no
 # install pulls a CUDA build by accident. Every suite runs even when an earlier one fails; a summary per
 # suite ends the output, and the exit status is non-zero if any failed. Measured from a fresh clone, installs
@@ -16,7 +16,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 suites=("$@")
-[ ${#suites[@]} -gt 0 ] || suites=(axolotl-0.21.0 axolotl-0.19.0 llamafactory-0.9.5)
+[ ${#suites[@]} -gt 0 ] || suites=(axolotl-0.21.0 axolotl-0.19.0 llamafactory-0.9.5 vllm-0.32.0)
 
 activate() {  # a venv under .venv/ with an up-to-date pip
   [ -x ".venv/$1/bin/python" ] || python3 -m venv ".venv/$1"
