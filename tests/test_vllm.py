@@ -52,10 +52,11 @@ def greedy(model: torch.nn.Module, prompt: list[int], max_tokens: int) -> dict[s
 
 
 def served_by_vllm(work: Path, base: Path, prompts: list[list[int]], max_tokens: int, export: Path | None = None,
-                   routed: Path | None = None) -> dict:  # fmt: skip
+                   routed: Path | None = None, compiled: bool = False) -> dict:  # fmt: skip
     """`tests/vllm_serve.py` in a fresh process, on the `export` through vLLM's LoRA support or on the `routed`
-    adapter through the plugin (its architecture for the base's, as docs/export-and-serving.md says)."""
-    job = dict(base=str(base), prompts=prompts, max_tokens=max_tokens)
+    adapter through the plugin (its architecture for the base's, as docs/export-and-serving.md says); eager, or
+    `compiled` with torch.compile as vLLM runs by default."""
+    job = dict(base=str(base), prompts=prompts, max_tokens=max_tokens, enforce_eager=not compiled)
     if export is not None:
         job.update(export=str(export), max_lora_rank=json.loads((export / "adapter_config.json").read_text())["r"])
     else:
@@ -182,13 +183,14 @@ def test_smollm2_mean_gate_export_served_by_vllm(tmp_path, smollm2):
 
 
 @pytest.mark.parametrize(
-    ("family", "routing"),
-    [("llama", {}), ("qwen2", {"router_top_k": 2, "router_temperature": 0.7})],
+    ("family", "routing", "compiled"),
+    [("llama", {}, True), ("qwen2", {"router_top_k": 2, "router_temperature": 0.7}, False)],
 )
-def test_tiny_routed_adapter_served_by_vllm(tmp_path, family, routing):
+def test_tiny_routed_adapter_served_by_vllm(tmp_path, family, routing, compiled):
     """The routed adapter inside vLLM (the plugin), with its per-token router, replies as PEFT's routed model:
     a random-init R-LoRA (its offset folded into the base weights) on all seven linear layers, moved as if
-    trained; dense routing on Llama, the saved top-2 of 3 heads at temperature 0.7 on Qwen2."""
+    trained; dense routing on Llama, compiled (vLLM's default: the forward hooks traced by torch.compile), the
+    saved top-2 of 3 heads at temperature 0.7 on Qwen2, eager."""
     base, adapter = tmp_path / "base", tmp_path / "rlora"
     tokenizer = tiny_base(family, base)
     config = RLoraConfig(target_modules=ALL_LINEAR, r=4, lora_alpha=8, num_heads=3, lora_dropout=0.0, **routing)
@@ -202,7 +204,8 @@ def test_tiny_routed_adapter_served_by_vllm(tmp_path, family, routing):
     expected = [greedy(reference, prompt, 16) for prompt in prompts]
     with reference.disable_adapter():
         unadapted = [greedy(reference, prompt, 16)["ids"] for prompt in prompts]
-    assert_same_replies(served_by_vllm(tmp_path, base, prompts, 16, routed=adapter), expected, unadapted)
+    served = served_by_vllm(tmp_path, base, prompts, 16, routed=adapter, compiled=compiled)
+    assert_same_replies(served, expected, unadapted)
 
 
 def test_the_openai_server_serves_the_routed_adapter_under_load(tmp_path, smollm2):

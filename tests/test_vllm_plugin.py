@@ -136,6 +136,24 @@ def test_the_offset_is_folded_into_the_base_weights(vllm_process, tiny):
     assert adapted == len(ALL_LINEAR) * 2
 
 
+def test_vllm_compile_cache_is_keyed_by_the_adapter(vllm_process, tiny, tmp_path):
+    """vLLM keys its torch.compile cache by the config: another adapter at the same path gets another key, so a
+    compiled graph never runs with another adapter's constants."""
+    from vllm.compilation.caching import aot_compile_hash_factors
+
+    def compile_key(model: torch.nn.Module) -> list[str]:
+        return aot_compile_hash_factors(model.model.vllm_config)  # the compiled module's config
+
+    path = tmp_path / "adapter"
+    shutil.copytree(tiny["llama-rlora"], path)
+    first = build(tiny["llama"], routed(tiny, adapter=path))
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps(config | {"lora_alpha": config["lora_alpha"] * 2}))
+    second = build(tiny["llama"], routed(tiny, adapter=path))
+    assert first.rlora_hf_config.rlora_adapter_sha256 != second.rlora_hf_config.rlora_adapter_sha256
+    assert compile_key(first) != compile_key(second)
+
+
 def test_an_adapter_from_a_model_hub_id(vllm_process, tiny, tmp_path, monkeypatch):
     """`rlora_adapter: ORG/NAME` is fetched as the hub's snapshot (here from the hub cache, offline)."""
     snapshot = tmp_path / "hub" / "models--org--rlora-tiny" / "snapshots" / ("0" * 40)

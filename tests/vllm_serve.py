@@ -4,7 +4,8 @@ process, so the code that builds `LLM` needs a `__main__` guard):
     python tests/vllm_serve.py JOB_JSON OUT_JSON
 
 JOB_JSON: {"base": DIR, "prompts": [[token ids]], "max_tokens": N} and either "export": DIR, "max_lora_rank": R
-(the export served through vLLM's LoRA support) or "hf_overrides": {...} (the routed adapter, by the plugin).
+(the export served through vLLM's LoRA support) or "hf_overrides": {...} (the routed adapter, by the plugin);
+optionally "enforce_eager": false (vLLM's default, torch.compile).
 OUT_JSON: per prompt, the generated ids and each chosen token's log-probability, with the adapter (`lora`,
 `lora_logprobs`) and, for the export, without it (`base`, `base_logprobs`). Prompts go in as token ids so that
 both sides decode from the same tokens; `ignore_eos` makes every reply N tokens long.
@@ -30,7 +31,7 @@ def serve(job: dict) -> dict:
     llm = LLM(
         model=job["base"],
         dtype="float32",
-        enforce_eager=True,
+        enforce_eager=job.get("enforce_eager", True),
         max_model_len=512,
         kv_cache_memory_bytes=512 * 2**20,  # else vLLM's CPU worker reserves 92% of the machine's memory
         seed=0,

@@ -10,6 +10,7 @@ weights are read. The adapter's tensors stay in fp32 as in PEFT (the update is a
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
@@ -142,7 +143,7 @@ class RoutedAdapter:
                 "use load_format auto (or safetensors, pt)",
             )
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.rlora_source, self.rlora_attached = source, False
+        self.rlora_source, self.rlora_attached, self.rlora_hf_config = source, False, hf_config
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         if self.rlora_attached:
@@ -152,7 +153,14 @@ class RoutedAdapter:
                 "start a new server to serve new weights",
             )
         loaded = super().load_weights(weights)
-        self.attach_adapter(adapter_dir(self.rlora_source))
+        directory = adapter_dir(self.rlora_source)
+        self.attach_adapter(directory)
+        # vLLM's torch.compile cache is keyed by the model config: the adapter's content goes into it, since the
+        # compiled graph holds its settings (scaling, top-k, temperature) as constants.
+        digest = hashlib.sha256()
+        for name in (CONFIG, WEIGHTS):
+            digest.update((directory / name).read_bytes())
+        self.rlora_hf_config.rlora_adapter_sha256 = digest.hexdigest()
         return loaded
 
     @torch.no_grad()
