@@ -1,7 +1,12 @@
-"""The frozen-gate export served by vLLM's own LoRA support (`enable_lora`, `LoRARequest`) replies, greedy and
-token for token, as PEFT's R-LoRA model does with its gates fixed to the same constants (`fixed_gates`): on
-tiny random Llama- and Qwen2-family models adapted on every linear layer (so vLLM's fused `qkv_proj` and
-`gate_up_proj` carry it) and on the CPU example's SmolLM2-135M-Instruct with mean gates.
+"""vLLM replies, greedy and token for token, as PEFT does:
+
+- the frozen-gate export served by vLLM's own LoRA support (`enable_lora`, `LoRARequest`), as PEFT's R-LoRA
+  model with its gates fixed to the same constants (`fixed_gates`);
+- the routed adapter served by the plugin (rlora_plugin.vllm_plugin), as PEFT's routed model;
+
+on tiny random Llama- and Qwen2-family models adapted on every linear layer (so vLLM's fused `qkv_proj` and
+`gate_up_proj` carry it) and on the CPU example's SmolLM2-135M-Instruct, the routed one through the
+OpenAI-compatible server under a burst of concurrent requests.
 
 Runs only in the vLLM venv: `python -m pytest -m vllm tests/test_vllm.py` (`bash scripts/run-tests.sh vllm-0.32.0`).
 """
