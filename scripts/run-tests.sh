@@ -10,8 +10,9 @@
 # torch is pinned through constraints.txt (LLaMA-Factory's venv: see .ci/install-llamafactory.sh) so no
 # install pulls a CUDA build by accident. Every suite runs even when an earlier one fails; a summary per
 # suite ends the output, and the exit status is non-zero if any failed. Measured from a fresh clone, installs
-# included: 26-29 minutes on 2 quiet cores, 61 minutes on 2 cores shared with other jobs. The three venvs take
-# about 17 GB of disk (about 21 GB with the example's .venv/example).
+# included: the first three suites 26-29 minutes on 2 quiet cores, 61 minutes on 2 cores shared with other jobs;
+# the vLLM suite 40 minutes on 2 cores shared with other suites. The four venvs take
+# about 21 GB of disk (about 25 GB with the example's .venv/example).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
