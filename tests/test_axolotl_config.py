@@ -10,7 +10,7 @@ os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 
 import torch  # noqa: E402
 from axolotl.integrations.base import PluginManager  # noqa: E402
-from axolotl_validation import validated  # noqa: E402
+from axolotl_validation import make_cfg, validated  # noqa: E402
 from hub_cache import cache_as_downloaded  # noqa: E402
 from peft import PeftModel  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
@@ -18,30 +18,6 @@ from pydantic import ValidationError  # noqa: E402
 from rlora_plugin import RLoraConfig  # noqa: E402
 from rlora_plugin.axolotl_plugin.args import RLoraArgs, RLoraOptions, build_rlora_config  # noqa: E402
 from rlora_plugin.axolotl_plugin.plugin import RLoraPlugin  # noqa: E402
-
-PLUGIN = "rlora_plugin.RLoraPlugin"
-
-
-def make_cfg(tiny, **overrides) -> dict:
-    cfg = {
-        "base_model": str(tiny["model"]),
-        "plugins": [PLUGIN],
-        "adapter": "rlora",
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.1,
-        "lora_target_linear": True,
-        "datasets": [{"path": str(tiny["alpaca"]), "ds_type": "json", "type": "alpaca"}],
-        "sequence_len": 64,
-        "micro_batch_size": 1,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 1e-3,
-        "output_dir": "/tmp/rlora-unused-output",
-        "bf16": False,
-        "fp16": False,
-    }
-    cfg.update(overrides)
-    return {k: v for k, v in cfg.items() if v is not None}
 
 
 def refused(cfg: dict) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from axolotl_validation import validated
+from axolotl_validation import PLUGIN, make_cfg, validated
 from peft import PeftModel, get_peft_model
 from pydantic import ValidationError
 from tiny_models import perturb
@@ -149,22 +149,8 @@ def test_missing_lm_eval_names_the_install_fix(monkeypatch):
 
 
 def lm_eval_cfg(tiny, **overrides) -> dict:
-    cfg = {
-        "base_model": str(tiny["model"]),
-        "plugins": ["rlora_plugin.RLoraPlugin", LM_EVAL_PLUGIN],
-        "adapter": "rlora",
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_target_linear": True,
-        "datasets": [{"path": str(tiny["alpaca"]), "ds_type": "json", "type": "alpaca"}],
-        "sequence_len": 64,
-        "micro_batch_size": 1,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 1e-3,
-        "output_dir": "/tmp/rlora-unused-output",
-        "lm_eval_tasks": ["arc_easy", "hellaswag:10"],
-    }
-    return {key: value for key, value in {**cfg, **overrides}.items() if value is not None}
+    overrides = {"plugins": [PLUGIN, LM_EVAL_PLUGIN], "lm_eval_tasks": ["arc_easy", "hellaswag:10"], **overrides}
+    return make_cfg(tiny, **overrides)
 
 
 def test_axolotl_lm_eval_plugin_after_training_is_refused_with_the_command(tiny):
@@ -189,7 +175,7 @@ def test_axolotl_lm_eval_plugin_after_training_is_refused_with_the_command(tiny)
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(lm_eval_post_train=False), dict(lm_eval_tasks=[]), dict(plugins=["rlora_plugin.RLoraPlugin"])],
+    [dict(lm_eval_post_train=False), dict(lm_eval_tasks=[]), dict(plugins=[PLUGIN])],
     ids=["not-after-training", "no-tasks", "no-lm-eval-plugin"],
 )
 def test_axolotl_lm_eval_plugin_that_runs_nothing_is_accepted(tiny, overrides):
