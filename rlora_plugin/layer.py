@@ -52,9 +52,11 @@ def frozen_gate_lora(
     return torch.cat([lora_a, offset_a]), torch.cat([mixed, -scaling * offset_b], dim=1)
 
 
-def top_k_gates(probs: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def top_k_gates(probs: torch.Tensor, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The router's top-k: the `top_k` largest of `probs (..., N)` renormalized to sum to 1, the others 0, and the
-    indices kept."""
+    indices kept; `probs` themselves and None (dense routing) when `top_k` is None, 0 or at least N."""
+    if not top_k or top_k >= probs.shape[-1]:
+        return probs, None
     kept, chosen = probs.topk(top_k, dim=-1)
     return torch.zeros_like(probs).scatter(-1, chosen, kept / kept.sum(-1, keepdim=True)), chosen
 
@@ -277,13 +279,10 @@ class RLoraLayer(BaseTunerLayer):
         """The gates applied to the heads from the router's softmax `probs (..., N)` (fp32): dense, the top-k
         renormalized over the kept k, or constants fixed by `rlora_plugin.routing.fixed_gates`. Every
         `gate_observers` callable sees `probs`, the gates and the top-k choice (None when dense)."""
-        top_k = self.router_top_k.get(adapter)
-        chosen = None
-        gates = probs
         if adapter in self.fixed_gates:
-            gates = self.fixed_gates[adapter].to(probs).expand_as(probs)
-        elif top_k and top_k < probs.shape[-1]:
-            gates, chosen = top_k_gates(probs, top_k)
+            gates, chosen = self.fixed_gates[adapter].to(probs).expand_as(probs), None
+        else:
+            gates, chosen = top_k_gates(probs, self.router_top_k.get(adapter))
         for observe in self.gate_observers:
             observe(self, probs, gates, chosen)
         return gates

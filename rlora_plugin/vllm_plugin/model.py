@@ -77,10 +77,10 @@ class RoutedPart(nn.Module):
             routed_update, rank=config.r, heads=heads, scaling=adapter_scaling(config),
             temperature=config.router_temperature, route=self.gates,
         )  # fmt: skip
-        self.top_k = config.router_top_k if config.router_top_k and config.router_top_k < heads else None
+        self.top_k = config.router_top_k
 
     def gates(self, probs: torch.Tensor) -> torch.Tensor:
-        return probs if self.top_k is None else top_k_gates(probs, self.top_k)[0]
+        return top_k_gates(probs, self.top_k)[0]
 
     def add_to(self, output: torch.Tensor, x: torch.Tensor) -> None:
         output[..., self.start : self.stop] += self.update(x.to(self.down.dtype), self.down, self.up).to(output.dtype)
