@@ -32,6 +32,7 @@ from peft import PeftModel, get_peft_model
 from benchmarks.generate import qwen25_05b_config
 from benchmarks.speed.counts import MLP
 from benchmarks.speed.report import RESULTS, machine
+from benchmarks.tiny_assets import perturb
 from examples import prepare_smollm2
 from rlora_plugin import RLoraConfig
 from rlora_plugin.export import export_lora
@@ -68,11 +69,7 @@ def prepare(model: str, work: Path, smollm2_dir: Path | None) -> tuple[Path, Pat
     if not (export / "adapter_config.json").exists():
         config = RLoraConfig(target_modules=list(MLP), r=8, lora_alpha=16, num_heads=5)
         peft_model = get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base), config)
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():  # move every trainable weight away from its initial value, as training would
-            for p in peft_model.parameters():
-                if p.requires_grad:
-                    p.add_(0.05 * torch.randn(p.shape, generator=generator))
+        perturb(peft_model, seed=0)
         peft_model.save_pretrained(adapter)
         export_lora(adapter, export, "uniform")
     return base, adapter, export

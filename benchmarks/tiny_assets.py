@@ -10,6 +10,9 @@ import json
 import random
 from pathlib import Path
 
+import torch
+from torch import nn
+
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -94,7 +97,6 @@ def build_tokenizer(out_dir: Path, corpus: list[str]):
 
 def build_model(out_dir: Path, tokenizer, seed: int = 0):
     """A random `LlamaForCausalLM` (hidden 64, 2 layers, GQA) saved as safetensors in out_dir."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -137,3 +139,12 @@ if __name__ == "__main__":
     import sys
 
     print(build_assets(Path(sys.argv[1] if len(sys.argv) > 1 else "tiny_assets")))
+
+
+def perturb(model: nn.Module, seed: int = 3) -> None:
+    """Move every trainable adapter weight away from its initial value, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))

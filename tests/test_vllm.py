@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from axolotl_runs import free_port
 from peft import PeftModel, get_peft_model
 from tiny_models import perturb
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -220,14 +221,11 @@ def test_the_openai_server_serves_the_routed_adapter_under_load(tmp_path, smollm
     decode of the same prompt; the first 24, sent again one at a time, get the same replies; the server stops
     cleanly on SIGINT. Bounded: each request times out after 120 s, the start after 300 s, the stop after 120 s."""
     import signal
-    import socket
     import time
     import urllib.request
     from concurrent.futures import ThreadPoolExecutor
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     overrides = hf_overrides(str(smollm2.adapter), "LlamaForCausalLM")
     log = (tmp_path / "server.log").open("w")
     server = subprocess.Popen(

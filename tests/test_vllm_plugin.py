@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from axolotl_runs import free_port
 from peft import get_peft_model
 from test_vllm import ALL_LINEAR, tiny_base
 from tiny_models import perturb
@@ -46,9 +46,7 @@ def one_rank_worker() -> None:
     from vllm.distributed import init_distributed_environment, initialize_model_parallel, model_parallel_is_initialized
 
     if not model_parallel_is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         init_distributed_environment(1, 0, f"tcp://127.0.0.1:{port}", 0, backend="gloo")
         initialize_model_parallel(1, 1)
 

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from benchmarks.tiny_assets import perturb  # noqa: F401  (the tests' name for it)
 from rlora_plugin import RLoraLinear
 
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -50,12 +51,3 @@ def model_with(**kwargs) -> nn.Module:
 
 def adapted_layers(model: nn.Module) -> list[RLoraLinear]:
     return [m for m in model.modules() if isinstance(m, RLoraLinear)]
-
-
-def perturb(model: nn.Module, seed: int = 3) -> None:
-    """Move every trainable adapter weight away from its initial value, as training would."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
