@@ -22,8 +22,19 @@ from transformers import AutoModelForCausalLM
 from benchmarks.quality import __main__ as quality
 from benchmarks.quality.__main__ import FULL, QUICK, run_key, write_data
 from benchmarks.quality.methods import METHODS, Recipe, target_shapes, training_config
-from benchmarks.quality.paired import paired_difference
-from benchmarks.quality.results import Run, one_per_line, paired_table, read_runs, recorded_runs, sweep_table
+from benchmarks.quality.paired import Contrast, paired_difference, paired_differences
+from benchmarks.quality.results import (
+    Run,
+    compare,
+    contrasts,
+    environments,
+    one_per_line,
+    paired_table,
+    per_task_table,
+    read_runs,
+    recorded_runs,
+    sweep_table,
+)
 from benchmarks.quality.scoring import FROZEN, Scores
 from benchmarks.quality.tasks import MIXTURE, first_letters, unit_conversion
 from benchmarks.speed.counts import equal_param_rank, lora_params, rlora_params
@@ -92,6 +103,14 @@ def test_reuse_refuses_a_record_without_its_key(tmp_path):
     path.write_text(json.dumps({"runs": [old], "sweep": []}))
     with pytest.raises(SystemExit, match=r"quality.json: lora lr 0.001 recorded without the key of its YAML"):
         read_runs(path)
+
+
+def test_recorded_only_needs_records(capsys):
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--recorded-only"])
+    assert (
+        "--recorded-only writes the tables from records: give them with --reuse QUALITY_JSON" in capsys.readouterr().err
+    )
 
 
 def test_sweep_table_marks_the_rate_chosen_on_validation_and_shows_test_beside_it():
@@ -170,10 +189,49 @@ def test_records_keep_every_reply_and_the_accuracies_derive_from_them(tmp_path):
 def test_paired_table_compares_each_trained_method_with_rlora():
     runs = [run_with("base", 0, replies_with(0)), run_with("lora", 0, replies_with(20, 20)),
             *(run_with("rlora", seed, replies_with(10, 10)) for seed in (0, 1))]  # fmt: skip
-    lines = paired_table(list(METHODS.values()), runs, ITEMS)
+    named = contrasts(["a", "b"])
+    lines = paired_table(compare(list(METHODS.values()), runs, ITEMS, named))
     assert lines[:2] == ["| method | seeds | minus R-LoRA | 95% interval | resolved |", "|---|---|---|---|---|"]
     assert lines[2:] == ["| LoRA, same r | 1 | +0.500 | +0.350 to +0.650 | yes |"]  # base is not compared
-    assert paired_table(list(METHODS.values()), runs[:2], ITEMS) == []  # no R-LoRA run: nothing to compare with
+    assert compare(list(METHODS.values()), runs[:2], ITEMS, named) == []  # no R-LoRA run: nothing to compare with
+
+
+def test_contrasts_measure_each_task_and_whether_a_conflicting_pair_differs_from_the_rest():
+    # A method that wins 8 items of task a over the reference and is level on task b: half of that on average,
+    # all of it on a; with a as the "conflicting" group, the pair's gain less the others' is a's whole gain.
+    named = contrasts(["a", "b"], conflicting=("a",))
+    assert list(named) == ["average", "a", "b", "the conflicting pair", "the other tasks", "pair minus the others"]
+    assert named["pair minus the others"] == Contrast(("a",), minus=("b",))
+    diffs = paired_differences([replies_with(18, 5)], [replies_with(10, 5)], ITEMS, named, rounds=2000)
+    assert diffs["average"].mean == pytest.approx(0.2) and diffs["a"].mean == pytest.approx(0.4)
+    assert diffs["b"] == paired_differences([replies_with(18, 5)], [replies_with(10, 5)], ITEMS, named)["b"]
+    assert (diffs["b"].mean, diffs["b"].low, diffs["b"].high) == (0.0, 0.0, 0.0)
+    assert diffs["the conflicting pair"] == diffs["a"] and diffs["pair minus the others"].mean == pytest.approx(0.4)
+    assert diffs["a"].resolved and diffs["pair minus the others"].resolved and not diffs["b"].resolved
+    # The average is the one paired_difference measures, on the same draws.
+    assert diffs["average"] == paired_difference([replies_with(18, 5)], [replies_with(10, 5)], ITEMS, rounds=2000)
+    assert list(contrasts(["a", "b"], conflicting=("a", "b"))) == ["average", "a", "b"]  # no other tasks: no groups
+
+
+def test_per_task_table_has_a_row_per_contrast_and_the_references_own_accuracy():
+    runs = [run_with("lora", 0, replies_with(18, 5)), run_with("rlora", 0, replies_with(10, 5))]
+    named = contrasts(["a", "b"], conflicting=("a",))
+    lines = per_task_table(compare(list(METHODS.values()), runs, ITEMS, named), runs, named)
+    assert lines[0] == "| task | R-LoRA | LoRA, same r |" and len(lines) == 2 + 5
+    assert lines[2].startswith("| a | 0.50 | **+0.40** (") and lines[3] == "| b | 0.25 | +0.00 (+0.00, +0.00) |"
+    assert lines[4].startswith("| the conflicting pair | 0.50 | **+0.40** (")
+    assert lines[6].startswith("| pair minus the others | +0.25 | **+0.40** (")
+
+
+def test_the_header_says_where_the_runs_were_made_not_where_the_table_is_written():
+    here, there = ["- CPU: A", "- axolotl 1"], ["- CPU: B", "- axolotl 2"]
+    runs = [run_with("lora", seed, replies_with(1)) for seed in range(3)]
+    for run, made in zip(runs, (here, here, there), strict=True):
+        run.environment = made
+    assert environments(runs[:2]) == here
+    assert environments(runs) == ["- 2 runs: CPU: A; axolotl 1", "- 1 runs: CPU: B; axolotl 2"]
+    runs[2].environment = None  # recorded before environments were kept
+    assert environments(runs)[1] == "- 1 runs: environment not recorded"
 
 
 def test_reply_parsing():
@@ -242,6 +300,10 @@ def test_quick_benchmark_end_to_end(tmp_path):
     runs = json.loads((out / "quality.json").read_text())["runs"]
     assert [run["method"] for run in runs] == ["base", "lora", "rlora"]
     table = (out / "quality.md").read_text()
+    # Each trained run records where it was made, and the header says so; a row per task against R-LoRA.
+    assert runs[1]["environment"] == runs[2]["environment"] and runs[1]["environment"][0].startswith("- CPU: ")
+    assert "\n".join(runs[1]["environment"]) in table
+    assert all(f"\n| {task} | " in table.split("### Per task")[1] for task in QUICK.tasks)
     assert set(runs[0]["scores"]["test"]) == {*QUICK.tasks, "average"}
     for run in runs[1:]:
         assert set(run["scores"]["test"]) == {*QUICK.tasks, "average"}

