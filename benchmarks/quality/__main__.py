@@ -214,10 +214,9 @@ def run_key(described: str, work_dir: Path) -> str:
     return content_key(described.encode())
 
 
-def finished(cfg: dict, run_dir: Path) -> bool:
-    """Whether `run_dir` holds a finished training run of this YAML."""
+def finished(text: str, run_dir: Path) -> bool:
+    """Whether `run_dir` holds a finished training run of the YAML `text`."""
     config_file = run_dir / "config.yml"
-    text = yaml.safe_dump(cfg, sort_keys=False)
     return (run_dir / "wall_seconds.json").exists() and config_file.exists() and config_file.read_text() == text
 
 
@@ -226,7 +225,7 @@ def train(cfg: dict, run_dir: Path) -> float:
     of the same YAML."""
     config_file, done = run_dir / "config.yml", run_dir / "wall_seconds.json"
     text = yaml.safe_dump(cfg, sort_keys=False)
-    if finished(cfg, run_dir):
+    if finished(text, run_dir):
         print(f"{run_dir.name}: cached", flush=True)
         return json.loads(done.read_text())
     print(f"{time.strftime('%H:%M:%S')} {run_dir.name}: training", flush=True)
@@ -302,11 +301,12 @@ def main(argv: list[str] | None = None) -> Path:
         rank, params = rank_and_params(method, shapes, args.r, args.heads)
         run_dir = work_dir / "runs" / f"{method.key}-lr{lr:g}-seed{seed}"
         cfg = training_config(method, recipe, rank, lr, seed, run_dir / "adapter")
-        key = run_key(yaml.safe_dump(cfg, sort_keys=False), work_dir)
+        text = yaml.safe_dump(cfg, sort_keys=False)
+        key = run_key(text, work_dir)
         if key in recorded and (recorded[key].scores.replies is not None or not replies):
             print(f"{run_dir.name}: recorded in --reuse", flush=True)
             return recorded[key]
-        if args.recorded_only and not finished(cfg, run_dir):
+        if args.recorded_only and not finished(text, run_dir):
             print(f"{run_dir.name}: not recorded, not trained (--recorded-only)", flush=True)
             return None
         seconds = train(cfg, run_dir)
