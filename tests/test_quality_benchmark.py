@@ -229,9 +229,9 @@ def test_the_header_says_where_the_runs_were_made_not_where_the_table_is_written
     for run, made in zip(runs, (here, here, there), strict=True):
         run.environment = made
     assert environments(runs[:2]) == here
-    assert environments(runs) == ["- 2 runs: CPU: A; axolotl 1", "- 1 runs: CPU: B; axolotl 2"]
+    assert environments(runs) == ["- 2 runs: CPU: A; axolotl 1", "- 1 run: CPU: B; axolotl 2"]
     runs[2].environment = None  # recorded before environments were kept
-    assert environments(runs)[1] == "- 1 runs: environment not recorded"
+    assert environments(runs)[1] == "- 1 run: environment not recorded"
 
 
 def test_reply_parsing():

@@ -43,7 +43,8 @@ def environments(trained: list[Run]) -> list[str]:
     made = Counter(tuple(run.environment or ["- environment not recorded"]) for run in trained)
     if len(made) <= 1:
         return list(next(iter(made), ()))
-    return [f"- {count} runs: " + "; ".join(line.removeprefix("- ") for line in lines) for lines, count in made.items()]
+    return [f"- {count} run{'s' * (count > 1)}: " + "; ".join(line.removeprefix("- ") for line in lines)
+            for lines, count in made.items()]  # fmt: skip
 
 
 def best_rate(tried: list[Run]) -> float:
