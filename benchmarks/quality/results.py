@@ -43,7 +43,7 @@ def environments(trained: list[Run]) -> list[str]:
     made = Counter(tuple(run.environment or ["- environment not recorded"]) for run in trained)
     if len(made) <= 1:
         return list(next(iter(made), ()))
-    return [f"- {count} run{'s' * (count > 1)}: " + "; ".join(line.removeprefix("- ") for line in lines)
+    return [f"- {count} {'run' if count == 1 else 'runs'}: " + "; ".join(line.removeprefix("- ") for line in lines)
             for lines, count in made.items()]  # fmt: skip
 
 
