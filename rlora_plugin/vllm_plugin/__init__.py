@@ -10,6 +10,7 @@ process from the `vllm.general_plugins` entry point; it adds one architecture pe
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -48,15 +49,23 @@ def register() -> None:
               parameters=("architectures", "model_config"))  # fmt: skip
 
 
+def routed_architecture(architectures: str | list[str] | None) -> str | None:
+    """The R-LoRA architecture that serves a base listing `architectures` (its config.json's), if any."""
+    listed = [architectures] if isinstance(architectures, str) else architectures or []
+    return next((ARCHITECTURES[base] for base in listed if base in ARCHITECTURES), None)
+
+
 def _refusing_an_adapter_on_the_base(inspect_model_cls: Callable) -> Callable:
     """vLLM resolves the served architecture once per model config, before anything loads: with `rlora_adapter`
     in --hf-overrides and a base architecture, vLLM would serve the base model and ignore the adapter."""
+    signature = inspect.signature(inspect_model_cls)
 
-    def inspect(self: Any, architectures: str | list[str], model_config: Any) -> tuple[Any, str]:
-        info, architecture = inspect_model_cls(self, architectures, model_config)
-        source = getattr(model_config.hf_config, ADAPTER_KEY, None)
+    def refusing_inspect_model_cls(*args: Any, **kwargs: Any) -> tuple[Any, str]:
+        info, architecture = inspect_model_cls(*args, **kwargs)
+        call = signature.bind(*args, **kwargs).arguments
+        source = getattr(call["model_config"].hf_config, ADAPTER_KEY, None)
         if source is not None and architecture not in ARCHITECTURES.values():
-            ours = ARCHITECTURES.get(architecture)
+            ours = routed_architecture(call["architectures"])
             raise refusal(
                 f"`{ADAPTER_KEY}: {source}` is set in --hf-overrides, but the architecture served is "
                 f"`{architecture}`, which ignores it: vLLM would serve the base model",
@@ -66,7 +75,7 @@ def _refusing_an_adapter_on_the_base(inspect_model_cls: Callable) -> Callable:
             )  # fmt: skip
         return info, architecture
 
-    return inspect
+    return refusing_inspect_model_cls
 
 
 def hf_overrides(adapter: str, base_architecture: str) -> dict:

@@ -28,7 +28,7 @@ from ..layer import adapter_scaling, routed_update, top_k_gates
 from ..patching import HostChanged, private_attribute
 from ..routing import PEFT_PREFIX
 from ..saved import CONFIG, WEIGHTS, read_adapter
-from . import ADAPTER_KEY, ARCHITECTURES, CHECKED, refusal
+from . import ADAPTER_KEY, ARCHITECTURES, CHECKED, refusal, routed_architecture
 
 
 def adapter_dir(source: str) -> Path:
@@ -94,11 +94,11 @@ class RoutedAdapter:
                 "(one R-LoRA adapter per server)",
             )
         if hf_config.model_type not in self.model_types:
-            right = [ours for base, ours in ARCHITECTURES.items() if base in (hf_config.architectures or [])]
+            ours = routed_architecture(hf_config.architectures)
             raise refusal(
                 f"`{name}` serves {'/'.join(self.model_types)} bases, but this base's model_type is "
                 f"`{hf_config.model_type}`",
-                f"name {right[0] if right else 'the R-LoRA architecture of its family'} in --hf-overrides' "
+                f"name {ours or 'the R-LoRA architecture of its family'} in --hf-overrides' "
                 f"`architectures` (supported: {', '.join(ARCHITECTURES.values())})",
             )
         parallel = vllm_config.parallel_config
