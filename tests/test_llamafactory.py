@@ -412,6 +412,7 @@ def test_misspelled_key_refused_by_the_command(lf, tiny, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.xdist_group("trained")  # one pytest worker for the tests of `trained`
 def test_train_saves_an_rlora_adapter_that_reloads_exactly(trained, tiny):
     out = trained["out"]
     config = json.loads((out / "adapter_config.json").read_text())
@@ -434,6 +435,7 @@ def test_train_saves_an_rlora_adapter_that_reloads_exactly(trained, tiny):
     assert (reloaded - plain).abs().max() > 1e-3  # the adapter trained, so matching it means something
 
 
+@pytest.mark.xdist_group("trained")
 def test_resume_from_checkpoint_matches_the_uninterrupted_run(trained, tiny):
     work, out = trained["work"], trained["out"]
     resumed = work / "resumed"
@@ -454,6 +456,7 @@ def one_process(lf, tiny, tmp_path_factory) -> Path:
     return work / "one"
 
 
+@pytest.mark.xdist_group("one_process")  # one pytest worker for the tests of `one_process`
 @pytest.mark.parametrize("mode", list(DEEPSPEED))
 def test_two_processes_match_one(one_process, tiny, tmp_path, mode):
     """Two CPU processes (the launcher runs itself under torchrun) with DDP, DeepSpeed ZeRO-2 or ZeRO-3 give the
@@ -505,6 +508,7 @@ def test_dpo_reference_is_the_model_without_the_adapter(lf, tiny, tmp_path):
     assert "rlora/router_entropy" in logs[-1]
 
 
+@pytest.mark.xdist_group("trained")
 def test_chat_loads_the_adapter_by_its_hub_id_unmerged_and_generates(trained, tiny):
     """The adapter as a hub user gets it: by its model-hub id (from the hub cache, offline, as after a
     download). finetuning_type: lora is LLaMA-Factory's default; the adapter's own config says it is R-LoRA."""
@@ -548,6 +552,7 @@ def _serving(work: Path, command: str, cfg: dict, **env: str) -> Iterator[Callab
             server.wait(timeout=60)
 
 
+@pytest.mark.xdist_group("trained")
 def test_api_serves_the_adapter_unmerged(trained, tiny):
     work, port = trained["work"], free_port()
     body = json.dumps(
@@ -562,6 +567,7 @@ def test_api_serves_the_adapter_unmerged(trained, tiny):
     assert f"Loaded the R-LoRA adapter {trained['out']} unmerged" in (work / "api.log").read_text()
 
 
+@pytest.mark.xdist_group("trained")
 def test_webchat_loads_the_adapter_unmerged(trained, tiny):
     """LLaMA-Factory's web demo loads the model from the config at start-up, through the same adapter path."""
     work, port = trained["work"], free_port()
@@ -573,6 +579,7 @@ def test_webchat_loads_the_adapter_unmerged(trained, tiny):
     assert f"Loaded the R-LoRA adapter {trained['out']} unmerged" in log and "Merged" not in log
 
 
+@pytest.mark.xdist_group("trained")
 def test_export_refused_and_its_fix_works(trained, tiny):
     work = trained["work"]
     cfg = inference_cfg(trained, tiny, finetuning_type="lora", export_dir=str(work / "merged"))
