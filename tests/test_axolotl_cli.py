@@ -34,7 +34,7 @@ from axolotl_runs import (
     write_cfg,
 )
 
-pytestmark = [pytest.mark.cli, pytest.mark.xdist_group("axolotl_cli")]  # one worker: the tests share run 1
+pytestmark = pytest.mark.cli
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,7 @@ llamafactory they fail, never skip.
   template), trainer and checkpoints; the saved adapter is RLORA, the router metrics reach the log history,
   and a plain `PeftModel.from_pretrained` reload reproduces the in-process logits of the trained model;
 - `resume_from_checkpoint` reproduces the uninterrupted run's last loss;
-- two CPU processes (torchrun, through the launcher) with DDP, DeepSpeed ZeRO-2 and ZeRO-3 (the examples'
-  configs) give the one-process losses and adapter, saved whole and reloadable;
+- two CPU processes: tests/test_llamafactory_distributed.py;
 - `stage: dpo` uses the model with the adapter switched off as its reference;
 - `chat` (the adapter by its model-hub id), `api` and `webchat` load the adapter unmerged and generate;
   `export` is refused, and its fix (the frozen-gate export, then LLaMA-Factory's own export of that plain
@@ -43,19 +42,6 @@ N_HEADS, RANK, STEPS = 3, 4, 4
 PROBE_IDS = [[5, 17, 42, 9, 23, 11, 30, 7]]
 TIMEOUT = 600
 EXAMPLES = REPO / "examples"
-_ZERO3 = json.loads((EXAMPLES / "zero3.json").read_text())
-# The two-process runs' DeepSpeed configs: the examples' (the ones users are pointed at), except that ZeRO-3
-# partitions every parameter: by default it keeps those under 1e5 elements whole on every rank, which is the
-# whole tiny model, adapter included.
-DEEPSPEED = {
-    "ddp": None,
-    "zero2": json.loads((EXAMPLES / "zero2.json").read_text()),
-    "zero3": {**_ZERO3, "zero_optimization": {**_ZERO3["zero_optimization"], "stage3_param_persistence_threshold": 0}},
-}
-# Two ranks with micro batch 2 see the one process's batch of 4 per step. Measured here (gloo, deepspeed 0.18.4):
-# DDP, ZeRO-2 and ZeRO-3 give the one-process losses to float precision and its adapter to < 1e-7.
-LOSS_REL, ADAPTER_ATOL = 1e-5, 1e-5
-ZERO_STATES = "global_step*/zero_pp_rank_*_optim_states.pt"  # one file a rank in a DeepSpeed Trainer checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -125,12 +111,6 @@ def _adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(path / "adapter_model.safetensors")
-
-
-def _zero_stages(checkpoint: Path) -> list[int]:
-    """The ZeRO stage of each rank's DeepSpeed optimizer state saved in a Trainer checkpoint (none: no DeepSpeed)."""
-    states = [torch.load(f, map_location="cpu", weights_only=False) for f in sorted(checkpoint.glob(ZERO_STATES))]
-    return [int(state["optimizer_state_dict"]["zero_stage"]) for state in states]
 
 
 def _reload_logits(tiny: dict, adapter: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -412,7 +392,6 @@ def test_misspelled_key_refused_by_the_command(lf, tiny, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xdist_group("trained")  # one pytest worker for the tests of `trained`
 def test_train_saves_an_rlora_adapter_that_reloads_exactly(trained, tiny):
     out = trained["out"]
     config = json.loads((out / "adapter_config.json").read_text())
@@ -435,7 +414,6 @@ def test_train_saves_an_rlora_adapter_that_reloads_exactly(trained, tiny):
     assert (reloaded - plain).abs().max() > 1e-3  # the adapter trained, so matching it means something
 
 
-@pytest.mark.xdist_group("trained")
 def test_resume_from_checkpoint_matches_the_uninterrupted_run(trained, tiny):
     work, out = trained["work"], trained["out"]
     resumed = work / "resumed"
@@ -445,45 +423,6 @@ def test_resume_from_checkpoint_matches_the_uninterrupted_run(trained, tiny):
 
     assert _losses(resumed)[STEPS] == pytest.approx(_losses(out)[STEPS], rel=1e-5)
     assert json.loads((resumed / "adapter_config.json").read_text())["peft_type"] == "RLORA"
-
-
-@pytest.fixture(scope="module")
-def one_process(lf, tiny, tmp_path_factory) -> Path:
-    """The multi-process runs' reference: one process, batch 4, dropout off (each rank draws its own masks)."""
-    work = tmp_path_factory.mktemp("lf_one")
-    proc = _run(work, "train", str(_write(work / "one.yaml", _train_cfg(tiny, work / "one", lora_dropout=0.0))))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return work / "one"
-
-
-@pytest.mark.xdist_group("one_process")  # one pytest worker for the tests of `one_process`
-@pytest.mark.parametrize("mode", list(DEEPSPEED))
-def test_two_processes_match_one(one_process, tiny, tmp_path, mode):
-    """Two CPU processes (the launcher runs itself under torchrun) with DDP, DeepSpeed ZeRO-2 or ZeRO-3 give the
-    one-process losses and adapter. The adapter (final and checkpoints) is saved whole, not as the ranks' ZeRO-3
-    partitions, and a plain `PeftModel.from_pretrained` reloads it."""
-    deepspeed = DEEPSPEED[mode]
-    over = {"deepspeed": str(_json(tmp_path / "deepspeed.json", deepspeed))} if deepspeed else {}
-    cfg = _train_cfg(tiny, tmp_path / "two", lora_dropout=0.0, per_device_train_batch_size=2, **over)
-    two = _run(tmp_path, "train", str(_write(tmp_path / "two.yaml", cfg)), FORCE_TORCHRUN="1", NPROC_PER_NODE="2")
-    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
-    assert "world size: 2" in two.stdout + two.stderr
-    out = tmp_path / "two"
-    # DeepSpeed really trained, at the config's stage, on both ranks (the losses alone would not tell)
-    stage = deepspeed["zero_optimization"]["stage"] if deepspeed else None
-    assert _zero_stages(out / "checkpoint-2") == ([stage, stage] if deepspeed else [])
-    assert _losses(out) == pytest.approx(_losses(one_process), rel=LOSS_REL)
-    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "RLORA"
-
-    reference = _adapter_tensors(one_process)
-    for saved in (out / "checkpoint-2", out / "checkpoint-4", out):
-        tensors = _adapter_tensors(saved)
-        assert {k: t.shape for k, t in tensors.items()} == {k: t.shape for k, t in reference.items()}, saved
-    for key, tensor in _adapter_tensors(out).items():
-        torch.testing.assert_close(tensor, reference[key], rtol=0, atol=ADAPTER_ATOL)
-    reloaded, plain = _reload_logits(tiny, out)
-    torch.testing.assert_close(reloaded, _reload_logits(tiny, one_process)[0], rtol=0, atol=ADAPTER_ATOL)
-    assert (reloaded - plain).abs().max() > 1e-3  # the adapter trained, so matching it means something
 
 
 def test_dpo_reference_is_the_model_without_the_adapter(lf, tiny, tmp_path):
@@ -508,7 +447,6 @@ def test_dpo_reference_is_the_model_without_the_adapter(lf, tiny, tmp_path):
     assert "rlora/router_entropy" in logs[-1]
 
 
-@pytest.mark.xdist_group("trained")
 def test_chat_loads_the_adapter_by_its_hub_id_unmerged_and_generates(trained, tiny):
     """The adapter as a hub user gets it: by its model-hub id (from the hub cache, offline, as after a
     download). finetuning_type: lora is LLaMA-Factory's default; the adapter's own config says it is R-LoRA."""
@@ -552,7 +490,6 @@ def _serving(work: Path, command: str, cfg: dict, **env: str) -> Iterator[Callab
             server.wait(timeout=60)
 
 
-@pytest.mark.xdist_group("trained")
 def test_api_serves_the_adapter_unmerged(trained, tiny):
     work, port = trained["work"], free_port()
     body = json.dumps(
@@ -567,7 +504,6 @@ def test_api_serves_the_adapter_unmerged(trained, tiny):
     assert f"Loaded the R-LoRA adapter {trained['out']} unmerged" in (work / "api.log").read_text()
 
 
-@pytest.mark.xdist_group("trained")
 def test_webchat_loads_the_adapter_unmerged(trained, tiny):
     """LLaMA-Factory's web demo loads the model from the config at start-up, through the same adapter path."""
     work, port = trained["work"], free_port()
@@ -579,7 +515,6 @@ def test_webchat_loads_the_adapter_unmerged(trained, tiny):
     assert f"Loaded the R-LoRA adapter {trained['out']} unmerged" in log and "Merged" not in log
 
 
-@pytest.mark.xdist_group("trained")
 def test_export_refused_and_its_fix_works(trained, tiny):
     work = trained["work"]
     cfg = inference_cfg(trained, tiny, finetuning_type="lora", export_dir=str(work / "merged"))

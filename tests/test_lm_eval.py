@@ -103,7 +103,6 @@ def loglikelihoods(model: torch.nn.Module, tokenizer, docs: list[dict]) -> torch
 
 
 @pytest.mark.cli
-@pytest.mark.xdist_group("lm_eval")  # one pytest worker for the tests of `evaluation`
 def test_lm_eval_cli_scores_the_base_model_with_the_routed_adapter(evaluation, tmp_path):
     base, adapter = str(evaluation["base"]), str(evaluation["adapter"])
     base_run = run_lm_eval(f"python -m rlora_plugin.lm_eval --model hf --model_args pretrained={base}",
@@ -126,7 +125,6 @@ def test_lm_eval_cli_scores_the_base_model_with_the_routed_adapter(evaluation, t
 
 
 @pytest.mark.cli
-@pytest.mark.xdist_group("lm_eval")
 def test_axolotl_lm_eval_plugin_command_cannot_load_the_adapter(evaluation, tmp_path):
     """What the refusal below says: the command Axolotl's LMEvalPlugin builds for an output directory is lm_eval's
     own `lm_eval` with `pretrained=OUTPUT_DIR`, and on an R-LoRA adapter's directory it fails."""

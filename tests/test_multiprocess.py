@@ -32,7 +32,7 @@ import pytest
 from axolotl_runs import BIN, N_HEADS, Run, adapter_tensors, free_port, reload_logits, train_losses
 from packaging.version import Version
 
-pytestmark = [pytest.mark.cli, pytest.mark.xdist_group("multiprocess")]  # one pytest worker: they share runs
+pytestmark = pytest.mark.cli
 
 PLUGINS = ["rlora_plugin.RLoraPlugin", "mp_probe.MultiProcessProbePlugin"]
 STEPS = 4

