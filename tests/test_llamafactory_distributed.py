@@ -15,6 +15,8 @@ import pytest
 import torch
 from test_llamafactory import EXAMPLES, _adapter_tensors, _json, _losses, _reload_logits, _run, _train_cfg, _write
 
+import rlora_plugin  # noqa: F401  (registers RLORA: the reloads below need it)
+
 pytestmark = pytest.mark.llamafactory
 
 _ZERO3 = json.loads((EXAMPLES / "zero3.json").read_text())
