@@ -41,7 +41,8 @@ class SmolLM2Case:
     adapter: Path
     tokenizer: object
     train: list[dict]
-    prompts: list[list[int]]  # 20 of the example's test items (4 per task), as examples/evaluate.py prompts them
+    questions: list[str]  # 20 of the example's test items (4 per task)
+    prompts: list[list[int]]  # the questions as examples/evaluate.py prompts them
     reference: torch.nn.Module  # PEFT's R-LoRA model, reloaded from disk
 
 
@@ -59,14 +60,15 @@ def smollm2(tmp_path_factory) -> SmolLM2Case:
     model.save_pretrained(adapter)
     del model
     tokenizer = AutoTokenizer.from_pretrained(base)
+    questions = [item["prompt"] for item in test]
     prompts = [
         tokenizer.apply_chat_template(
-            [{"role": "user", "content": item["prompt"]}], add_generation_prompt=True, tokenize=False
+            [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
         )
-        for item in test
+        for question in questions
     ]
     prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in prompts]
-    return SmolLM2Case(base, adapter, tokenizer, train, prompts, load_rlora(base, adapter))
+    return SmolLM2Case(base, adapter, tokenizer, train, questions, prompts, load_rlora(base, adapter))
 
 
 def test_smollm2_mean_gate_export_served_by_vllm(tmp_path, smollm2):
@@ -115,7 +117,7 @@ def test_the_openai_server_serves_the_routed_adapter_under_load(tmp_path, smollm
         logprobs = [step["logprob"] for step in choice["logprobs"]["content"]]
         return {"prompt": reply["prompt_token_ids"], "ids": choice["token_ids"], "logprobs": logprobs}
 
-    questions = [item["prompt"] for item in multitask_data.generate(train_per_task=8, test_per_task=ITEMS_PER_TASK)[1]]
+    questions = smollm2.questions
     try:
         deadline = time.monotonic() + 300
         while True:
