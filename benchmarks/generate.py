@@ -1,15 +1,21 @@
 """Generation speed: prefill time and per-token decode time of the base model, LoRA at equal trainable
-parameters (unmerged and merged) and R-LoRA, on SmolLM2-135M and on a Qwen2.5-0.5B-shaped model.
+parameters (unmerged and merged) and R-LoRA, on SmolLM2-135M and on a Qwen2.5-0.5B-shaped model, in fp32 and
+bf16, at one torch thread and at all cores.
 
-Greedy decoding with the KV cache, fp32, CPU, `torch.no_grad()` and `eval()`, as `generate` runs it: one forward
+Greedy decoding with the KV cache, CPU, `torch.no_grad()` and `eval()`, as `generate` runs it: one forward
 over the prompt (the prefill, logits of the last position only) and then one forward per new token (the decode).
 The variants share the base weights (one copy in memory) and decode side by side, one forward each in turn
 (rotating the order every round), so load from other jobs hits them alike; every ratio is the median over
 rounds of the variant's time over LoRA-eq's in the same round, with the interquartile range: the paired method
 of `speed.py`, whose pieces this reuses. See benchmarks/README.md.
 
-    python -m benchmarks.generate                    # both models, batch 1 and 8 (about 30 min on 2 busy cores)
+    python -m benchmarks.generate                    # the whole grid (about 60 min on 2 cores)
+    python -m benchmarks.generate --models smollm2 --dtypes fp32 --threads 1 --batches 1  # one row
     python -m benchmarks.generate --smollm2-dir DIR  # SmolLM2's real weights, from examples/prepare_smollm2.py
+
+R-LoRA's bf16 rows also say how much folding the frozen offset path into the base weight (what a forward without
+gradients does, `RLoraLinear.folded_base_weight`) moves the logits and the greedy tokens against keeping the
+offset on the per-token path (`fold_offset = False`).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from benchmarks.speed.cases import adapt
 from benchmarks.speed.counts import MLP, equal_param_rank, rlora_params, smollm2_config
 from benchmarks.speed.report import RESULTS, machine
 from benchmarks.speed.timing import REFERENCE, CaseResult, Variant, paired_time_ratio, ratio, summarize, trainable
+from rlora_plugin.layer import RLoraLayer
 
 VARIANT_LABELS = {
     "base": "base model",
@@ -129,9 +136,27 @@ def generate_interleaved(
     return prefill, decode, {key: torch.cat(t, dim=1) for key, t in tokens.items()}
 
 
+def fold_effect(model: nn.Module, ids: torch.Tensor, tokens: torch.Tensor, new_tokens: int) -> dict[str, float]:
+    """The largest logit change at the prompt's last position and the share of greedy tokens that change when
+    R-LoRA keeps its offset path per token instead of folding it into the base weight."""
+    with torch.no_grad():
+        folded = model(input_ids=ids, logits_to_keep=1).logits.float()
+        RLoraLayer.fold_offset = False
+        try:
+            unfolded = model(input_ids=ids, logits_to_keep=1).logits.float()
+            _, _, out = generate_interleaved({"rlora": model}, ["rlora"], ids, new_tokens)
+        finally:
+            RLoraLayer.fold_offset = True
+    return {
+        "max_logit_change": (folded - unfolded).abs().max().item(),
+        "logit_scale": unfolded.abs().max().item(),
+        "same_tokens": (out["rlora"] == tokens).float().mean().item(),
+    }
+
+
 def run_model(
     name: str, base: nn.Module, batch: int, args: argparse.Namespace, keys: list[str]
-) -> tuple[CaseResult, CaseResult]:
+) -> tuple[CaseResult, CaseResult, dict[str, float]]:
     cfg = base.config
     d, i = cfg.hidden_size, cfg.intermediate_size
     shapes = [(d, i), (d, i), (i, d)]
@@ -153,12 +178,14 @@ def run_model(
     same = (outputs["lora_eq"] == outputs["lora_merged"]).float().mean().item()
     print(f"  {name} batch {batch}: lora_eq vs lora_merged same greedy tokens: {100 * same:.0f}%", flush=True)
     label = f"{name}, batch {batch}"
+    fold = fold_effect(models["rlora"], ids, outputs["rlora"], args.new_tokens)
+    print(f"  {label}: offset fold: {fold}", flush=True)
     cases = []
     for phase in PHASES:
         tokens = batch * (args.prompt if phase == "prefill" else 1)
         variants = {v.key: summarize(v, tokens, math.nan) for v in timers[phase]}
         cases.append(CaseResult(label, phase, tokens, args.heads, args.r, eq, variants, math.nan))
-    return cases[0], cases[1]
+    return cases[0], cases[1], fold
 
 
 def summary_table(cases: list[CaseResult]) -> list[str]:
@@ -199,7 +226,22 @@ def detail_table(cases: list[CaseResult]) -> list[str]:
     return lines
 
 
-def write_results(cases: list[CaseResult], args: argparse.Namespace, loads: list[tuple], wall: float) -> Path:
+def fold_table(folds: dict[str, dict[str, float]]) -> list[str]:
+    lines = [
+        "| model, dtype, threads, batch | largest logit change | largest logit | greedy tokens unchanged |",
+        "|---|---|---|---|",
+    ]
+    for label, f in folds.items():
+        lines.append(
+            f"| {label} | {f['max_logit_change']:.2e} | {f['logit_scale']:.2f} | {100 * f['same_tokens']:.1f}% |"
+        )
+    return lines
+
+
+def write_results(
+    cases: list[CaseResult], folds: dict[str, dict[str, float]], args: argparse.Namespace, loads: list[tuple],
+    wall: float,
+) -> Path:  # fmt: skip
     eq_ranks = ", ".join(sorted({f"{c.name.split(',')[0]}: LoRA-eq rank {c.eq_rank}" for c in cases}))
     lines = [
         "# Generation speed: base, LoRA at equal parameters (unmerged, merged) and R-LoRA",
@@ -207,14 +249,15 @@ def write_results(cases: list[CaseResult], args: argparse.Namespace, loads: list
         f"Generated by `{' '.join(['python -m benchmarks.generate', *args.argv])}` in {wall / 60:.1f} min.",
         "",
         *machine(),
-        f"- fp32, greedy, KV cache, `no_grad` + `eval()`; prompt {args.prompt} tokens per row (random ids), "
+        "- greedy, KV cache, `no_grad` + `eval()` (R-LoRA's offset path folded into the base weight); prompt "
+        f"{args.prompt} tokens per row (random ids), "
         f"{args.new_tokens} new tokens; prefill = the forward over the prompt (last position's logits only), "
         f"decode = the mean time per new token after it; warm-up {args.warmup} round(s) excluded, {args.rounds} "
         "timed rounds; the variants decode side by side, one forward each in turn (order rotated every round), "
         "base weights shared by all variants",
         f"- adapters on {', '.join(MLP)} of every layer: R-LoRA r={args.r}, N={args.heads}, random init with its "
         f"offset path, per-head dropout 0.1 (off in eval); LoRA at equal trainable parameters ({eq_ranks}), "
-        "dropout 0.1",
+        "dropout 0.1; in bf16 rows the base is bf16 and the adapters stay fp32 (PEFT's default)",
         f"- load average (1, 5, 15 min) at start {loads[0]}, at end {loads[-1]} (the 2 cores are shared with "
         "other jobs: read the IQR)",
         "",
@@ -222,9 +265,17 @@ def write_results(cases: list[CaseResult], args: argparse.Namespace, loads: list
         "",
         *summary_table(cases),
         "",
-        "Target: R-LoRA prefill and decode <= 1.00x LoRA-eq unmerged at batch 1 and 8. Where a row says **no**, "
-        "the reason and its per-layer profile (the frozen offset path of `init: random` and the routing ops) are in "
-        "benchmarks/README.md, 'Results on the project machine, and where the time goes'.",
+        "Target: R-LoRA prefill and decode <= 1.00x LoRA-eq unmerged in every row. Where a row says **no**, the "
+        "reason and its per-layer profile are in benchmarks/README.md, 'Results on the project machine, and where "
+        "the time goes'.",
+        "",
+        "## The offset fold's rounding",
+        "",
+        "R-LoRA with its offset path folded into the base weight (as it generates) against the offset kept per "
+        "token (`RLoraLayer.fold_offset = False`): the largest change of a logit at the prompt's last position, "
+        "and the share of greedy tokens (all rows, all new tokens) that stay the same.",
+        "",
+        *fold_table(folds),
         "",
         "## Details",
         "",
@@ -233,7 +284,7 @@ def write_results(cases: list[CaseResult], args: argparse.Namespace, loads: list
     ]
     out = args.out / "generate.md"
     out.write_text("\n".join(lines) + "\n")
-    (args.out / "generate.json").write_text(json.dumps([c.__dict__ for c in cases], indent=1))
+    (args.out / "generate.json").write_text(json.dumps({"cases": [c.__dict__ for c in cases], "fold": folds}, indent=1))
     return out
 
 
@@ -270,34 +321,41 @@ def plot(cases: list[CaseResult], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="smollm2,qwen", help="comma-separated: smollm2, qwen")
-    parser.add_argument("--batches", default="1,8")
-    parser.add_argument("--prompt", type=int, default=48, help="prompt tokens per row")
-    parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="comma-separated torch thread counts")
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--prompt", type=int, default=32, help="prompt tokens per row")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--r", type=int, default=8)
     parser.add_argument("--heads", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, = cores)")
     parser.add_argument("--smollm2-dir", type=Path, default=None, help="HF directory of SmolLM2-135M(-Instruct)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     args.argv = argv if argv is not None else sys.argv[1:]
-    if args.threads:
-        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     keys = list(VARIANT_LABELS)
     names = {"smollm2": "SmolLM2-135M", "qwen": "Qwen2.5-0.5B shape"}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     loads = [tuple(round(x, 2) for x in os.getloadavg())]
     start = time.perf_counter()
     cases: list[CaseResult] = []
+    folds: dict[str, dict[str, float]] = {}
     for model in args.models.split(","):
-        base = load_base(model, args.smollm2_dir)
-        for batch in (int(b) for b in args.batches.split(",")):
-            cases.extend(run_model(names[model], base, batch, args, keys))
-            loads.append(tuple(round(x, 2) for x in os.getloadavg()))
-            out = write_results(cases, args, loads, time.perf_counter() - start)  # partial results after each case
-            print("\n".join(summary_table(cases)), flush=True)
-        del base
+        for dtype in args.dtypes.split(","):
+            base = load_base(model, args.smollm2_dir).to(dtypes[dtype])
+            for threads in (int(t) for t in args.threads.split(",")):
+                torch.set_num_threads(threads)
+                for batch in (int(b) for b in args.batches.split(",")):
+                    label = f"{names[model]}, {dtype}, {threads} thr"
+                    prefill, decode, fold = run_model(label, base, batch, args, keys)
+                    cases.extend((prefill, decode))
+                    folds[prefill.name] = fold
+                    loads.append(tuple(round(x, 2) for x in os.getloadavg()))
+                    out = write_results(cases, folds, args, loads, time.perf_counter() - start)  # after each case
+                    print("\n".join(summary_table(cases[-2:])), flush=True)
+            del base
     plot(cases, args.out / "generate.png")
     print(f"\nwrote {out} and {args.out / 'generate.png'} ({(time.perf_counter() - start) / 60:.1f} min)")
 

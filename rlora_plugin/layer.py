@@ -61,58 +61,73 @@ def top_k_gates(probs: torch.Tensor, top_k: int | None) -> tuple[torch.Tensor, t
     return torch.zeros_like(probs).scatter(-1, chosen, kept / kept.sum(-1, keepdim=True)), chosen
 
 
+# From this many tokens on, `routed_update` copies its small weights into one down- and one up-projection: reading
+# the tokens once costs more than the copy (training, prefill). Below it (decode), each weight gets its own
+# product and nothing is copied. Measured in benchmarks/README.md ("One product or several").
+STACK_FROM_TOKENS = 128
+
+
 def routed_update(
     x: torch.Tensor,
-    down: torch.Tensor,
-    up: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    router: torch.Tensor | None = None,
     *,
-    rank: int,
-    heads: int,
     scaling: float,
     temperature: float = 1.0,
-    offset: bool = False,
-    route: Callable[[torch.Tensor], torch.Tensor] = lambda probs: probs,
+    offset: tuple[torch.Tensor, torch.Tensor] | None = None,
+    route: Callable[[torch.Tensor], torch.Tensor] | None = None,
     dropout: Callable[[torch.Tensor], torch.Tensor] | None = None,
     per_head_dropout: bool = False,
     add_to: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`s * sum_i g_i(x) B_i drop_i(A x) - offset(x)` in two matmuls, with no loop over heads
-    (docs/method.md): the one source of the routed update, for the PEFT layer and the vLLM plugin.
+    """`s * sum_i g_i(x) B_i drop_i(A x) - offset(x)` with no loop over heads (docs/method.md): the one source of
+    the routed update, for the PEFT layer and the vLLM plugin.
 
-    `down = [A ; W_g ; A0]` stacks the rows of `A (rank, d_in)`, of the router `W_g (heads, d_in)` when there is
-    more than one head, and of the offset path's `A0 (rank, d_in)` when `offset`; `up = [B_1 .. B_N, Bbar0]`
-    its columns. The router's softmax runs in fp32 (at `temperature`); `route` maps its probabilities to the
-    gates (dense by default; `top_k_gates` keeps k). `dropout` (training only) masks the features once, or for
-    each head with `per_head_dropout`. With `add_to` (the base layer's output), returns `add_to` plus the update,
-    the addition fused into the second matmul.
+    `lora_a` is `A (r, d_in)`, `lora_b` the heads side by side `[B_1 .. B_N] (d_out, N*r)`, `router` `W_g (N, d_in)`
+    (None for one head, whose gate is 1), `offset` the frozen path `(A0 (r, d_in), Bbar0 (d_out, r))` or None. The
+    router's softmax runs in fp32 (at `temperature`); `route` maps its probabilities to the gates (dense when
+    None; `top_k_gates` keeps k). `dropout` (training only) masks the features once, or for each head with
+    `per_head_dropout`. With `add_to` (the base layer's output), returns `add_to` plus the update.
     """
-    sizes = [rank] + [heads] * (heads > 1) + [rank] * offset
-    # [h ; logits ; h0] = [A ; W_g ; A0] x: the rank-r features, router logits and offset features at once.
-    # One split, not three slices: the backward of a slice allocates, fills and adds a tensor of the full size.
-    parts = F.linear(x, down).split(sizes, dim=-1)
+    downs = [lora_a, *([router] if router is not None else []), *([offset[0]] if offset is not None else [])]
+    stack = x.numel() >= STACK_FROM_TOKENS * x.shape[-1]
+    if stack:  # [h ; logits ; h0] = [A ; W_g ; A0] x in one product (one split: a slice's backward costs more)
+        parts = F.linear(x, torch.cat(downs)).split([w.shape[0] for w in downs], dim=-1)
+    else:
+        parts = [F.linear(x, w) for w in downs]
     features = parts[0]
-    if heads > 1:
-        logits = parts[1].float()
-        probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
-    else:  # one head: its gate is 1
+    if router is None:  # one head: its gate is 1
         probs = features.new_ones(*features.shape[:-1], 1, dtype=torch.float32)
-    gates = route(probs).to(features.dtype) * scaling
+    else:
+        logits = parts[1] if parts[1].dtype == torch.float32 else parts[1].float()
+        probs = torch.softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+    gates = probs if route is None else route(probs)
+    if gates.dtype != features.dtype:
+        gates = gates.to(features.dtype)
 
     if dropout is not None and not per_head_dropout:
         features = dropout(features)
-    mixed = gates.unsqueeze(-1) * features.unsqueeze(-2)  # (..., N, r): s * g_i * h for every head
+    mixed = gates.unsqueeze(-1) * features.unsqueeze(-2)  # (..., N, r): g_i * h for every head
     if dropout is not None and per_head_dropout:
         mixed = dropout(mixed)  # an independent mask for each head
     mixed = mixed.flatten(-2)
-    if offset:
-        mixed = torch.cat([mixed, parts[-1] * -scaling], dim=-1)
+    separate_offset = offset is not None and not stack
+    if offset is not None and stack:  # [B_1 .. B_N, Bbar0] [g * h ; -h0]: the offset in the same product
+        mixed, lora_b = torch.cat([mixed, parts[-1].neg()], dim=-1), torch.cat([lora_b, offset[1]], dim=-1)
 
+    if add_to is not None and add_to.dtype == lora_b.dtype and (add_to.dim() == 2 or (stack and add_to.dim() > 2)):
+        # addmm writes base + s * update in one pass, saving a (tokens, d_out) temporary and an add over it.
+        flat = torch.addmm(add_to.flatten(0, -2), mixed.flatten(0, -2), lora_b.T, alpha=scaling)
+        if separate_offset:
+            flat = torch.addmm(flat, parts[-1].flatten(0, -2), offset[1].T, alpha=-scaling)
+        return flat.view(add_to.shape)
+    update = F.linear(mixed, lora_b)
+    if separate_offset:
+        update = update - F.linear(parts[-1], offset[1])
     if add_to is None:
-        return F.linear(mixed, up)
-    if add_to.dtype != up.dtype or add_to.dim() < 2:  # e.g. a bf16 base with fp32 adapter weights
-        return add_to + F.linear(mixed, up).to(add_to.dtype)
-    # addmm writes base + update in one pass, saving a (tokens, d_out) temporary and an add over it.
-    return torch.addmm(add_to.flatten(0, -2), mixed.flatten(0, -2), up.T).view(add_to.shape)
+        return update * scaling
+    return torch.add(add_to, update if update.dtype == add_to.dtype else update.to(add_to.dtype), alpha=scaling)
 
 
 def layer_seed(init_seed: int, layer_name: str) -> int:
@@ -179,6 +194,11 @@ class RLoraLayer(BaseTunerLayer):
         "router_top_k",
     )
 
+    # Fold the frozen offset path into a copy of the base weight in forwards without gradients (see
+    # `RLoraLinear.folded_base_weight`): one more copy of each adapted weight in memory while generating, no
+    # offset matmuls per token. Set to False (on the class or a layer) to keep the memory and the matmuls.
+    fold_offset: bool = True
+
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
@@ -200,6 +220,9 @@ class RLoraLayer(BaseTunerLayer):
         self.rlora_offset_B = BufferDict({}, persistent=True)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
+        # `(stamp, base weight, folded weight or None)`: the base weight with the offset paths folded in, for
+        # forwards without gradients (see `RLoraLinear.folded_base_weight`).
+        self._folded: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
         self.kwargs = kwargs
         base = self.get_base_layer()
         self.in_features, self.out_features = in_out_features(base)
@@ -241,39 +264,35 @@ class RLoraLayer(BaseTunerLayer):
             self.rlora_offset_A[adapter_name] = lora_a.clone()
             self.rlora_offset_B[adapter_name] = lora_b.view(self.out_features, heads, r).mean(dim=1)
 
+        self._folded = None
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def routed_update(self, x: torch.Tensor, adapter: str, add_to: torch.Tensor | None = None) -> torch.Tensor:
-        """This layer's `routed_update` for `adapter`, with its dropout while training and its `route`."""
-        down, up = self._stacked_weights(adapter)
-        if x.dtype != down.dtype:
-            x = self._cast_input_dtype(x, down.dtype)
+    def routed_update(
+        self, x: torch.Tensor, adapter: str, add_to: torch.Tensor | None = None, offset: bool = True
+    ) -> torch.Tensor:
+        """This layer's `routed_update` for `adapter`, with its dropout while training and its `route`; without
+        the offset path when `offset` is False (it is folded into the base weight, see `folded_base_weight`)."""
+        lora_a = self.rlora_A[adapter]
+        if x.dtype != lora_a.dtype:
+            x = self._cast_input_dtype(x, lora_a.dtype)
         dropout = self.rlora_dropout[adapter]
+        steered = self.gate_observers or self.router_top_k[adapter] or adapter in self.fixed_gates
+        offset = offset and adapter in self.rlora_offset_A
         return routed_update(
-            x, down, up, rank=self.r[adapter], heads=self.num_heads[adapter], scaling=self.scaling[adapter],
-            temperature=self.router_temperature[adapter], offset=adapter in self.rlora_offset_A,
-            route=lambda probs: self.route(probs, adapter), dropout=dropout if dropout.training else None,
-            per_head_dropout=self.head_dropout[adapter] == "per_head", add_to=add_to,
+            x, lora_a, self.rlora_B[adapter], self.rlora_router[adapter] if self.num_heads[adapter] > 1 else None,
+            scaling=self.scaling[adapter],
+            temperature=self.router_temperature[adapter],
+            offset=(self.rlora_offset_A[adapter], self.rlora_offset_B[adapter]) if offset else None,
+            route=(lambda probs: self.route(probs, adapter)) if steered else None,
+            dropout=dropout if dropout.training else None, per_head_dropout=self.head_dropout[adapter] == "per_head",
+            add_to=add_to,
         )  # fmt: skip
 
     @property
     def routed_adapters(self) -> list[str]:
         """The active adapters that are R-LoRA adapters of this layer."""
         return [adapter for adapter in self.active_adapters if adapter in self.rlora_A]
-
-    def _stacked_weights(self, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """`down = [A ; W_g ; A0]` (rows: the router for more than one head, the offset path for `init: random`)
-        and `up = [B_cat, Bbar0]`: two matmuls instead of five. Concatenated at every call (a few microseconds
-        per layer), so they always reflect the weights as they are, however written."""
-        down = [self.rlora_A[adapter]]
-        if adapter in self.rlora_router:
-            down.append(self.rlora_router[adapter])
-        up = [self.rlora_B[adapter]]
-        if adapter in self.rlora_offset_A:
-            down.append(self.rlora_offset_A[adapter])
-            up.append(self.rlora_offset_B[adapter])
-        return torch.cat(down), torch.cat(up, dim=-1)
 
     def route(self, probs: torch.Tensor, adapter: str) -> torch.Tensor:
         """The gates applied to the heads from the router's softmax `probs (..., N)` (fp32): dense, the top-k
@@ -298,12 +317,58 @@ class RLoraLinear(nn.Module, RLoraLayer):
         self.update_layer(adapter_name, config, layer_name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters:
-            return result
-        for adapter in self.routed_adapters:
-            result = self.routed_update(x, adapter, add_to=result)
+            return self.base_layer(x, *args, **kwargs)
+        adapters = self.routed_adapters
+        folded = None
+        if args or kwargs or torch.is_grad_enabled() or torch.compiler.is_compiling() or not self.fold_offset:
+            self._folded = None
+        else:
+            folded = self.folded_base_weight(adapters)
+        if folded is None:
+            result = self.base_layer(x, *args, **kwargs)
+        else:
+            result = F.linear(x, folded, self.base_layer.bias)
+        for adapter in adapters:
+            result = self.routed_update(x, adapter, add_to=result, offset=folded is None)
         return result
+
+    def folded_base_weight(self, adapters: list[str]) -> torch.Tensor | None:
+        """The base weight minus the frozen offset paths of `adapters`, `W0 - sum s * Bbar0 A0`, which a forward
+        without gradients (generation, evaluation) uses instead of the offset path: the offset is a constant
+        matrix, so per token only the trainable adapter weights are read. The base weight itself is never written,
+        so nothing is undone when training resumes, an adapter is disabled or switched, or the model is saved.
+
+        None where the offset stays on the per-token path: no offset path among `adapters`, or a base that is not
+        a plain `nn.Linear` with its weight in memory (quantized, Conv1D, ZeRO-3 or FSDP shards, offloaded, made
+        under `torch.inference_mode`). The copy is made again when the adapters or the base weight change
+        (`set_adapter`, `.to()`, an in-place write) or tensors are loaded (`load_state_dict`: the frozen offset
+        tensors change no other way), and dropped at the first forward with gradients."""
+        weight = getattr(self.base_layer, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.is_inference():  # made under inference_mode: no version
+            self._folded = None
+            return None
+        stamp = (adapters, weight.data_ptr(), weight._version)
+        if self._folded is not None and self._folded[1] is weight and self._folded[0] == stamp:
+            return self._folded[2]
+        offsets = [adapter for adapter in adapters if adapter in self.rlora_offset_A]
+        base = self.base_layer
+        plain = type(base) is nn.Linear and type(weight.data) is torch.Tensor and not weight.is_meta
+        if not offsets or not plain or hasattr(base, "_hf_hook") or hasattr(weight, "ds_id"):
+            self._folded = stamp, weight, None
+            return None
+        with torch.no_grad():
+            delta = sum(
+                self.scaling[a] * self.rlora_offset_B[a].float() @ self.rlora_offset_A[a].float() for a in offsets
+            )
+            self._folded = stamp, weight, (weight.float() - delta.to(weight.device)).to(weight.dtype)
+        return self._folded[2]
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> nn.Module:
+        """`.to()`, `.half()` and the like replace the weights' storage (whose address the allocator may hand
+        out again, with the version counter kept): the fold is made again from the converted weights."""
+        self._folded = None
+        return super()._apply(fn, *args, **kwargs)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise ValueError(MERGE_REFUSAL)
@@ -324,6 +389,7 @@ class RLoraLinear(nn.Module, RLoraLayer):
                         f"num_heads={self.num_heads[adapter]} needs {tuple(tensor.shape)}. Load the adapter "
                         "onto the base model it was trained on."
                     )
+        self._folded = None  # the offset path or the base weight may change
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def __repr__(self) -> str:

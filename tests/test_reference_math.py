@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import MLP, adapted_layers, model_with, perturb
 
+import rlora_plugin.layer as layer_module
 from rlora_plugin import RLoraConfig, RLoraLinear
 from rlora_plugin.export import export_lora
 from rlora_plugin.layer import adapter_scaling, frozen_gate_lora, routed_update, top_k_gates
@@ -133,25 +134,31 @@ def random_weights(heads: int, seed: int = 0, dtype=torch.float64):
     return draw(R, D_IN), router, [draw(D_OUT, R) for _ in range(heads)], draw(R, D_IN), draw(D_OUT, R), gen
 
 
-def stacked(a, router, heads, a0=None, b0=None):
-    """`down = [A ; W_g ; A0]`, `up = [B_1 .. B_N, Bbar0]`, as `routed_update` takes them."""
-    down = [a] + ([router] if router is not None else []) + ([a0] if a0 is not None else [])
-    up = heads + ([b0] if b0 is not None else [])
-    return torch.cat(down), torch.cat(up, dim=1)
+def weights(a, router, heads, a0=None, b0=None):
+    """`(A, [B_1 .. B_N], W_g)` and the offset `(A0, Bbar0)` or None, as `routed_update` takes them."""
+    return (a, torch.cat(heads, dim=1), router), ((a0, b0) if a0 is not None else None)
 
 
 # ---------------------------------------------------------------------------- 1. routed_update
+@pytest.fixture(params=["stacked", "separate"])
+def products(request, monkeypatch):
+    """Both ways `routed_update` runs: the weights copied into one down- and one up-projection (many tokens), or
+    a product per weight (few tokens)."""
+    monkeypatch.setattr(layer_module, "STACK_FROM_TOKENS", 0 if request.param == "stacked" else 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", [(2, 5), (6,)], ids=["B,T,d", "T,d"])
 @pytest.mark.parametrize("offset", [False, True], ids=["no-offset", "offset"])
 @pytest.mark.parametrize("num_heads", [1, 3, 4])
-def test_routed_update_equals_per_head_loop(num_heads, offset, shape):
-    """The fused two-matmul update equals the per-head loop: guards the stacking/splitting of [A ; W_g ; A0], the
-    head layout of B_cat, the gate scaling and the sign of the offset path (`-s * Bbar0 A0 x`)."""
+def test_routed_update_equals_per_head_loop(num_heads, offset, shape, products):
+    """The fused update equals the per-head loop: guards the head layout of B_cat, the gate scaling and the sign
+    of the offset path (`-s * Bbar0 A0 x`)."""
     a, router, heads, a0, b0, gen = random_weights(num_heads)
     x = torch.randn(*shape, D_IN, generator=gen, dtype=torch.float64)
     s = 0.75
-    down, up = stacked(a, router, heads, *((a0, b0) if offset else ()))
-    got = routed_update(x, down, up, rank=R, heads=num_heads, scaling=s, offset=offset)
+    args, offset_path = weights(a, router, heads, *((a0, b0) if offset else ()))
+    got = routed_update(x, *args, scaling=s, offset=offset_path)
     want = hand_update(x, a, router, heads, s, a0=a0 if offset else None, b0=b0)
     assert got.shape == (*shape, D_OUT)
     torch.testing.assert_close(got, want, **FP32_SOFTMAX)
@@ -159,44 +166,44 @@ def test_routed_update_equals_per_head_loop(num_heads, offset, shape):
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("offset", [False, True], ids=["no-offset", "offset"])
-def test_routed_update_with_top_k_equals_hand_top_k(k, offset):
+def test_routed_update_with_top_k_equals_hand_top_k(k, offset, products):
     """Top-k routing through `route=top_k_gates` equals the loop with top-k computed by hand (sort, keep k,
     renormalize): guards the renormalization and the gates' use in the fused product."""
     a, router, heads, a0, b0, gen = random_weights(4, seed=1)
     x = torch.randn(2, 5, D_IN, generator=gen, dtype=torch.float64)
-    down, up = stacked(a, router, heads, *((a0, b0) if offset else ()))
-    got = routed_update(x, down, up, rank=R, heads=4, scaling=1.5, offset=offset, route=lambda p: top_k_gates(p, k)[0])
+    args, offset_path = weights(a, router, heads, *((a0, b0) if offset else ()))
+    got = routed_update(x, *args, scaling=1.5, offset=offset_path, route=lambda p: top_k_gates(p, k)[0])
     want = hand_update(x, a, router, heads, 1.5, a0=a0 if offset else None, b0=b0, top_k=k)
     torch.testing.assert_close(got, want, **FP32_SOFTMAX)
 
 
 @pytest.mark.parametrize("shape", [(2, 5), (6,)], ids=["B,T,d", "T,d"])
 @pytest.mark.parametrize("num_heads", [1, 3])
-def test_routed_update_add_to_addmm_path(num_heads, shape):
+def test_routed_update_add_to_addmm_path(num_heads, shape, products):
     """`add_to` of the adapter's dtype takes the fused addmm path: it returns base + update, for (B, T, d) and
-    (T, d) inputs (guards the flatten/view around addmm and the transposed `up`)."""
+    (T, d) inputs (guards the flatten/view around addmm and the transposed heads)."""
     a, router, heads, a0, b0, gen = random_weights(num_heads, seed=2)
     x = torch.randn(*shape, D_IN, generator=gen, dtype=torch.float64)
     base = torch.randn(*shape, D_OUT, generator=gen, dtype=torch.float64)
-    down, up = stacked(a, router, heads, a0, b0)
-    got = routed_update(x, down, up, rank=R, heads=num_heads, scaling=0.5, offset=True, add_to=base.clone())
+    args, offset_path = weights(a, router, heads, a0, b0)
+    got = routed_update(x, *args, scaling=0.5, offset=offset_path, add_to=base.clone())
     torch.testing.assert_close(got, base + hand_update(x, a, router, heads, 0.5, a0=a0, b0=b0), **FP32_SOFTMAX)
 
 
-def test_routed_update_add_to_fp32_add_path():
+def test_routed_update_add_to_fp32_add_path(products):
     """`add_to` of another dtype (a float32 base with a float64 adapter) or a single vector takes the plain add
     path: base + update, in the base's dtype."""
     a, router, heads, a0, b0, gen = random_weights(3, seed=3)
-    down, up = stacked(a, router, heads, a0, b0)
+    args, offset_path = weights(a, router, heads, a0, b0)
     x = torch.randn(2, 5, D_IN, generator=gen, dtype=torch.float64)
     base = torch.randn(2, 5, D_OUT, generator=gen, dtype=torch.float32)
-    got = routed_update(x, down, up, rank=R, heads=3, scaling=0.5, offset=True, add_to=base)
+    got = routed_update(x, *args, scaling=0.5, offset=offset_path, add_to=base)
     assert got.dtype == torch.float32
     want = base + hand_update(x, a, router, heads, 0.5, a0=a0, b0=b0).float()
     torch.testing.assert_close(got, want, **FP32_SOFTMAX)
     one = torch.randn(D_IN, generator=gen, dtype=torch.float64)  # one vector: no matrix for addmm
     base_one = torch.randn(D_OUT, generator=gen, dtype=torch.float64)
-    got = routed_update(one, down, up, rank=R, heads=3, scaling=0.5, offset=True, add_to=base_one)
+    got = routed_update(one, *args, scaling=0.5, offset=offset_path, add_to=base_one)
     torch.testing.assert_close(got, base_one + hand_update(one, a, router, heads, 0.5, a0=a0, b0=b0), **FP32_SOFTMAX)
 
 
@@ -233,12 +240,12 @@ def test_top_k_gates_dense_when_k_is_off_or_covers_all_heads(k):
 
 # ---------------------------------------------------------------------------- 3. router temperature
 @pytest.mark.parametrize("temperature", [0.5, 2.5])
-def test_routed_update_temperature_divides_the_logits(temperature):
+def test_routed_update_temperature_divides_the_logits(temperature, products):
     """Gates = exp(z/T) / sum exp(z/T): guards a temperature that multiplies, or is ignored."""
     a, router, heads, _, _, gen = random_weights(3, seed=4)
     x = torch.randn(2, 5, D_IN, generator=gen, dtype=torch.float64)
-    down, up = stacked(a, router, heads)
-    got = routed_update(x, down, up, rank=R, heads=3, scaling=1.0, temperature=temperature)
+    args, _ = weights(a, router, heads)
+    got = routed_update(x, *args, scaling=1.0, temperature=temperature)
     torch.testing.assert_close(got, hand_update(x, a, router, heads, 1.0, temperature=temperature), **FP32_SOFTMAX)
     assert not torch.allclose(got, hand_update(x, a, router, heads, 1.0))  # T matters here
 

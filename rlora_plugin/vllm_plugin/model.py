@@ -51,13 +51,12 @@ class RoutedPart(nn.Module):
 
     def __init__(self, weights: dict[str, torch.Tensor], config: RLoraConfig, start: int, stop: int) -> None:
         super().__init__()
-        heads = config.num_heads
-        down = [weights["A"]] + ([weights["router"]] if heads > 1 else [])
-        self.register_buffer("down", torch.cat(down), persistent=False)
-        self.register_buffer("up", weights["B"], persistent=False)
+        self.register_buffer("lora_a", weights["A"], persistent=False)
+        self.register_buffer("lora_b", weights["B"], persistent=False)
+        self.register_buffer("router", weights.get("router") if config.num_heads > 1 else None, persistent=False)
         self.start, self.stop = start, stop
         self.update = partial(
-            routed_update, rank=config.r, heads=heads, scaling=adapter_scaling(config),
+            routed_update, scaling=adapter_scaling(config),
             temperature=config.router_temperature, route=self.gates,
         )  # fmt: skip
         self.top_k = config.router_top_k
@@ -66,7 +65,8 @@ class RoutedPart(nn.Module):
         return top_k_gates(probs, self.top_k)[0]
 
     def add_to(self, output: torch.Tensor, x: torch.Tensor) -> None:
-        output[..., self.start : self.stop] += self.update(x.to(self.down.dtype), self.down, self.up).to(output.dtype)
+        update = self.update(x.to(self.lora_a.dtype), self.lora_a, self.lora_b, self.router)
+        output[..., self.start : self.stop] += update.to(output.dtype)
 
 
 def add_routed_update(layer: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
