@@ -163,7 +163,7 @@ def test_an_adapter_from_a_model_hub_id(vllm_process, tiny, tmp_path, monkeypatc
     from_hub = build(tiny["llama"], routed(tiny, adapter="org/rlora-tiny"))
     local = build(tiny["llama"], routed(tiny))
     ours, theirs = ({n: b for n, b in m.named_buffers() if "rlora_parts" in n} for m in (from_hub, local))
-    assert ours.keys() == theirs.keys() and len(ours) == 2 * 2 * len(ALL_LINEAR)  # down and up per target
+    assert ours.keys() == theirs.keys() and len(ours) == 2 * 3 * len(ALL_LINEAR)  # A, heads, router per target
     for name, buffer in ours.items():
         torch.testing.assert_close(buffer, theirs[name])
     with pytest.raises(ValueError, match=r"`rlora_adapter: org/missing` is neither a directory nor a model-hub id"):
