@@ -266,8 +266,8 @@ def write_results(
         *summary_table(cases),
         "",
         "Target: R-LoRA prefill and decode <= 1.00x LoRA-eq unmerged in every row. Where a row says **no**, the "
-        "reason and its per-layer profile are in benchmarks/README.md, 'Results on the project machine, and where "
-        "the time goes'.",
+        "reason and its per-layer profile are in benchmarks/README.md, 'What a decoding step costs, and how the "
+        "layer keeps it at LoRA's'.",
         "",
         "## The offset fold's rounding",
         "",
