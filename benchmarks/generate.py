@@ -38,7 +38,7 @@ from benchmarks.speed.cases import adapt
 from benchmarks.speed.counts import MLP, equal_param_rank, rlora_params, smollm2_config
 from benchmarks.speed.report import RESULTS, machine
 from benchmarks.speed.timing import REFERENCE, CaseResult, Variant, paired_time_ratio, ratio, summarize, trainable
-from rlora_plugin.layer import RLoraLayer
+from rlora_plugin import RLoraLinear
 
 VARIANT_LABELS = {
     "base": "base model",
@@ -141,12 +141,12 @@ def fold_effect(model: nn.Module, ids: torch.Tensor, tokens: torch.Tensor, new_t
     R-LoRA keeps its offset path per token instead of folding it into the base weight."""
     with torch.no_grad():
         folded = model(input_ids=ids, logits_to_keep=1).logits.float()
-        RLoraLayer.fold_offset = False
+        RLoraLinear.fold_offset = False
         try:
             unfolded = model(input_ids=ids, logits_to_keep=1).logits.float()
             _, _, out = generate_interleaved({"rlora": model}, ["rlora"], ids, new_tokens)
         finally:
-            RLoraLayer.fold_offset = True
+            RLoraLinear.fold_offset = True
     return {
         "max_logit_change": (folded - unfolded).abs().max().item(),
         "logit_scale": unfolded.abs().max().item(),
@@ -272,7 +272,7 @@ def write_results(
         "## The offset fold's rounding",
         "",
         "R-LoRA with its offset path folded into the base weight (as it generates) against the offset kept per "
-        "token (`RLoraLayer.fold_offset = False`): the largest change of a logit at the prompt's last position, "
+        "token (`RLoraLinear.fold_offset = False`): the largest change of a logit at the prompt's last position, "
         "and the share of greedy tokens (all rows, all new tokens) that stay the same.",
         "",
         *fold_table(folds),

@@ -52,6 +52,14 @@ def frozen_gate_lora(
     return torch.cat([lora_a, offset_a]), torch.cat([mixed, -scaling * offset_b], dim=1)
 
 
+def fold_offsets(weight: torch.Tensor, offsets: list[tuple[float, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """`W0 - sum s * Bbar0 A0` over `offsets` of `(s, A0, Bbar0)`, computed in fp32 and rounded once to the weight's
+    dtype: a base weight with frozen offset paths folded in, for the PEFT layer's forwards without gradients and
+    the vLLM plugin."""
+    delta = sum(s * offset_b.float() @ offset_a.float() for s, offset_a, offset_b in offsets)
+    return (weight.float() - delta.to(weight.device)).to(weight.dtype)
+
+
 def top_k_gates(probs: torch.Tensor, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The router's top-k: the `top_k` largest of `probs (..., N)` renormalized to sum to 1, the others 0, and the
     indices kept; `probs` themselves and None (dense routing) when `top_k` is None, 0 or at least N."""
@@ -194,11 +202,6 @@ class RLoraLayer(BaseTunerLayer):
         "router_top_k",
     )
 
-    # Fold the frozen offset path into a copy of the base weight in forwards without gradients (see
-    # `RLoraLinear.folded_base_weight`): one more copy of each adapted weight in memory while generating, no
-    # offset matmuls per token. Set to False (on the class or a layer) to keep the memory and the matmuls.
-    fold_offset: bool = True
-
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.r: dict[str, int] = {}
@@ -310,6 +313,11 @@ class RLoraLayer(BaseTunerLayer):
 class RLoraLinear(nn.Module, RLoraLayer):
     """An `nn.Linear` with R-LoRA adapters: `y = W0 x + b + routed_update(x)`."""
 
+    # Fold the frozen offset path into a copy of the base weight in forwards without gradients (see
+    # `folded_base_weight`): one more copy of each adapted weight in memory while generating, no offset matmuls
+    # per token. Set to False (on the class or a layer) to keep the memory and the matmuls.
+    fold_offset: bool = True
+
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: RLoraConfig, layer_name: str) -> None:
         super().__init__()
         RLoraLayer.__init__(self, base_layer)
@@ -358,11 +366,11 @@ class RLoraLinear(nn.Module, RLoraLayer):
             self._folded = stamp, weight, None
             return None
         with torch.no_grad():
-            delta = sum(
-                self.scaling[a] * self.rlora_offset_B[a].float() @ self.rlora_offset_A[a].float() for a in offsets
+            folded = fold_offsets(
+                weight, [(self.scaling[a], self.rlora_offset_A[a], self.rlora_offset_B[a]) for a in offsets]
             )
-            self._folded = stamp, weight, (weight.float() - delta.to(weight.device)).to(weight.dtype)
-        return self._folded[2]
+        self._folded = stamp, weight, folded
+        return folded
 
     def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> nn.Module:
         """`.to()`, `.half()` and the like replace the weights' storage (whose address the allocator may hand

@@ -233,16 +233,13 @@ def test_adapter_switch_and_disable_with_the_fold():
             assert torch.equal(layer(x), F.linear(x, layer.base_layer.weight))
 
 
-def test_greedy_decode_with_and_without_the_fold():
+def test_greedy_decode_with_and_without_the_fold(monkeypatch):
     model, _, _ = trained_layer()
     model.eval()
     folded = greedy(model, tokens(), max_new_tokens=6)
-    RLoraLinear.fold_offset = False
-    try:
-        unfolded = greedy(model, tokens(), max_new_tokens=6)
-        assert all(layer._folded is None for layer in adapted_layers(model))
-    finally:
-        RLoraLinear.fold_offset = True
+    monkeypatch.setattr(RLoraLinear, "fold_offset", False)
+    unfolded = greedy(model, tokens(), max_new_tokens=6)
+    assert all(layer._folded is None for layer in adapted_layers(model))
     assert torch.equal(folded, unfolded)
 
 

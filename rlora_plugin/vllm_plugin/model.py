@@ -24,7 +24,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from ..config import RLoraConfig
-from ..layer import adapter_scaling, routed_update, top_k_gates
+from ..layer import adapter_scaling, fold_offsets, routed_update, top_k_gates
 from ..patching import HostChanged, private_attribute
 from ..routing import PEFT_PREFIX
 from ..saved import CONFIG, WEIGHTS, read_adapter
@@ -53,7 +53,7 @@ class RoutedPart(nn.Module):
         super().__init__()
         self.register_buffer("lora_a", weights["A"], persistent=False)
         self.register_buffer("lora_b", weights["B"], persistent=False)
-        self.register_buffer("router", weights.get("router") if config.num_heads > 1 else None, persistent=False)
+        self.register_buffer("router", weights.get("router"), persistent=False)  # none for one head
         self.start, self.stop = start, stop
         self.update = partial(
             routed_update, scaling=adapter_scaling(config),
@@ -172,8 +172,7 @@ class RoutedAdapter:
                 )
             if "offset_A" in weights:  # fold -s * Bbar0 A0 into the base rows, in fp32
                 base = layer.weight.data[start:stop]
-                offset = adapter_scaling(config) * weights["offset_B"] @ weights["offset_A"]
-                base.copy_((base.float() - offset.to(base.device)).to(base.dtype))
+                base.copy_(fold_offsets(base, [(adapter_scaling(config), weights["offset_A"], weights["offset_B"])]))
             if not hasattr(layer, "rlora_parts"):
                 layer.rlora_parts = nn.ModuleList()
                 layer.register_forward_hook(add_routed_update)
