@@ -81,11 +81,10 @@ def engines(base: Path, adapter: Path, export: Path) -> dict:
     common = dict(model=str(base), dtype="float32", enforce_eager=True, max_model_len=256, max_num_seqs=32,
                   kv_cache_memory_bytes=256 << 20, skip_tokenizer_init=True, disable_log_stats=False,
                   seed=0)  # fmt: skip
-    architecture = json.loads((base / "config.json").read_text())["architectures"][0]
     return {
         "base": LLM(**common),
         "export": LLM(**common, enable_lora=True, max_lora_rank=16, max_loras=1),
-        "routed": LLM(**common, hf_overrides=hf_overrides(str(adapter), architecture)),
+        "routed": LLM(**common, hf_overrides=hf_overrides(str(adapter))),
     }
 
 

@@ -88,6 +88,7 @@ def routed_update(
     dropout: Callable[[torch.Tensor], torch.Tensor] | None = None,
     per_head_dropout: bool = False,
     add_to: torch.Tensor | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """`s * sum_i g_i(x) B_i drop_i(A x) - offset(x)` with no loop over heads (docs/method.md): the one source of
     the routed update, for the PEFT layer and the vLLM plugin.
@@ -96,12 +97,15 @@ def routed_update(
     (None for one head, whose gate is 1), `offset` the frozen path `(A0 (r, d_in), Bbar0 (d_out, r))` or None. The
     router's softmax runs in fp32 (at `temperature`); `route` maps its probabilities to the gates (dense when
     None; `top_k_gates` keeps k). `dropout` (training only) masks the features once, or for each head with
-    `per_head_dropout`. With `add_to` (the base layer's output), returns `add_to` plus the update.
+    `per_head_dropout`. With `add_to` (the base layer's output), returns `add_to` plus the update. `reduce`
+    (tensor parallelism, where `x` and the down-projections hold one rank's slice of the input features) sums the
+    down-projection `[A ; W_g ; A0] x` over the ranks, in one call, before the softmax.
     """
     downs = [lora_a, *([router] if router is not None else []), *([offset[0]] if offset is not None else [])]
-    stack = x.numel() >= STACK_FROM_TOKENS * x.shape[-1]
+    stack = reduce is not None or x.numel() >= STACK_FROM_TOKENS * x.shape[-1]
     if stack:  # [h ; logits ; h0] = [A ; W_g ; A0] x in one product (one split: a slice's backward costs more)
-        parts = F.linear(x, torch.cat(downs)).split([w.shape[0] for w in downs], dim=-1)
+        down = F.linear(x, torch.cat(downs))
+        parts = (down if reduce is None else reduce(down)).split([w.shape[0] for w in downs], dim=-1)
     else:
         parts = [F.linear(x, w) for w in downs]
     features = parts[0]

@@ -164,6 +164,27 @@ def test_routed_update_equals_per_head_loop(num_heads, offset, shape, products):
     torch.testing.assert_close(got, want, **FP32_SOFTMAX)
 
 
+@pytest.mark.parametrize("offset", [False, True], ids=["no-offset", "offset"])
+def test_routed_update_with_the_input_split_over_two_ranks(offset):
+    """Tensor parallelism's row-parallel layers: each rank holds half the input features and the matching
+    columns of `A`, `W_g` and `A0`; `reduce` adds the other rank's down-projection (its all-reduce) before the
+    softmax, and each rank's update is the whole layer's, by hand."""
+    a, router, heads, a0, b0, gen = random_weights(3)
+    x = torch.randn(2, 5, D_IN, generator=gen, dtype=torch.float64)
+    half = D_IN // 2
+    (first, second) = (slice(None, half), slice(half, None))
+    offset_path = (a0[:, first], b0) if offset else None
+
+    def other_rank(down: torch.Tensor) -> torch.Tensor:
+        downs = [a[:, second], router[:, second], *([a0[:, second]] if offset else [])]
+        return down + x[..., second] @ torch.cat(downs).T
+
+    got = routed_update(x[..., first], a[:, first], torch.cat(heads, dim=1), router[:, first], scaling=0.75,
+                        offset=offset_path, reduce=other_rank)  # fmt: skip
+    want = hand_update(x, a, router, heads, 0.75, a0=a0 if offset else None, b0=b0)
+    torch.testing.assert_close(got, want, **FP32_SOFTMAX)
+
+
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("offset", [False, True], ids=["no-offset", "offset"])
 def test_routed_update_with_top_k_equals_hand_top_k(k, offset, products):

@@ -104,8 +104,7 @@ def build(base: Path, overrides: dict, **engine: object) -> torch.nn.Module:
 
 
 def routed(tiny: dict[str, Path], family: str = "llama", adapter: str | Path | None = None) -> dict:
-    architecture = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[family]
-    return hf_overrides(str(adapter or tiny[f"{family}-rlora"]), architecture)
+    return hf_overrides(str(adapter or tiny[f"{family}-rlora"]))
 
 
 def test_the_offset_is_folded_into_the_base_weights(vllm_process, tiny):
@@ -177,12 +176,11 @@ def test_an_adapter_from_a_model_hub_id(vllm_process, tiny, tmp_path, monkeypatc
         (
             "no architecture",
             r"`rlora_adapter: \S+` is set in --hf-overrides, but the architecture served is "
-            r"`LlamaForCausalLM`.*Fix: add `\"architectures\": \[\"RLoraLlamaForCausalLM\"\]`",
+            r"`LlamaForCausalLM`.*Fix: add `\"architectures\": \[\"RLoraForCausalLM\"\]`",
         ),
         ("two adapters", r"needs one adapter, `rlora_adapter` in --hf-overrides, got \['"),
-        ("other family", r"serves qwen2 bases, but this base's model_type is `llama`.*RLoraLlamaForCausalLM"),
         ("enable_lora", r"`enable_lora` cannot be combined with the routed adapter"),
-        ("tensor parallel", r"`tensor_parallel_size: 2` is not supported yet. Fix: serve on one device"),
+        ("pipeline parallel", r"`pipeline_parallel_size: 2` is not supported yet. Fix: serve on one pipeline"),
         ("quantized base", r"a quantized base \(`quantization: fp8`\) is not supported yet"),
         ("dummy weights", r"`load_format: dummy` does not load weights through the model"),
         ("other base", r"A \(4, 256\), B \(128, 12\), but this base's layer needs \(4, 384\), \(128, 12\). Fix"),
@@ -198,12 +196,10 @@ def test_what_it_cannot_serve_is_refused_at_start_up(vllm_process, tiny, case, m
         del overrides["architectures"]
     elif case == "two adapters":
         overrides[ADAPTER_KEY] = [str(tiny["llama-rlora"]), str(tiny["llama-rlora"])]
-    elif case == "other family":
-        overrides = routed(tiny, "qwen2", tiny["llama-rlora"])
     elif case == "enable_lora":
         engine = dict(enable_lora=True, max_lora_rank=8)
-    elif case == "tensor parallel":
-        engine = dict(tensor_parallel_size=2, distributed_executor_backend="mp")
+    elif case == "pipeline parallel":
+        engine = dict(pipeline_parallel_size=2, distributed_executor_backend="mp")
     elif case == "quantized base":  # vLLM's online fp8 quantization (bf16 or fp16 only)
         engine = dict(quantization="fp8", dtype="bfloat16")
     elif case == "dummy weights":
@@ -231,16 +227,30 @@ def test_a_changed_vllm_linear_layer_is_named():
     from rlora_plugin.vllm_plugin.model import RoutedAdapter
 
     with pytest.raises(HostChanged, match=r"needs `torch.nn.modules.linear.Linear.output_partition_sizes` as a list"):
-        RoutedAdapter.output_sizes(torch.nn.Linear(4, 6))
+        RoutedAdapter.output_rows(torch.nn.Linear(4, 6), None)
     layer = torch.nn.Linear(4, 6)
     layer.output_partition_sizes, layer.input_size = [2, 2], 4
     with pytest.raises(HostChanged, match=r"`Linear.output_partition_sizes` \[2, 2\] to add up to its weight's rows"):
-        RoutedAdapter.output_sizes(layer)
+        RoutedAdapter.output_rows(layer, None)
 
 
-def test_an_unsupported_base_architecture_is_refused_by_hf_overrides():
-    with pytest.raises(ValueError, match=r"a `GPT2LMHeadModel` base is not supported.*Fix: serve the frozen-gate"):
-        hf_overrides("ADAPTER", "GPT2LMHeadModel")
+@pytest.mark.parametrize(
+    ("model_type", "message"),
+    [
+        ("mamba", r"serves a `mamba` base with `MambaForCausalLM`, which is not a text-only attention model"),
+        ("no-such-model", r"model_type `no-such-model` has no causal-LM architecture in vLLM's registry"),
+    ],
+)
+def test_a_base_that_is_not_a_text_attention_model_is_refused(vllm_process, model_type, message):
+    """The base's vLLM class is found from its model_type; one that is not a plain text model is refused."""
+    from types import SimpleNamespace
+
+    from rlora_plugin.vllm_plugin.model import base_class
+
+    model_config = SimpleNamespace(hf_config=SimpleNamespace(model_type=model_type), model_impl="auto",
+                                   convert_type="none", runner_type="generate")  # fmt: skip
+    with pytest.raises(ValueError, match=message + r".*Fix: serve the frozen-gate export"):
+        base_class(SimpleNamespace(model_config=model_config))
 
 
 def test_the_server_reports_the_refusal(tiny):
@@ -271,8 +281,7 @@ def test_an_adapter_on_an_unsupported_base_is_refused_with_the_export_as_fix():
     model_config = SimpleNamespace(hf_config=SimpleNamespace(rlora_adapter="ADAPTER"))
     with pytest.raises(
         ValueError,
-        match=r"architecture served is `GPT2LMHeadModel`.*Fix: the routed adapter serves "
-        r"LlamaForCausalLM, Qwen2ForCausalLM bases; serve the frozen-gate export",
+        match=r"architecture served is `GPT2LMHeadModel`.*Fix: add `\"architectures\": \[\"RLoraForCausalLM\"\]`",
     ):
         inspect(None, ["GPT2LMHeadModel"], model_config)
     assert inspect(None, ["GPT2LMHeadModel"], SimpleNamespace(hf_config=SimpleNamespace())) == (

@@ -1,11 +1,13 @@
 """R-LoRA's routed adapter inside vLLM: the per-token router and every head in vLLM's own model forward, with
 vLLM's scheduler, paged KV cache and continuous batching doing the rest (docs/export-and-serving.md).
 
-    vllm serve BASE --hf-overrides '{"architectures": ["RLoraLlamaForCausalLM"], "rlora_adapter": "ADAPTER"}'
+    python -m vllm.entrypoints.openai.api_server --model BASE \
+        --hf-overrides '{"architectures": ["RLoraForCausalLM"], "rlora_adapter": "ADAPTER"}'
 
 `ADAPTER` is a saved R-LoRA adapter directory or a model-hub id. vLLM loads this package's `register` in every
-process from the `vllm.general_plugins` entry point; it adds one architecture per supported family
-(`ARCHITECTURES`), which `--hf-overrides` selects in place of the base model's.
+process from the `vllm.general_plugins` entry point; it adds the architecture `RLoraForCausalLM`, which
+`--hf-overrides` selects in place of the base model's, for every family (model.py builds the routed model of
+the base's own vLLM class).
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ from typing import Any
 
 from ..patching import Checked, wrap_once
 
-# The base model's architecture (its config.json) -> the R-LoRA architecture to name in --hf-overrides.
-ARCHITECTURES = {"LlamaForCausalLM": "RLoraLlamaForCausalLM", "Qwen2ForCausalLM": "RLoraQwen2ForCausalLM"}
+ARCHITECTURE = "RLoraForCausalLM"  # the architecture to name in --hf-overrides, whatever the base's family
 ADAPTER_KEY = "rlora_adapter"  # the --hf-overrides key that names the adapter
 
 
@@ -39,20 +40,13 @@ def refusal(problem: str, fix: str) -> ValueError:
 
 
 def register() -> None:
-    """vLLM's `vllm.general_plugins` hook: make the R-LoRA architectures known to vLLM's model registry, and
-    refuse an adapter named without its architecture (vLLM would serve the base model and ignore it)."""
+    """vLLM's `vllm.general_plugins` hook: make the R-LoRA architecture known to vLLM's model registry, and
+    refuse an adapter named without it (vLLM would serve the base model and ignore the adapter)."""
     from vllm import ModelRegistry
 
-    for architecture in ARCHITECTURES.values():
-        ModelRegistry.register_model(architecture, f"rlora_plugin.vllm_plugin.model:{architecture}")
+    ModelRegistry.register_model(ARCHITECTURE, f"rlora_plugin.vllm_plugin.model:{ARCHITECTURE}")
     wrap_once(type(ModelRegistry), "inspect_model_cls", _refusing_an_adapter_on_the_base, CHECKED,
               parameters=("architectures", "model_config"))  # fmt: skip
-
-
-def routed_architecture(architectures: str | list[str] | None) -> str | None:
-    """The R-LoRA architecture that serves a base listing `architectures` (its config.json's), if any."""
-    listed = [architectures] if isinstance(architectures, str) else architectures or []
-    return next((ARCHITECTURES[base] for base in listed if base in ARCHITECTURES), None)
 
 
 def _refusing_an_adapter_on_the_base(inspect_model_cls: Callable) -> Callable:
@@ -64,26 +58,17 @@ def _refusing_an_adapter_on_the_base(inspect_model_cls: Callable) -> Callable:
         info, architecture = inspect_model_cls(*args, **kwargs)
         call = signature.bind(*args, **kwargs).arguments
         source = getattr(call["model_config"].hf_config, ADAPTER_KEY, None)
-        if source is not None and architecture not in ARCHITECTURES.values():
-            ours = routed_architecture(call["architectures"])
+        if source is not None and architecture != ARCHITECTURE:
             raise refusal(
                 f"`{ADAPTER_KEY}: {source}` is set in --hf-overrides, but the architecture served is "
                 f"`{architecture}`, which ignores it: vLLM would serve the base model",
-                f'add `"architectures": ["{ours}"]` to --hf-overrides' if ours else
-                f"the routed adapter serves {', '.join(ARCHITECTURES)} bases; serve the frozen-gate export as a "
-                "plain LoRA instead (docs/export-and-serving.md)",
-            )  # fmt: skip
+                f'add `"architectures": ["{ARCHITECTURE}"]` to --hf-overrides',
+            )
         return info, architecture
 
     return refusing_inspect_model_cls
 
 
-def hf_overrides(adapter: str, base_architecture: str) -> dict:
-    """The `hf_overrides` (`--hf-overrides` JSON) that serve `adapter` on a base of `base_architecture`."""
-    if base_architecture not in ARCHITECTURES:
-        raise refusal(
-            f"a `{base_architecture}` base is not supported; the supported architectures are "
-            f"{', '.join(ARCHITECTURES)}",
-            "serve the frozen-gate export as a plain LoRA instead (docs/export-and-serving.md)",
-        )
-    return {"architectures": [ARCHITECTURES[base_architecture]], ADAPTER_KEY: str(adapter)}
+def hf_overrides(adapter: str) -> dict:
+    """The `hf_overrides` (`--hf-overrides` JSON) that serve `adapter`, on a base of any family."""
+    return {"architectures": [ARCHITECTURE], ADAPTER_KEY: str(adapter)}

@@ -1,34 +1,52 @@
-"""vLLM's Llama and Qwen2 models with an R-LoRA adapter routed in their forward.
+"""vLLM's own model of the base, with an R-LoRA adapter routed in its forward.
 
-At load, after vLLM has loaded the base weights, every adapted layer gets a forward hook that adds the routed
-update (`rlora_plugin.layer.routed_update`, the one source of the math) to the slices of its fused output that
-PEFT's targets fill: `qkv_proj` packs `q_proj, k_proj, v_proj`, `gate_up_proj` packs `gate_proj, up_proj`
-(the model's `packed_modules_mapping`). The frozen offset path of `init: random` is the constant matrix
-`s * mean_i(B_i^0) A^0`: it is subtracted from the base weight once, so per token only the trainable adapter
-weights are read. The adapter's tensors stay in fp32 as in PEFT (the update is added in the model's dtype).
+`RLoraForCausalLM`, the architecture named in --hf-overrides, builds the routed subclass of the vLLM class that
+serves the base (Llama, Qwen2/3, Mistral, Gemma 2/3, Phi-3, ...: any text model whose PEFT targets are vLLM
+linear layers). At load, after vLLM has loaded the base weights, every adapted layer gets a forward hook that adds
+the routed update (`rlora_plugin.layer.routed_update`, the one source of the math) to the rows of its output
+that PEFT's target fills: `qkv_proj` packs `q_proj, k_proj, v_proj`, `gate_up_proj` packs `gate_proj, up_proj`
+(the model's `packed_modules_mapping`). Under tensor parallelism each rank keeps its slice of the adapter, cut by
+the layer's own weight loader as the base weight is: the heads' rows on column-parallel layers; the columns of
+`A` and the router on row-parallel layers, whose down-projection is then summed over the ranks before the
+softmax. The frozen offset path of `init: random` (the constant `s * mean_i(B_i^0) A^0`) is subtracted from the
+base weight once, as PEFT does in its forwards without gradients, so per token only the trainable adapter weights
+are read. The adapter runs in the model's dtype, the router's softmax in fp32.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
-from functools import partial
+from collections.abc import Callable, Iterable
+from functools import cache, partial
 from pathlib import Path
 
 import torch
 from torch import nn
-from vllm.model_executor.layers.linear import LinearBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from vllm.distributed import tensor_model_parallel_all_reduce
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    LinearBase,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
 from vllm.model_executor.model_loader import get_model_loader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.model_executor.models import ModelRegistry
+from vllm.model_executor.models.interfaces import has_inner_state, is_attention_free, is_hybrid, supports_multimodal
+from vllm.model_executor.models.interfaces_base import is_text_generation_model
 from vllm.model_executor.models.llama import LlamaForCausalLM
-from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 
 from ..config import RLoraConfig
 from ..layer import adapter_scaling, fold_offsets, routed_update, top_k_gates
 from ..patching import HostChanged, private_attribute
 from ..routing import PEFT_PREFIX
 from ..saved import CONFIG, WEIGHTS, read_adapter
-from . import ADAPTER_KEY, ARCHITECTURES, CHECKED, refusal, routed_architecture
+from . import ADAPTER_KEY, ARCHITECTURE, CHECKED, refusal
+
+EXPORT_FIX = "serve the frozen-gate export as a plain LoRA (docs/export-and-serving.md)"
 
 
 def adapter_dir(source: str) -> Path:
@@ -47,9 +65,12 @@ def adapter_dir(source: str) -> Path:
 
 
 class RoutedPart(nn.Module):
-    """One PEFT target inside a vLLM layer: its adapter weights and the slice `[start, stop)` of the output."""
+    """One PEFT target inside a vLLM layer: this rank's slice of its adapter weights, in the model's dtype, and
+    the rows `[start, stop)` of the layer's output it adds to; `reduce` sums the down-projection over the ranks
+    where the layer's input is split."""
 
-    def __init__(self, weights: dict[str, torch.Tensor], config: RLoraConfig, start: int, stop: int) -> None:
+    def __init__(self, weights: dict[str, torch.Tensor], config: RLoraConfig, start: int, stop: int,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> None:  # fmt: skip
         super().__init__()
         self.register_buffer("lora_a", weights["A"], persistent=False)
         self.register_buffer("lora_b", weights["B"], persistent=False)
@@ -57,7 +78,7 @@ class RoutedPart(nn.Module):
         self.start, self.stop = start, stop
         self.update = partial(
             routed_update, scaling=adapter_scaling(config),
-            temperature=config.router_temperature, route=self.gates,
+            temperature=config.router_temperature, route=self.gates, reduce=reduce,
         )  # fmt: skip
         self.top_k = config.router_top_k
 
@@ -65,8 +86,7 @@ class RoutedPart(nn.Module):
         return top_k_gates(probs, self.top_k)[0]
 
     def add_to(self, output: torch.Tensor, x: torch.Tensor) -> None:
-        update = self.update(x.to(self.lora_a.dtype), self.lora_a, self.lora_b, self.router)
-        output[..., self.start : self.stop] += update.to(output.dtype)
+        output[..., self.start : self.stop] += self.update(x, self.lora_a, self.lora_b, self.router)
 
 
 def add_routed_update(layer: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
@@ -78,40 +98,29 @@ def add_routed_update(layer: nn.Module, args: tuple, output: torch.Tensor | tupl
 
 
 class RoutedAdapter:
-    """Mixin of the R-LoRA architectures: refuses what it cannot serve exactly before any weight is loaded, and
+    """Mixin of the routed architectures: refuses what it cannot serve exactly before any weight is loaded, and
     attaches the adapter once the base weights are."""
-
-    model_types: tuple[str, ...]  # the base configs' `model_type`s this family serves
 
     def __init__(self, *, vllm_config, prefix: str = "") -> None:  # noqa: ANN001
         hf_config = vllm_config.model_config.hf_config
-        name = type(self).__name__
         source = getattr(hf_config, ADAPTER_KEY, None)
         if not isinstance(source, str) or not source:
             raise refusal(
-                f"the `{name}` architecture needs one adapter, `{ADAPTER_KEY}` in --hf-overrides, got {source!r}",
-                f'--hf-overrides \'{{"architectures": ["{name}"], "{ADAPTER_KEY}": "ADAPTER_DIR_OR_HUB_ID"}}\' '
+                f"the `{ARCHITECTURE}` architecture needs one adapter, `{ADAPTER_KEY}` in --hf-overrides, got "
+                f"{source!r}",
+                f'--hf-overrides \'{{"architectures": ["{ARCHITECTURE}"], "{ADAPTER_KEY}": "ADAPTER_DIR_OR_HUB_ID"}}\' '
                 "(one R-LoRA adapter per server)",
             )
-        if hf_config.model_type not in self.model_types:
-            ours = routed_architecture(hf_config.architectures)
+        size = vllm_config.parallel_config.pipeline_parallel_size
+        if size > 1:
             raise refusal(
-                f"`{name}` serves {'/'.join(self.model_types)} bases, but this base's model_type is "
-                f"`{hf_config.model_type}`",
-                f"name {ours or 'the R-LoRA architecture of its family'} in --hf-overrides' "
-                f"`architectures` (supported: {', '.join(ARCHITECTURES.values())})",
+                f"`pipeline_parallel_size: {size}` is not supported yet",
+                "serve on one pipeline stage (tensor_parallel_size splits the model over devices)",
             )
-        parallel = vllm_config.parallel_config
-        for key, size in (
-            ("tensor_parallel_size", parallel.tensor_parallel_size),
-            ("pipeline_parallel_size", parallel.pipeline_parallel_size),
-        ):
-            if size > 1:
-                raise refusal(f"`{key}: {size}` is not supported yet", f"serve on one device ({key} 1)")
         if vllm_config.quant_config is not None:
             raise refusal(
                 f"a quantized base (`quantization: {vllm_config.model_config.quantization}`) is not supported yet",
-                "serve an unquantized base, or the frozen-gate export as a plain LoRA",
+                f"serve an unquantized base, or {EXPORT_FIX}",
             )
         if vllm_config.lora_config is not None:
             raise refusal(
@@ -157,32 +166,60 @@ class RoutedAdapter:
                 "e.g. `modules_to_save`), which the plugin does not serve",
                 "train without modules_to_save, or serve the adapter with PEFT",
             )
+        scaling = adapter_scaling(config)
         for key, weights in modules.items():
-            vllm_name, part = targets[key]
+            vllm_name, shard = targets[key]
             layer = layers[vllm_name]
-            sizes = self.output_sizes(layer)
-            start = sum(sizes[:part])
-            stop = start + sizes[part]
-            expected = (config.r, layer.input_size), (sizes[part], config.num_heads * config.r)
+            start, stop = self.output_rows(layer, shard)
+            expected = (config.r, layer.input_size), (self.output_size(layer, shard), config.num_heads * config.r)
             if (tuple(weights["A"].shape), tuple(weights["B"].shape)) != expected:
                 raise refusal(
                     f"the adapter's `{key}` has A {tuple(weights['A'].shape)}, B {tuple(weights['B'].shape)}, but "
                     f"this base's layer needs {expected[0]}, {expected[1]}",
                     "serve the adapter on the base model it was trained on",
                 )
-            if "offset_A" in weights:  # fold -s * Bbar0 A0 into the base rows, in fp32
+            ours = self.rank_slices(layer, shard, weights, start, stop)
+            if "offset_A" in ours:  # fold -s * Bbar0 A0 into this rank's rows (columns) of the base, in fp32
                 base = layer.weight.data[start:stop]
-                base.copy_(fold_offsets(base, [(adapter_scaling(config), weights["offset_A"], weights["offset_B"])]))
+                base.copy_(fold_offsets(base, [(scaling, ours.pop("offset_A"), ours.pop("offset_B"))]))
             if not hasattr(layer, "rlora_parts"):
                 layer.rlora_parts = nn.ModuleList()
                 layer.register_forward_hook(add_routed_update)
-            layer.rlora_parts.append(RoutedPart(weights, config, start, stop).to(layer.weight.device))
+            split_input = isinstance(layer, RowParallelLinear) and layer.tp_size > 1
+            reduce = tensor_model_parallel_all_reduce if split_input else None
+            ours = {name: tensor.to(layer.weight.device, layer.weight.dtype) for name, tensor in ours.items()}
+            layer.rlora_parts.append(RoutedPart(ours, config, start, stop, reduce))
         self.rlora_attached = True
 
     @staticmethod
-    def output_sizes(layer: nn.Module) -> list[int]:
-        """The sizes of the parts of a vLLM linear layer's fused output (e.g. q, k, v), checked against its
-        weight's rows (with one device, a layer's partition is the whole layer)."""
+    def rank_slices(layer: LinearBase, shard: str | int | None, weights: dict[str, torch.Tensor], start: int,
+                    stop: int) -> dict[str, torch.Tensor]:  # fmt: skip
+        """This rank's slice of each adapter tensor, cut by the layer's own weight loader as vLLM cuts the base
+        weight: the output rows of `B` and `Bbar0` on a column-parallel layer, the input columns of `A`, the router
+        and `A0` on a row-parallel one; the tensors as they are on a replicated layer or one device."""
+        if isinstance(layer, ColumnParallelLinear):
+            split, dim = ("B", "offset_B"), 0
+        elif isinstance(layer, RowParallelLinear):
+            split, dim = ("A", "router", "offset_A"), 1
+        else:
+            return dict(weights)
+        ours = {}
+        for name, tensor in weights.items():
+            if name not in split:
+                ours[name] = tensor
+                continue
+            shape = list(tensor.shape)
+            shape[dim] = layer.weight.shape[dim]  # this rank's rows or columns of the whole layer
+            sliced = tensor.new_zeros(shape)
+            setattr(sliced, "output_dim" if dim == 0 else "input_dim", dim)
+            layer.weight_loader(sliced, tensor, *([] if shard is None else [shard]))
+            ours[name] = sliced[start:stop] if dim == 0 else sliced
+        return ours
+
+    @staticmethod
+    def output_rows(layer: LinearBase, shard: str | int | None) -> tuple[int, int]:
+        """The rows `[start, stop)` of this rank's output of `layer` that a target fills: its part of a fused
+        layer (`shard`), or all of them; checked against the layer's weight."""
         sizes = private_attribute(layer, "output_partition_sizes", list, CHECKED)
         weight = private_attribute(layer, "weight", torch.Tensor, CHECKED)
         private_attribute(layer, "input_size", int, CHECKED)
@@ -191,30 +228,91 @@ class RoutedAdapter:
                 CHECKED, f"`{type(layer).__name__}.output_partition_sizes` {sizes} to add up to its weight's rows "
                 f"({weight.shape[0]})",
             )  # fmt: skip
-        return sizes
+        if shard is None:
+            return 0, weight.shape[0]
+        part = "qkv".index(shard) if isinstance(shard, str) else shard
+        return sum(sizes[:part]), sum(sizes[: part + 1])
 
-    def vllm_target(self, name: str, layers: dict[str, nn.Module]) -> tuple[str, int]:
-        """PEFT's module name -> vLLM's module and the index of its part in that module's fused output."""
+    @staticmethod
+    def output_size(layer: LinearBase, shard: str | int | None) -> int:
+        """The rows of the whole layer's output (all ranks) that a target fills, as PEFT's target saves them."""
+        if isinstance(layer, QKVParallelLinear):  # K and V once each, not once per replicating rank
+            heads = (layer.total_num_heads * layer.head_size, layer.total_num_kv_heads * layer.head_size,
+                     layer.total_num_kv_heads * layer.v_head_size)  # fmt: skip
+            return sum(heads) if shard is None else heads["qkv".index(shard)]
+        if isinstance(layer, MergedColumnParallelLinear) and shard is not None:
+            return layer.output_sizes[shard]
+        return layer.output_size
+
+    def vllm_target(self, name: str, layers: dict[str, nn.Module]) -> tuple[str, str | int | None]:
+        """PEFT's module name -> vLLM's module and the target's shard of it: its index in the fused layer (`q`,
+        `k`, `v` for attention), or None for a whole layer (also Phi-3's fused `qkv_proj`, saved fused)."""
         parent, _, leaf = name.rpartition(".")
         packed_modules = private_attribute(self, "packed_modules_mapping", dict, CHECKED)
+        vllm_name, shard = name, None
         for packed, leaves in packed_modules.items():
-            if leaf in leaves:
-                vllm_name, part = f"{parent}.{packed}", leaves.index(leaf)
+            if leaf in leaves and leaves != [packed]:
+                vllm_name, shard = f"{parent}.{packed}", leaves.index(leaf)
                 break
-        else:
-            vllm_name, part = name, 0
-        if vllm_name not in layers or not isinstance(layers[vllm_name], LinearBase):
+        layer = layers.get(vllm_name)
+        if ".experts." in f".{name}.":
+            raise refusal(
+                f"the adapter targets `{name}`, an expert of a mixture-of-experts layer, which vLLM runs inside one "
+                "fused kernel for all experts (no per-token hook on one expert)",
+                f"serve an adapter of the attention projections (q/k/v/o) of this model, or {EXPORT_FIX}",
+            )
+        if not isinstance(layer, (ColumnParallelLinear, RowParallelLinear, ReplicatedLinear)):
             raise refusal(
                 f"the adapter targets `{name}`, which is not a linear layer of this vLLM model",
-                "serve an adapter of the attention and MLP projections (q/k/v/o, gate/up/down), or the "
-                "frozen-gate export as a plain LoRA",
+                f"serve an adapter of the attention and MLP projections (q/k/v/o, gate/up/down), or {EXPORT_FIX}",
             )
-        return vllm_name, part
+        if isinstance(layer, QKVParallelLinear) and shard is not None:
+            shard = "qkv"[shard]
+        split = layer.tp_size > 1 if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)) else False
+        if split and (getattr(layer, "gather_output", False) or not getattr(layer, "input_is_parallel", True)
+                      or not getattr(layer, "reduce_results", True)):  # fmt: skip
+            raise refusal(
+                f"the adapter targets `{name}`, whose vLLM layer gathers its output or its input, or leaves its "
+                "output unreduced, under tensor parallelism",
+                f"serve it with tensor_parallel_size 1, or {EXPORT_FIX}",
+            )
+        return vllm_name, shard
 
 
-class RLoraLlamaForCausalLM(RoutedAdapter, LlamaForCausalLM):
-    model_types = ("llama",)
+@cache
+def routed_class(base: type[nn.Module]) -> type[nn.Module]:
+    """The routed subclass of a vLLM model class (one per class, made once)."""
+    return type(f"RLora{base.__name__}", (RoutedAdapter, base), {"__module__": __name__})
 
 
-class RLoraQwen2ForCausalLM(RoutedAdapter, Qwen2ForCausalLM):
-    model_types = ("qwen2",)
+def base_class(vllm_config) -> type[nn.Module]:  # noqa: ANN001
+    """The vLLM class that serves the base as a text model: transformers' causal-LM class for its `model_type`,
+    as vLLM's registry resolves it; refused where that is not a plain text-generation model."""
+    model_config = vllm_config.model_config
+    model_type = model_config.hf_config.model_type
+    architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    if architecture not in ModelRegistry.get_supported_archs():
+        raise refusal(
+            f"a base of model_type `{model_type}` has no causal-LM architecture in vLLM's registry "
+            f"({architecture or 'none in transformers'})",
+            EXPORT_FIX,
+        )
+    base, _ = ModelRegistry.resolve_model_cls([architecture], model_config)
+    if not is_text_generation_model(base) or any(
+        check(base) for check in (supports_multimodal, is_hybrid, is_attention_free, has_inner_state)
+    ):
+        raise refusal(
+            f"vLLM serves a `{model_type}` base with `{architecture}`, which is not a text-only attention model "
+            "(multimodal, hybrid or state-space); the routed adapter serves text models",
+            EXPORT_FIX,
+        )
+    return base
+
+
+class RLoraForCausalLM(LlamaForCausalLM):
+    """The architecture named in --hf-overrides, for every family: builds `routed_class` of the base's own vLLM
+    class. vLLM reads the model's interfaces (text generation, pipeline parallelism, ...) from this class before
+    it is built: they are Llama's, which `base_class` checks the base shares."""
+
+    def __new__(cls, *, vllm_config, prefix: str = "") -> nn.Module:  # noqa: ANN001
+        return routed_class(base_class(vllm_config))(vllm_config=vllm_config, prefix=prefix)
