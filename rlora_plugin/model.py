@@ -205,3 +205,16 @@ class RLoraModel(BaseTuner):
 def find_tuner(model: nn.Module) -> RLoraModel | None:
     """The `RLoraModel` inside `model` (a PeftModel, or a module that holds one), or None."""
     return next((module for module in model.modules() if isinstance(module, RLoraModel)), None)
+
+
+def with_unadded_aux_loss(out: Any, model: nn.Module) -> Any:
+    """A trainer's `compute_loss` result (`loss` or `(loss, outputs)`) plus the load-balancing loss that the R-LoRA
+    model inside `model` kept from the forwards it ran (`pop_unadded_aux_loss`): for the hosts' wrappers of
+    trainers that compute their loss from the logits. Unchanged when there is none (evaluation, no adapter)."""
+    tuner = find_tuner(model)
+    unadded = tuner.pop_unadded_aux_loss() if tuner is not None else None
+    if unadded is None:
+        return out
+    loss = out[0] if isinstance(out, tuple) else out
+    loss = loss + unadded.to(loss.device, loss.dtype)
+    return (loss, *out[1:]) if isinstance(out, tuple) else loss

@@ -10,7 +10,9 @@ llamafactory they fail, never skip.
   and a plain `PeftModel.from_pretrained` reload reproduces the in-process logits of the trained model;
 - `resume_from_checkpoint` reproduces the uninterrupted run's last loss;
 - two CPU processes: tests/test_llamafactory_distributed.py;
-- `stage: dpo` uses the model with the adapter switched off as its reference;
+- `stage: dpo` and `kto` use the model with the adapter switched off as their reference, and add the
+  load-balancing loss to the loss they compute from the logits; `rm` and `ppo`, whose trainers drop the model's
+  loss, refuse it when the config is read;
 - `chat` (the adapter by its model-hub id), `api` and `webchat` load the adapter unmerged and generate;
   `export` is refused, and its fix (the frozen-gate export, then LLaMA-Factory's own export of that plain
   LoRA) works.
@@ -216,6 +218,15 @@ def trained(lf, tiny, tmp_path_factory):
             "`use_unsloth_gc: True` is not supported: with `rlora_router_aux_loss_coef` > 0",
         ),
         (
+            {"rlora_router_aux_loss_coef": 0.01, "stage": "rm"},
+            "`rlora_router_aux_loss_coef: 0.01` is not supported with `stage: rm`: LLaMA-Factory's reward-model "
+            "trainer (`PairwiseTrainer.compute_loss`) keeps only the value head's scores",
+        ),
+        (
+            {"rlora_router_aux_loss_coef": 0.01, "stage": "ppo"},
+            "`rlora_router_aux_loss_coef: 0.01` is not supported with `stage: ppo`: LLaMA-Factory's PPO trainer",
+        ),
+        (
             {"finetuning_type": "lora"},
             "`rlora_init_gamma: 16.0` is an R-LoRA setting, but `finetuning_type` is 'lora'. Fix: set "
             "`finetuning_type: rlora`, or remove the `rlora_*` keys.",
@@ -301,6 +312,15 @@ def test_aux_loss_asks_for_non_reentrant_checkpointing(lf, tiny, tmp_path):
     assert lf.translate({**cfg, "use_reentrant_gc": False})[0]["use_reentrant_gc"] is False
     assert "use_reentrant_gc" not in lf.translate({**cfg, "disable_gradient_checkpointing": True})[0]
     assert "use_reentrant_gc" not in lf.translate(_train_cfg(tiny, tmp_path))[0]  # no loss: the user's default
+
+
+def test_aux_loss_refused_only_in_the_stages_that_drop_it(lf, tiny, tmp_path):
+    """`rm` and `ppo` refuse the load-balancing loss (test_config_refused) and train without it; the other stages
+    take it."""
+    for stage in ("sft", "pt", "dpo", "kto"):
+        lf.translate(_train_cfg(tiny, tmp_path, stage=stage, rlora_router_aux_loss_coef=0.01))
+    for stage in ("rm", "ppo"):
+        lf.translate(_train_cfg(tiny, tmp_path, stage=stage))
 
 
 def test_train_with_the_aux_loss_trains_a_top1_router(lf, tiny, tmp_path):
@@ -425,23 +445,36 @@ def test_resume_from_checkpoint_matches_the_uninterrupted_run(trained, tiny):
     assert json.loads((resumed / "adapter_config.json").read_text())["peft_type"] == "RLORA"
 
 
-def test_dpo_reference_is_the_model_without_the_adapter(lf, tiny, tmp_path):
-    """`stage: dpo` rides LLaMA-Factory's LoRA path: no reference model is loaded, the reference is the model
-    with the adapter switched off. R-LoRA is exact at init (zero router, offset path), so the first step's
-    loss is exactly ln 2 and its reward margin 0; then the policy moves away from the reference."""
+@pytest.mark.parametrize(("stage", "zero_reward_loss"), [("dpo", math.log(2)), ("kto", 0.5)], ids=["dpo", "kto"])
+def test_preference_stage_reference_and_aux_loss(lf, tiny, tmp_path, stage, zero_reward_loss):
+    """`stage: dpo` and `kto` ride LLaMA-Factory's LoRA path: no reference model is loaded, the reference is the
+    model with the adapter switched off. R-LoRA is exact at init (zero router, offset path), so the first step's
+    preference loss is exactly its value at zero reward (DPO: ln 2, KTO: 1/2) and its reward margin 0; then the
+    policy moves away from the reference. Their trainers compute the loss from the logits, and the launcher adds
+    the load-balancing loss to it (patch 4): the first loss is that value plus coef * `rlora/aux_loss`."""
+    coef = 0.5
     rows = [json.loads(line) for line in tiny["alpaca"].read_text().splitlines()[:16]]
+    if stage == "dpo":
+        rows = [{**r, "chosen": r["output"], "rejected": "I do not know."} for r in rows]
+        columns = {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}
+        dataset = {"ranking": True, "columns": columns}
+    else:  # KTO: unpaired answers, each tagged desirable (the dataset's) or not
+        for i, row in enumerate(rows):
+            row["tag"] = i % 2 == 1
+            row["output"] = row["output"] if row["tag"] else "I do not know."
+        dataset = {"columns": {"prompt": "instruction", "query": "input", "response": "output", "kto_tag": "tag"}}
     pref = tmp_path / "pref.jsonl"
-    pref.write_text(
-        "".join(json.dumps({**r, "chosen": r["output"], "rejected": "I do not know."}) + "\n" for r in rows)
+    pref.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / stage
+    cfg = _train_cfg(
+        tiny, out, stage=stage, dataset="tiny_pref", logging_steps=1, max_steps=3, rlora_router_aux_loss_coef=coef
     )
-    cfg = _train_cfg(tiny, tmp_path / "dpo", stage="dpo", dataset="tiny_pref", logging_steps=1, max_steps=3)
-    columns = {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}
-    info = {"tiny_pref": {"file_name": str(pref), "ranking": True, "columns": columns}}
-    (tmp_path / "dataset_info.json").write_text(json.dumps(info))
-    proc = _run(tmp_path, "train", str(_write(tmp_path / "dpo.yaml", cfg)))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"tiny_pref": {"file_name": str(pref), **dataset}}))
+    proc = _run(tmp_path, "train", str(_write(tmp_path / f"{stage}.yaml", cfg)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    logs = [r for r in json.loads((tmp_path / "dpo" / "trainer_state.json").read_text())["log_history"] if "loss" in r]
-    assert logs[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    logs = [r for r in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in r]
+    assert logs[0]["rlora/aux_loss"] == pytest.approx(1.0, abs=1e-5)  # uniform gates: N * sum f_i P_i = 1
+    assert logs[0]["loss"] == pytest.approx(zero_reward_loss + coef * logs[0]["rlora/aux_loss"], abs=1e-5)
     assert logs[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
     assert logs[-1]["rewards/margins"] > 1e-4
     assert "rlora/router_entropy" in logs[-1]

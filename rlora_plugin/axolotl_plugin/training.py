@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from rlora_plugin.model import find_tuner
+from rlora_plugin.model import with_unadded_aux_loss
 
 
 def add_unadded_aux_loss(trainer: Any) -> None:
@@ -21,16 +21,9 @@ def add_unadded_aux_loss(trainer: Any) -> None:
             "so the load-balancing loss cannot be weighted like it. Set `rlora.router_aux_loss_coef: 0` for this "
             "trainer, and report it to the rlora_plugin maintainers."
         )
-    tuner = find_tuner(trainer.model)
     original = trainer.compute_loss
 
     def compute_loss(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        unadded = tuner.pop_unadded_aux_loss()
-        if unadded is None:  # evaluation, or the model computed its own loss and added it there
-            return out
-        loss = out[0] if isinstance(out, tuple) else out
-        loss = loss + unadded.to(loss.device, loss.dtype)
-        return (loss, *out[1:]) if isinstance(out, tuple) else loss
+        return with_unadded_aux_loss(original(*args, **kwargs), trainer.model)
 
     trainer.compute_loss = compute_loss

@@ -10,7 +10,7 @@ and `rlora_init_seed`, whose default is the run's `seed`), plus `rlora_metrics`.
 the config is read, before any model or dataset loads.
 
 - `translate.py`: the config, checked and rewritten to LLaMA-Factory's LoRA path (a pure function);
-- `patches.py`: the three patches of LLaMA-Factory's internals, listed there with the version they were
+- `patches.py`: the four patches of LLaMA-Factory's internals, listed there with the version they were
   checked against;
 - `cli.py`: the command line. Not patched but handled there: `export` of an R-LoRA adapter is refused before
   anything loads, and a multi-process `train` runs `torchrun -m rlora_plugin.llamafactory` (LLaMA-Factory's

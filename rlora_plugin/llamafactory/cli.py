@@ -11,7 +11,7 @@ from typing import Any
 from rlora_plugin.host import HostConfigError
 from rlora_plugin.layer import MERGE_WHY
 
-from .patches import install_patches
+from .patches import install_aux_loss, install_patches
 from .translate import HOST, hub_options, rlora_adapters
 
 USAGE = """usage: rlora-llamafactory COMMAND CONFIG.yaml [key=value ...]   (python -m rlora_plugin.llamafactory)
@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None, callbacks: list[Any] = ()) -> int:
         from llamafactory.train.tuner import run_exp
 
         callbacks = list(callbacks)
+        if patches.run is not None and patches.run.options.get("router_aux_loss_coef", 0) > 0:
+            install_aux_loss()  # patch 4: the `dpo` and `kto` trainers add the load-balancing loss
         if patches.run is not None and patches.run.metrics:
             from rlora_plugin.callbacks import RLoraMetricsCallback
 

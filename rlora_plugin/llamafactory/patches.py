@@ -1,6 +1,6 @@
 """Every patch of LLaMA-Factory's internals, checked against llamafactory 0.9.5 (`CHECKED_VERSION`; any other
-version is refused with an error before a patch is made). Each wraps a module attribute that LLaMA-Factory
-looks up at call time:
+version is refused with an error before a patch is made). Patches 1 to 3 wrap a module attribute that
+LLaMA-Factory looks up at call time, for every command (`install_patches`):
 
 1. `llamafactory.hparams.parser.read_args`: every command's config passes through it (`_parse_args` looks
    it up at call time), so an `rlora` config is checked and rewritten there (translate.py), and the R-LoRA
@@ -11,6 +11,11 @@ looks up at call time:
 3. `llamafactory.model.adapter._setup_lora_tuning` (called by `init_adapter` at call time): for inference
    (`chat`, `api`, `webchat`) LLaMA-Factory merges a single unquantized adapter with `merge_and_unload()`,
    which R-LoRA's per-token router forbids; an R-LoRA adapter is loaded unmerged instead.
+4. `compute_loss` of `CustomDPOTrainer` and `CustomKTOTrainer` (`PREFERENCE_TRAINERS`), wrapped in the class
+   with `rlora_plugin.patching.wrap_once` for a `train` run with `rlora_router_aux_loss_coef` > 0
+   (`install_aux_loss`): these trainers compute their loss from the logits, so the model returns no loss to add
+   the load-balancing loss to and keeps it (`RLoraModel.pop_unadded_aux_loss`); the wrapper adds it. The `rm`
+   and `ppo` stages drop the model's loss: refused when the config is read (translate.py).
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from importlib.metadata import version
 
 import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type: building and loading need it)
 from rlora_plugin.layer import MERGE_WHY
+from rlora_plugin.model import with_unadded_aux_loss
+from rlora_plugin.patching import Checked, wrap_once
 
 from .translate import FINETUNING_TYPE, HOST, RLoraRun, hub_options, rlora_adapters, translate
 
@@ -133,3 +140,29 @@ def install_patches() -> Patches:
         setattr(module, attribute, wrap(patches, getattr(module, attribute)))
     _installed.append(patches)
     return patches
+
+
+# Patch 4: the trainers (module, class) whose `compute_loss` computes the loss from the logits.
+PREFERENCE_TRAINERS = (
+    ("llamafactory.train.dpo.trainer", "CustomDPOTrainer"),
+    ("llamafactory.train.kto.trainer", "CustomKTOTrainer"),
+)
+
+
+def add_unadded_aux_loss(original: Callable) -> Callable:
+    """`compute_loss` plus the load-balancing loss that the model kept from the forwards it ran (the reference
+    and KL forwards run without gradients and keep none). The term is a micro-batch mean like the preference
+    loss, and both trainers set `model_accepts_loss_kwargs = False`, so the HF Trainer divides the sum by the
+    accumulation steps: weighted as the model weights it in `sft`."""
+
+    def compute_loss(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        return with_unadded_aux_loss(original(self, *args, **kwargs), self.model)
+
+    return compute_loss
+
+
+def install_aux_loss() -> None:
+    """Patch 4, in this process (once: `wrap_once`)."""
+    checked = Checked("llamafactory", CHECKED_VERSION)
+    for module_name, name in PREFERENCE_TRAINERS:
+        wrap_once(getattr(importlib.import_module(module_name), name), "compute_loss", add_unadded_aux_loss, checked)

@@ -55,6 +55,15 @@ HOST = Host(
         "use_kt": "ktransformers",
     },
 )
+# The stages whose trainer drops the loss the model returns, and so the load-balancing loss that
+# `RLoraModel.forward` adds to it (`sft` and `pt` keep the model's loss; `dpo` and `kto` get it from patch 4 of
+# patches.py): stage -> why.
+AUX_LOSS_REFUSED_STAGES = {
+    "rm": "LLaMA-Factory's reward-model trainer (`PairwiseTrainer.compute_loss`) keeps only the value head's scores "
+    "and drops the model's own loss, which carries the load-balancing loss",
+    "ppo": "LLaMA-Factory's PPO trainer computes its loss in TRL's `PPOTrainer.step` from the logits and values, "
+    "never from the model's own loss, which carries the load-balancing loss",
+}
 # The LoRA fields checked when the config is read; `lora_target` and `additional_target` are resolved by
 # LLaMA-Factory at model load, and reach `RLoraConfig` there (patches.py).
 _SCALAR_LORA_FIELDS = ("r", "lora_alpha", "lora_dropout", "use_rslora")
@@ -108,11 +117,29 @@ def translate(config: dict[str, Any]) -> tuple[dict[str, Any], RLoraRun | None]:
     checked = HOST.build_config({**lora, **options}, run_seed=config.get("seed", _default("seed")))
     for name in fields_from(Source.RUN_SEED):  # the run's seed, resolved now
         options.setdefault(name, getattr(checked, name))
-    checkpointing = aux_loss_checkpointing(config) if checked.router_aux_loss_coef > 0 else {}
+    checkpointing = {}
+    if checked.router_aux_loss_coef > 0:
+        refuse_aux_loss_stage(config)
+        checkpointing = aux_loss_checkpointing(config)
     rewritten = {**{k: v for k, v in config.items() if k not in rlora_keys}, "finetuning_type": "lora", **checkpointing}
     if base := absolute_base(config.get("model_name_or_path")):
         rewritten["model_name_or_path"] = base
     return rewritten, RLoraRun(options, metrics)
+
+
+def refuse_aux_loss_stage(config: dict[str, Any]) -> None:
+    """With `rlora_router_aux_loss_coef` > 0, refuse a stage that would train without the load-balancing loss:
+    the router would silently stay unbalanced."""
+    stage = config.get("stage", _default("stage"))
+    if stage in AUX_LOSS_REFUSED_STAGES:
+        key = HOST.key("router_aux_loss_coef")
+        raise HOST.error(
+            key,
+            config[key],
+            f"is not supported with `stage: {stage}`: {AUX_LOSS_REFUSED_STAGES[stage]}, so the router would not be "
+            "balanced",
+            f"remove `{key}` (or set it to 0) for this stage; stages sft, pt, dpo and kto add the loss",
+        )
 
 
 def aux_loss_checkpointing(config: dict[str, Any]) -> dict[str, Any]:
