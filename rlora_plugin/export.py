@@ -19,8 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,46 +31,116 @@ from .model_card import write_export_card
 from .routing import PEFT_PREFIX, parse_gates, record_gates
 from .saved import WEIGHTS, module_order, read_adapter, read_config
 
+FORMATS = (
+    "give every row a `prompt` (the user's turn, as in examples/multitask_data.py's test.jsonl), `messages` (chat "
+    "turns with `role` and `content`, as in its train.jsonl) or `instruction` with an optional `input` (alpaca)"
+)
+PROGRESS_STEPS = 10  # progress lines on stderr per pass over the prompts
 
-def prompts_of(data_file: str | Path, tokenizer) -> list[str]:  # noqa: ANN001
-    """The prompts of a jsonl dataset: chat rows (`messages`, as in the example; everything before the last
-    assistant turn, in the tokenizer's chat template) or alpaca rows (`instruction` and `input`)."""
+
+def shown(value: Any, limit: int = 80) -> str:
+    """`value` as JSON, cut to `limit` characters: what an error found."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def chat_turns(turns: Any, where: str) -> list[dict]:
+    """The turns before the last assistant turn (all of them without one): the prompt of a chat row."""
+    if not (isinstance(turns, list) and turns and all(isinstance(t, dict) and {"role", "content"} <= t.keys()
+                                                      for t in turns)):  # fmt: skip
+        raise ValueError(
+            f"{where}: found {shown(turns)}, not a list of turns with `role` and `content`. Fix: write the turns as "
+            '[{"role": "user", "content": "..."}, ...] (sharegpt `from`/`value` turns are not read)'
+        )
+    last = max((i for i, turn in enumerate(turns) if turn["role"] == "assistant"), default=len(turns))
+    if last == 0:
+        raise ValueError(f"{where}: the first turn is the assistant's, so no prompt precedes it. Fix: {FORMATS}")
+    return turns[:last]
+
+
+def row_prompt(row: Any, where: str) -> str | list[dict]:
+    """One row's prompt: alpaca text as it is, or chat turns for the tokenizer's chat template (a `prompt` text is
+    the user's turn, as examples/evaluate.py prompts the model)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: found {shown(row)}, not a JSON object. Fix: {FORMATS}")
+    for key in ("messages", "conversations"):
+        if key in row:
+            return chat_turns(row[key], f"{where}, `{key}`")
+    if "instruction" in row:
+        parts = (row["instruction"], row.get("input") or "")
+        if not all(isinstance(part, str) for part in parts) or not any(part.strip() for part in parts):
+            raise ValueError(
+                f"{where}: `instruction` {shown(parts[0])} and `input` {shown(parts[1])} give no prompt text. Fix: "
+                "give a non-empty text in `instruction` (and optionally `input`)"
+            )
+        return "\n\n".join(part for part in parts if part)
+    if "prompt" in row:
+        if isinstance(row["prompt"], str) and row["prompt"].strip():
+            return [{"role": "user", "content": row["prompt"]}]
+        raise ValueError(f"{where}: `prompt` is {shown(row['prompt'])}, not a text. Fix: give the user's turn as text")
+    raise ValueError(f"{where}: no prompt field, found the fields {sorted(row)}. Fix: {FORMATS}")
+
+
+def read_prompts(data_file: str | Path) -> list[str | list[dict]]:
+    """Every row's prompt (`row_prompt`), all checked before a model loads: a bad row found after loading a model
+    costs minutes."""
+    path = Path(data_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"--data {path}: no such file. Fix: give a jsonl file of prompts, one row a line")
     prompts = []
-    for number, line in enumerate(Path(data_file).read_text().splitlines(), 1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
-        if "messages" in row or "conversations" in row:
-            messages = row.get("messages") or row["conversations"]
-            last = max((i for i, m in enumerate(messages) if m.get("role") == "assistant"), default=len(messages))
-            prompts.append(tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True))
-        elif "instruction" in row:
-            prompts.append("\n\n".join(p for p in (row["instruction"], row.get("input")) if p))
-        else:
+        where = f"--data {path}, line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
             raise ValueError(
-                f"{data_file}, line {number}: no `messages` (chat) or `instruction` (alpaca) field; --data needs "
-                "a jsonl file in one of those formats."
-            )
+                f"{where}: not JSON ({exc.msg}): {shown(line)}. Fix: write one JSON object per line (jsonl)"
+            ) from None
+        prompts.append(row_prompt(row, where))
     if not prompts:
-        raise ValueError(f"{data_file} holds no prompts.")
+        raise ValueError(f"--data {path} holds no rows. Fix: {FORMATS}")
     return prompts
+
+
+def templated(prompts: list[str | list[dict]], tokenizer, data_file: str | Path) -> list[str]:  # noqa: ANN001
+    """The prompt texts: chat turns in the tokenizer's chat template, with the assistant's turn opened."""
+    if not getattr(tokenizer, "chat_template", None) and any(isinstance(p, list) for p in prompts):
+        raise ValueError(
+            f"--data {data_file}: chat rows (`messages` or `prompt`) need a chat template, and the tokenizer "
+            f"{tokenizer.name_or_path!r} has none. Fix: use a base model whose tokenizer has one, or alpaca rows"
+        )
+    return [
+        p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+
+
+def prompts_of(data_file: str | Path, tokenizer) -> list[str]:  # noqa: ANN001
+    """The prompts of a jsonl dataset (`read_prompts`) as the model reads them (`templated`)."""
+    return templated(read_prompts(data_file), tokenizer, data_file)
 
 
 def mean_gates(
     adapter_dir: str | Path, data_file: str | Path, base_model: str | None = None, batch_size: int = 8
 ) -> dict[str, torch.Tensor]:
     """Each layer's mean gate over the real tokens of the prompts in `data_file`, with the adapter on its base
-    model (`base_model`, or the one the adapter records); one task's prompts give a per-task LoRA."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    model (`base_model`, or the one the adapter records); one task's prompts give a per-task LoRA. The file is
+    checked before the model loads."""
+    prompts = read_prompts(data_file)
     base_model = base_model or read_config(adapter_dir).base_model_name_or_path
     if not base_model:
         raise ValueError(f"{adapter_dir} records no base model: pass --base-model.")
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    texts = templated(prompts, tokenizer, data_file)
+    print(f"mean gates: {len(texts)} prompts of {data_file}, loading {base_model} with {adapter_dir}", file=sys.stderr)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model), str(adapter_dir))
-    return loaded_mean_gates(model, tokenizer, data_file, batch_size)
+    return mean_gates_of(model, tokenizer, texts, batch_size)
 
 
 def loaded_mean_gates(
@@ -77,14 +149,30 @@ def loaded_mean_gates(
     data_file: str | Path,
     batch_size: int = 8,
 ) -> dict[str, torch.Tensor]:
-    """`mean_gates` on a model already loaded with its adapter (left in eval mode). Batches are padded on the
-    right whatever the tokenizer's side, so every real token keeps the position it has alone."""
-    prompts = prompts_of(data_file, tokenizer)
+    """`mean_gates` on a model already loaded with its adapter (left in eval mode)."""
+    return mean_gates_of(model, tokenizer, prompts_of(data_file, tokenizer), batch_size)
+
+
+def mean_gates_of(
+    model: torch.nn.Module,
+    tokenizer,  # noqa: ANN001
+    prompts: list[str],
+    batch_size: int = 8,
+) -> dict[str, torch.Tensor]:
+    """The mean gates over `prompts`, with a progress line on stderr every tenth of them (a pass over a training
+    set can take minutes on a CPU). Batches are padded on the right whatever the tokenizer's side, so every real
+    token keeps the position it has alone."""
+    start, reported = time.monotonic(), 0
     with torch.no_grad(), record_gates(model.eval()) as record:
-        for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True,
+        for first in range(0, len(prompts), batch_size):
+            batch = tokenizer(prompts[first : first + batch_size], return_tensors="pt", padding=True,
                               padding_side="right")  # fmt: skip
             model(**batch)
+            done = min(first + batch_size, len(prompts))
+            if done * PROGRESS_STEPS // len(prompts) > reported:
+                reported = done * PROGRESS_STEPS // len(prompts)
+                print(f"mean gates: {done}/{len(prompts)} prompts ({100 * done // len(prompts)}%), "
+                      f"{time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
     return record.mean()
 
 
@@ -158,7 +246,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--gates", default="uniform", help="'uniform' (default), 'mean' (with --data) or N comma-separated constants"
     )
-    parser.add_argument("--data", help="with --gates mean: a jsonl dataset (chat `messages` or alpaca rows)")
+    parser.add_argument(
+        "--data", help="with --gates mean: a jsonl file of prompts (rows with `prompt`, chat `messages` or alpaca)"
+    )
     parser.add_argument("--base-model", help="with --gates mean: the base model (default: the adapter's record)")
     args = parser.parse_args(argv)
     try:

@@ -18,6 +18,8 @@ TAGS = ("rlora", "peft")
 # What PEFT (0.18-0.21) raises on an R-LoRA adapter without `import rlora_plugin`: its method registry is a dict
 # indexed by the saved `peft_type`, and nothing in an adapter's files can make PEFT word it otherwise.
 UNREGISTERED_ERROR = "KeyError: 'RLORA'"
+# As README.md's Install section says: no `pip install rlora-plugin` until the package is published.
+NOT_ON_THE_INDEX = "rlora-plugin is not on the package index yet: install it from a clone of its repository"
 # transformers' card for a run whose base it takes for no hub model (Axolotl trains from a local directory).
 FROM_SCRATCH = "This model was trained from scratch on "
 
@@ -73,7 +75,8 @@ knows this adapter type only after `import rlora_plugin`; without it, loading fa
 `{UNREGISTERED_ERROR}`.
 
 ```bash
-pip install rlora-plugin   # until it is on the package index: pip install from a clone of rlora-plugin
+# {NOT_ON_THE_INDEX}
+git clone RLORA_PLUGIN_REPOSITORY rlora-plugin && pip install -e ./rlora-plugin   # or a wheel built from it
 ```
 
 ```python

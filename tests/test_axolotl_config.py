@@ -369,11 +369,20 @@ def test_load_adapter_fresh_and_config_only(tiny, base_model):
     torch.testing.assert_close(adapted_out, base_out, atol=1e-5, rtol=1e-5)  # init equals the base
 
 
-def test_a_local_base_model_is_recorded_as_an_absolute_path(tiny, base_model, monkeypatch):
-    """The adapter must find its base from any working directory (AutoPeftModelForCausalLM reads it)."""
+def test_a_local_base_model_is_recorded_as_an_absolute_path(tiny, monkeypatch):
+    """The adapter must find its base from any working directory (AutoPeftModelForCausalLM reads it); the base
+    is loaded from the relative path, as Axolotl loads it, and PEFT does not warn that the path "was renamed"."""
+    import warnings
+
+    from transformers import AutoModelForCausalLM
+
     monkeypatch.chdir(tiny["model"].parent)
     cfg = validated(make_cfg(tiny, base_model=tiny["model"].name))
-    model, peft_cfg = RLoraPlugin().load_adapter(base_model, cfg)
+    base_model = AutoModelForCausalLM.from_pretrained(tiny["model"].name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, peft_cfg = RLoraPlugin().load_adapter(base_model, cfg)
+    assert not [w for w in caught if "was renamed" in str(w.message)], [str(w.message) for w in caught]
     assert peft_cfg.base_model_name_or_path == str(tiny["model"].resolve())
     assert RLoraPlugin().load_adapter(base_model, cfg, config_only=True)[1].base_model_name_or_path == str(
         tiny["model"].resolve()

@@ -4,16 +4,21 @@ loadable without rlora_plugin, with a card."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
+import transformers
 from peft import PeftModel, get_peft_model
-from tiny_models import MLP, SIZES, adapted_layers, tiny_llama, tokens
+from tiny_models import MLP, SIZES, adapted_layers, perturb, tiny_llama, tokens
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from benchmarks.tiny_assets import write_jsonl
+from examples.multitask_data import generate
 from rlora_plugin import RLoraConfig
-from rlora_plugin.export import export_lora, main
+from rlora_plugin.export import export_lora, main, mean_gates, prompts_of
 from rlora_plugin.layer import frozen_gate_lora
 from rlora_plugin.routing import parse_gates
 
@@ -124,3 +129,98 @@ def test_bad_gates_are_refused(text, message):
 def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "adapter_config.json not found" in capsys.readouterr().err
+
+
+# --gates mean --data: the files the project writes, checked before a model loads ---------------------------------
+
+
+@pytest.fixture
+def routed_adapter(tiny, tmp_path):
+    """An R-LoRA adapter with a kaiming router (its gates differ per token) on the tiny base model of `tiny`."""
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny["model"]),
+        RLoraConfig(target_modules=MLP, num_heads=3, r=4, router_init="kaiming"),
+    )
+    perturb(model)
+    model.save_pretrained(tmp_path / "rlora")
+    return tmp_path / "rlora"
+
+
+def test_multitask_test_rows_give_the_gates_of_their_chat_rows(tiny, routed_adapter, tmp_path):
+    """A row of examples/multitask_data.py's test.jsonl (`task`, `prompt`, `answer`) is the user's turn, as
+    examples/evaluate.py prompts the model: the same prompts and gates as its train.jsonl-style chat row (whose
+    assistant turn is left out). Chat and alpaca rows keep the prompts they had."""
+    _, test = generate(train_per_task=1, test_per_task=2)
+    multitask = write_jsonl(tmp_path / "test.jsonl", test)
+    chat = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["answer"]}]}
+        for r in test
+    ])  # fmt: skip
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    assert prompts_of(multitask, tokenizer) == prompts_of(chat, tokenizer)
+    assert prompts_of(multitask, tokenizer)[0] == f"<s><|user|>\n{test[0]['prompt']}</s>\n<|assistant|>\n"
+    alpaca = [json.loads(line) for line in tiny["alpaca"].read_text().splitlines()]
+    assert prompts_of(tiny["alpaca"], tokenizer) == [r["instruction"] for r in alpaca]  # `input` is empty
+    gates, expected = mean_gates(routed_adapter, multitask), mean_gates(routed_adapter, chat)
+    assert gates.keys() == expected.keys()
+    for name, mean in expected.items():
+        torch.testing.assert_close(gates[name], mean, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (None, r"--data {data}: no such file. Fix: give a jsonl file of prompts"),
+        ([], r"--data {data} holds no rows. Fix: give every row a `prompt`"),
+        (['{"prompt": "Add 1 and 2."}', "", "{'prompt': 'x'}"], r"--data {data}, line 3: not JSON \(Expecting property "
+         r"name enclosed in double quotes\): \"{{'prompt': 'x'}}\". Fix: write one JSON object per line"),
+        (['{"prompt": "Add 1 and 2."}', '{"task": "addition", "answer": "3"}'], r"--data {data}, line 2: no prompt "
+         r"field, found the fields \['answer', 'task'\]. Fix: give every row a `prompt` \(the user's turn"),
+        (['{"prompt": ""}'], r"--data {data}, line 1: `prompt` is \"\", not a text. Fix: give the user's turn as text"),
+        (['{"conversations": [{"from": "human", "value": "hi"}]}'], r"--data {data}, line 1, `conversations`: found "
+         r'\[{{"from": "human", "value": "hi"}}\], not a list of turns with `role` and `content`. Fix: write'),
+        (['{"messages": [{"role": "assistant", "content": "4"}]}'], r"line 1, `messages`: the first turn is the "
+         r"assistant's, so no prompt precedes it"),
+        (['{"instruction": "", "input": ""}'], r"line 1: `instruction` \"\" and `input` \"\" give no prompt text. "
+         r"Fix: give"),
+        (["[1, 2]"], r"line 1: found \[1, 2\], not a JSON object. Fix: give every row"),
+    ],
+    ids=["missing", "empty", "not-json", "no-prompt-field", "empty-prompt", "sharegpt", "no-user-turn", "empty-alpaca",
+         "not-an-object"],
+)  # fmt: skip
+def test_a_bad_data_file_is_refused_before_a_model_loads(tiny, routed_adapter, monkeypatch, capsys, lines, message):
+    """`--gates mean --data FILE`: every row of FILE is checked before the model loads (minutes for a real one),
+    and the error names the file, the line, what it found and the fix."""
+
+    def never(*args, **kwargs):
+        raise AssertionError("a model was loaded before --data was checked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", never)
+    monkeypatch.setattr(PeftModel, "from_pretrained", never)
+    data = routed_adapter.parent / "data.jsonl"
+    if lines is not None:
+        data.write_text("".join(f"{line}\n" for line in lines))
+    assert main([str(routed_adapter), str(routed_adapter.parent / "lora"), "--gates", "mean", "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message.format(data=re.escape(str(data))), err), err
+    assert not (routed_adapter.parent / "lora").exists()
+
+
+def test_chat_rows_without_a_chat_template_are_refused_before_a_model_loads(tiny, routed_adapter, monkeypatch):
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(routed_adapter.parent / "plain")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
+    with pytest.raises(ValueError, match=r"chat rows \(`messages` or `prompt`\) need a chat template, and the "
+                                         r"tokenizer '.*plain' has none. Fix: use a base model"):  # fmt: skip
+        mean_gates(routed_adapter, tiny["chat"], base_model=str(routed_adapter.parent / "plain"))
+
+
+def test_mean_gates_show_their_progress(tiny, routed_adapter, capsys):
+    """A pass over a training set can take minutes: a line on stderr for every tenth of the prompts done."""
+    mean_gates(routed_adapter, tiny["chat"], batch_size=16)  # 64 prompts: 4 batches
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mean gates")]  # not tqdm's
+    assert lines[0] == f"mean gates: 64 prompts of {tiny['chat']}, loading {tiny['model']} with {routed_adapter}"
+    assert [line.split(",")[0] for line in lines[1:]] == [
+        f"mean gates: {done}/64 prompts ({100 * done // 64}%)" for done in (16, 32, 48, 64)
+    ]

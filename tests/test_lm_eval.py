@@ -24,6 +24,8 @@ from tiny_models import perturb
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.tiny_assets import write_jsonl
+from examples.evaluate import parse_reply
+from examples.multitask_data import generate
 from rlora_plugin import RLoraConfig
 from rlora_plugin.axolotl_plugin.args import LM_EVAL_PLUGIN
 from rlora_plugin.lm_eval import INSTALL_FIX, command, main
@@ -138,6 +140,27 @@ def test_axolotl_lm_eval_plugin_command_cannot_load_the_adapter(evaluation, tmp_
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     run = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode != 0 and "Unrecognized model" in run.stderr, run.stdout[-3000:] + run.stderr[-5000:]
+
+
+def test_the_example_task_loads_offline_and_scores_as_the_example_does(monkeypatch):
+    """examples/lm_eval (docs/evaluation.md): lm_eval loads the task from the repository root with no network;
+    its items are the CPU example's held-out items (examples/multitask_data.py's test.jsonl at its default sizes),
+    and a reply's first line scores as examples/evaluate.py scores it. The full lm_eval run on the tiny model takes
+    over 20 s, so it is not repeated here (the `cli` test above runs lm_eval with an adapter)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    root = Path(__file__).resolve().parent.parent
+    monkeypatch.chdir(root)  # the task's `data_files` is relative to the repository root
+    manager = TaskManager(include_path=str(root / "examples" / "lm_eval"))
+    task = get_task_dict(["rlora_multitask"], manager)["rlora_multitask"]
+    docs = list(task.test_docs())
+    assert docs == generate(train_per_task=64, test_per_task=12)[1]
+    assert [task.doc_to_text(d) for d in docs] == [d["prompt"] for d in docs]
+    assert task.config.generation_kwargs["until"] == ["\n"]  # lm_eval stops at the first line, parse_reply keeps it
+    doc = docs[0]
+    for reply in (doc["answer"], f"{doc['answer']}.", f" {doc['answer']} ", f"{doc['answer']}0", "", "The answer"):
+        expected = float(parse_reply(reply) == doc["answer"])
+        assert task.process_results(doc, [reply.strip()]) == {"exact_match": expected}, reply  # .strip(): its filter
 
 
 def test_missing_lm_eval_names_the_install_fix(monkeypatch):

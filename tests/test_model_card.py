@@ -15,7 +15,7 @@ from tiny_models import MLP, perturb, tiny_llama, tokens
 from transformers import AutoModelForCausalLM
 
 from rlora_plugin import RLoraConfig
-from rlora_plugin.model_card import FROM_SCRATCH, UNREGISTERED_ERROR
+from rlora_plugin.model_card import FROM_SCRATCH, NOT_ON_THE_INDEX, UNREGISTERED_ERROR
 
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -72,7 +72,10 @@ assert "rlora_plugin" not in sys.modules
     assert out.stdout.splitlines() == [UNREGISTERED_ERROR] * 2, out.stdout
     card = ModelCard.load(work / "adapter" / "README.md").text
     assert f"loading fails with\n`{UNREGISTERED_ERROR}`" in card
-    assert "pip install rlora-plugin" in card and "import rlora_plugin  # registers the RLORA PEFT type" in card
+    install = "git clone RLORA_PLUGIN_REPOSITORY rlora-plugin && pip install -e ./rlora-plugin"
+    assert f"# {NOT_ON_THE_INDEX}\n{install}" in card
+    assert "pip install rlora-plugin" not in card  # README.md: not on the package index yet
+    assert "import rlora_plugin  # registers the RLORA PEFT type" in card
     assert "| `target_modules` | `['down_proj', 'gate_proj', 'up_proj']` |" in card  # sorted, not in hash order
 
 

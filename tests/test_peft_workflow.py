@@ -239,7 +239,7 @@ def test_saved_adapter_has_a_model_card_that_says_how_to_load_it(tmp_path):
     assert {"rlora", "peft"} <= set(card.data.tags)
     assert card.data.library_name == "peft"  # PEFT's own card data is kept
     assert card.text.count("## R-LoRA adapter") == 1
-    for text in ("pip install rlora-plugin", "import rlora_plugin", UNREGISTERED_ERROR, "| `num_heads` | `3` |"):
+    for text in ("pip install -e ./rlora-plugin", "import rlora_plugin", UNREGISTERED_ERROR, "| `num_heads` | `3` |"):
         assert text in card.text, text
 
 

@@ -23,7 +23,7 @@ def rlora_report(adapter_dir: str, out: str | None) -> None:
 @click.argument("adapter_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--gates", default="uniform", show_default=True, help="'uniform', 'mean' or N constants.")
-@click.option("--data", default=None, help="With --gates mean: a jsonl dataset (chat or alpaca rows).")
+@click.option("--data", default=None, help="With --gates mean: a jsonl of prompts (`prompt`, chat or alpaca rows).")
 @click.option("--base-model", default=None, help="With --gates mean: the base model (default: the adapter's).")
 def rlora_export(adapter_dir: str, out_dir: str, gates: str, data: str | None, base_model: str | None) -> None:
     """Export an R-LoRA adapter with frozen gates as a plain LoRA (mergeable, servable anywhere)."""

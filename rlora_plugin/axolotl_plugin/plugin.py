@@ -80,6 +80,10 @@ class RLoraPlugin(BasePlugin):
         if cfg.adapter != ADAPTER_NAME:
             return None
         peft_config = build_rlora_config(cfg, target_modules(cfg, model), task_type=_task_type(model))
+        if base := absolute_base(cfg.base_model):
+            # get_peft_model (PEFT's or TRL's) records the model's own name_or_path, the relative `base_model`
+            # Axolotl loaded, over the config's absolute one, and warns that it "was renamed": give it the same
+            model.name_or_path = base
         if config_only:
             # Preference (TRL) paths want only the config; TRL wraps the model itself.
             return None, peft_config
@@ -106,8 +110,6 @@ class RLoraPlugin(BasePlugin):
             peft_config = saved
         else:
             model = get_peft_model(model, peft_config, **model_kwargs)
-            if base := absolute_base(cfg.base_model):  # get_peft_model set it from the model's own name_or_path
-                peft_config.base_model_name_or_path = base
 
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             model.print_trainable_parameters()
