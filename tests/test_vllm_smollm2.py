@@ -78,15 +78,15 @@ def smollm2(tmp_path_factory) -> SmolLM2Case:
 
 
 def test_smollm2_mean_gate_export_served_by_vllm(tmp_path, smollm2):
-    """The example's adapter exported with its mean gates over the example's training prompts, on the example's
-    test items."""
-    export = tmp_path / "export"
+    """The example's adapter exported with its mean gates over the example's training prompts, on 10 of the
+    example's test items (2 per task)."""
+    export, prompts = tmp_path / "export", smollm2.prompts[::2]
     train_file = tiny_assets.write_jsonl(tmp_path / "train.jsonl", smollm2.train)
     gates = loaded_mean_gates(smollm2.reference, smollm2.tokenizer, train_file)
     export_lora(smollm2.adapter, export, gates)
     with fixed_gates(smollm2.reference, gates):
-        expected = [greedy(smollm2.reference, prompt, 16) for prompt in smollm2.prompts]
-    assert_same_replies(served_by_vllm(tmp_path, smollm2.base, smollm2.prompts, 16, export=export), expected)
+        expected = [greedy(smollm2.reference, prompt, 16) for prompt in prompts]
+    assert_same_replies(served_by_vllm(tmp_path, smollm2.base, prompts, 16, export=export), expected)
 
 
 def documented_server_command(base: Path, adapter: Path, port: int) -> list[str]:
@@ -166,21 +166,17 @@ def test_the_openai_server_serves_the_routed_adapter_under_load(tmp_path, smollm
 
 def test_bf16_replies_differ_from_peft_only_at_near_ties(tmp_path, smollm2):
     """The example's adapter served in bf16, end to end, on 10 of the CPU example's test items (2 per task,
-    greedy, 16 tokens): where vLLM's reply differs from PEFT's bf16 routed `generate`, it first differs at a near-tie
-    of PEFT's two best tokens, as vLLM's base model does from transformers'. On so few items the share of equal
-    replies is the chance of where ties fall (it changes with the threads and the batch), so it is printed, not
-    compared: the 60 items that compare it are `python -m benchmarks.serve_agreement`
+    greedy, 16 tokens): where vLLM's reply differs from PEFT's bf16 routed `generate`, it first differs at a
+    near-tie of PEFT's two best tokens (vLLM's base model differs from transformers' only there too: the
+    benchmark). On so few items the share of equal replies is the chance of where ties fall, so it is printed,
+    not compared: the 60 items that compare it with the base model's are `python -m benchmarks.serve_agreement`
     (docs/export-and-serving.md#bf16-and-fp16), and each layer's bf16 output is checked against PEFT's to bf16
     rounding in tests/test_vllm_plugin.py."""
     prompts = smollm2.prompts[::2]
     reference = references(smollm2.base, smollm2.adapter, prompts, smollm2.tokenizer.pad_token_id, torch.bfloat16)
-    jobs = [vllm_job(smollm2.base, prompts, 16, dtype="bfloat16"),
-            vllm_job(smollm2.base, prompts, 16, routed=smollm2.adapter, dtype="bfloat16")]  # fmt: skip
-    served_base, served_routed = serve_jobs(tmp_path, jobs)
-    base = agreement(served_base["base"], reference["base"])
-    routed = agreement(served_routed["lora"], reference["routed"])
-    print(f"bf16, {len(prompts)} items: base {base}, routed {routed}")
+    (served,) = serve_jobs(tmp_path, [vllm_job(smollm2.base, prompts, 16, routed=smollm2.adapter, dtype="bfloat16")])
+    routed = agreement(served["lora"], reference["routed"])
+    print(f"bf16, {len(prompts)} items: {routed}")
     changed = [r["ids"] for r in reference["routed"]] != [r["ids"] for r in reference["base"]]
     assert changed, "the adapter changed no reply"
-    assert all(gap <= NEAR_TIE for gap in base["gaps"]), f"vLLM's base model differs beyond a near-tie: {base}"
     assert all(gap <= NEAR_TIE for gap in routed["gaps"]), f"a reply differs beyond a near-tie: {routed}"
