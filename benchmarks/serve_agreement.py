@@ -57,6 +57,16 @@ def references(base: Path, adapter: Path, prompts: list[list[int]], pad: int, dt
         return {"routed": routed, "base": batched_greedy(model, prompts, pad, max_tokens)}
 
 
+def chat_prompt_ids(tokenizer, questions: list[str]) -> list[list[int]]:  # noqa: ANN001
+    """The questions as examples/evaluate.py prompts the model (the user's turn in the chat template), as token
+    ids, so that vLLM and the reference decode from the same tokens."""
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        for q in questions
+    ]
+    return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+
+
 def agreement(served: list[list[int]], reference: list[dict]) -> dict:
     """The share of replies equal token for token, and the reference's top-two logit gap at the step where each
     other reply first differs."""
@@ -90,9 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.time()
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     test = multitask_data.generate(train_per_task=64, test_per_task=args.items_per_task)[1]
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
-                                           tokenize=False) for row in test]  # fmt: skip
-    prompts = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    prompts = chat_prompt_ids(tokenizer, [row["prompt"] for row in test])
     reference = references(args.base, args.adapter, prompts, tokenizer.pad_token_id, getattr(torch, args.dtype))
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     results = {}

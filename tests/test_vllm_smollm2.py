@@ -19,15 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 from axolotl_runs import free_port
-from peft import get_peft_model
 from test_vllm import assert_same_replies, greedy, load_rlora, serve_jobs, served_by_vllm, vllm_job
-from tiny_models import perturb
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from benchmarks import tiny_assets
-from benchmarks.serve_agreement import NEAR_TIE, agreement, references
+from benchmarks.serve_agreement import NEAR_TIE, agreement, chat_prompt_ids, make_adapter, references
 from examples import multitask_data, prepare_smollm2
-from rlora_plugin import RLoraConfig
 from rlora_plugin.export import export_lora, loaded_mean_gates
 from rlora_plugin.routing import fixed_gates
 from rlora_plugin.vllm_plugin import hf_overrides
@@ -48,15 +45,6 @@ class SmolLM2Case:
     prompts: list[list[int]]  # the questions as examples/evaluate.py prompts them
     reference: torch.nn.Module  # PEFT's R-LoRA model, reloaded from disk
 
-    def chat_prompts(self, questions: list[str]) -> list[list[int]]:
-        """The questions as examples/evaluate.py prompts them (the chat template, as token ids)."""
-        texts = [
-            self.tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                               tokenize=False)
-            for q in questions
-        ]  # fmt: skip
-        return [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory) -> SmolLM2Case:
@@ -66,15 +54,11 @@ def smollm2(tmp_path_factory) -> SmolLM2Case:
     base, adapter = work / "smollm2", work / "rlora"
     prepare_smollm2.main(base)
     train, test = multitask_data.generate(train_per_task=8, test_per_task=ITEMS_PER_TASK)
-    config = RLoraConfig(target_modules=["gate_proj", "up_proj", "down_proj"], r=8, lora_alpha=16, num_heads=5)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), config)
-    perturb(model, seed=11)
-    model.save_pretrained(adapter)
-    del model
-    case = SmolLM2Case(base, adapter, AutoTokenizer.from_pretrained(base), train, [], [], load_rlora(base, adapter))
-    case.questions = [item["prompt"] for item in test]
-    case.prompts = case.chat_prompts(case.questions)
-    return case
+    make_adapter(base, adapter)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    questions = [item["prompt"] for item in test]
+    prompts = chat_prompt_ids(tokenizer, questions)
+    return SmolLM2Case(base, adapter, tokenizer, train, questions, prompts, load_rlora(base, adapter))
 
 
 def test_smollm2_mean_gate_export_served_by_vllm(tmp_path, smollm2):

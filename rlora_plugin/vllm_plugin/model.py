@@ -213,7 +213,7 @@ class RoutedAdapter:
             sliced = tensor.new_zeros(shape)
             setattr(sliced, "output_dim" if dim == 0 else "input_dim", dim)
             layer.weight_loader(sliced, tensor, *([] if shard is None else [shard]))
-            ours[name] = sliced[start:stop] if dim == 0 else sliced
+            ours[name] = sliced[start:stop].clone() if dim == 0 else sliced  # not the other parts' rows
         return ours
 
     @staticmethod
@@ -236,13 +236,17 @@ class RoutedAdapter:
     @staticmethod
     def output_size(layer: LinearBase, shard: str | int | None) -> int:
         """The rows of the whole layer's output (all ranks) that a target fills, as PEFT's target saves them."""
+
+        def read(name: str, kind: type = int):  # noqa: ANN202
+            return private_attribute(layer, name, kind, CHECKED)
+
         if isinstance(layer, QKVParallelLinear):  # K and V once each, not once per replicating rank
-            heads = (layer.total_num_heads * layer.head_size, layer.total_num_kv_heads * layer.head_size,
-                     layer.total_num_kv_heads * layer.v_head_size)  # fmt: skip
+            q, kv = read("total_num_heads") * read("head_size"), read("total_num_kv_heads") * read("head_size")
+            heads = (q, kv, read("total_num_kv_heads") * read("v_head_size"))
             return sum(heads) if shard is None else heads["qkv".index(shard)]
         if isinstance(layer, MergedColumnParallelLinear) and shard is not None:
-            return layer.output_sizes[shard]
-        return layer.output_size
+            return read("output_sizes", list)[shard]
+        return read("output_size")
 
     def vllm_target(self, name: str, layers: dict[str, nn.Module]) -> tuple[str, str | int | None]:
         """PEFT's module name -> vLLM's module and the target's shard of it: its index in the fused layer (`q`,
@@ -268,7 +272,7 @@ class RoutedAdapter:
             )
         if isinstance(layer, QKVParallelLinear) and shard is not None:
             shard = "qkv"[shard]
-        split = layer.tp_size > 1 if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)) else False
+        split = private_attribute(layer, "tp_size", int, CHECKED) > 1
         if split and (getattr(layer, "gather_output", False) or not getattr(layer, "input_is_parallel", True)
                       or not getattr(layer, "reduce_results", True)):  # fmt: skip
             raise refusal(
