@@ -109,7 +109,12 @@ def run_config(name: str, work: Path, assets: dict, args) -> dict:
     procs = 1 if name == "single" else 2
     cfg = {
         "base_model": str(assets["model"]),
-        "plugins": ["rlora_plugin.RLoraPlugin", "benchmarks.scale.ScaleProbePlugin"],
+        # tests/cpu_distributed.py: the test-only plugin that lets Axolotl train several processes on CPU
+        "plugins": [
+            "rlora_plugin.RLoraPlugin",
+            "cpu_distributed.CpuDistributedPlugin",
+            "benchmarks.scale.ScaleProbePlugin",
+        ],
         "adapter": "rlora",
         "lora_r": 8,
         "lora_alpha": 16,
@@ -148,9 +153,10 @@ def run_config(name: str, work: Path, assets: dict, args) -> dict:
     else:
         cmd = [str(bindir / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
         cmd += ["--master_port", str(free_port()), "-m", "axolotl.cli.train", str(path)]
+    paths = (str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH"))  # tests/: cpu_distributed.py
     env = dict(os.environ, AXOLOTL_DO_NOT_TRACK="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled", HF_HOME=str(work / "hf_home"),
-               PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))  # fmt: skip
+               PYTHONPATH=os.pathsep.join(p for p in paths if p))  # fmt: skip
     start = time.monotonic()
     with open(work / f"{name}.log", "w") as log:
         rc = subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT).returncode

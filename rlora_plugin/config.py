@@ -11,13 +11,9 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
+from .errors import RLoraConfigError
 
-class RLoraConfigError(ValueError):
-    """A bad `RLoraConfig` value. Carries the field name, so a host framework can name its own config key."""
-
-    def __init__(self, key: str, value: Any, fix: str) -> None:
-        self.key, self.value, self.fix = key, value, fix
-        super().__init__(f"RLoraConfig: `{key}` = {value!r} is invalid: {fix}")
+__all__ = ["RLoraConfig", "RLoraConfigError", "Role", "Source", "fields_from", "fields_with_role", "option"]
 
 
 class Source(Enum):
@@ -30,19 +26,22 @@ class Source(Enum):
 
 
 class Role(Enum):
-    """What a field governs, which decides whose value counts when a host loads a saved adapter."""
+    """Whose value counts when a host loads a saved adapter, for a field that is not only the new adapter's
+    (those, the initialization and the targets, have the role None: a loaded adapter keeps what it was made
+    with, and there is nothing to compare)."""
 
-    FORWARD = "forward"  # the adapter's forward pass: a saved adapter's own value governs it
-    INIT = "init"  # only a fresh adapter's initial weights
+    FORWARD = "forward"  # the adapter's forward pass: a saved adapter's own value governs it (a host warns)
     TRAINING = "training"  # only training: a run's own setting applies even to a loaded adapter
-    TARGETS = "targets"  # which modules are adapted
 
 
-def option(default: Any, help: str, *, source: Source, role: Role) -> Any:
+def option(default: Any, help: str, *, source: Source, role: Role | None) -> Any:
     """A field of `RLoraConfig`: its help text (PEFT's `metadata["help"]`), where hosts take it from and what it
-    governs. Both are required, so a field cannot be left unclassified."""
-    if not (isinstance(source, Source) and isinstance(role, Role)):
-        raise TypeError(f"option({default!r}, ...): source must be a Source and role a Role, not {source!r}, {role!r}")
+    governs (`Role`, or None for a new adapter's initialization and targets). Both are required keywords, so a
+    field cannot be left unclassified."""
+    if not (isinstance(source, Source) and (role is None or isinstance(role, Role))):
+        raise TypeError(
+            f"option({default!r}, ...): source must be a Source and role a Role or None, not {source!r}, {role!r}"
+        )
     return field(default=default, metadata={"help": help, "source": source, "role": role})
 
 
@@ -100,14 +99,14 @@ class RLoraConfig(PeftConfig):
         64.0,
         "gamma of the random init: weights scale as d_out^(1/4) / sqrt(gamma). Must be > 0.",
         source=Source.RLORA,
-        role=Role.INIT,
+        role=None,
     )
     router_init: Literal["zero", "kaiming"] = option(
         "zero",
         "'zero': uniform gates at step 0, so the adapted model equals the base model exactly at "
         "init; 'kaiming': the authors' choice, exact at init only approximately.",
         source=Source.RLORA,
-        role=Role.INIT,
+        role=None,
     )
     router_temperature: float = option(
         1.0,
@@ -140,32 +139,32 @@ class RLoraConfig(PeftConfig):
         "Seed of the initialization. Each layer draws from a generator seeded by this value and the "
         "layer's name, so every rank and every run builds the same adapter.",
         source=Source.RUN_SEED,
-        role=Role.INIT,
+        role=None,
     )
     target_modules: list[str] | str | None = option(
         None,
         "Module names (exact or suffix match), a regex, or 'all-linear'. Only nn.Linear modules "
         "(and GPT-2's Conv1D) can be adapted. If None, PEFT's LoRA defaults for the architecture are used.",
         source=Source.LORA,
-        role=Role.TARGETS,
+        role=None,
     )
     exclude_modules: list[str] | str | None = option(
-        None, "Module names or a regex of modules not to adapt.", source=Source.LORA, role=Role.TARGETS
+        None, "Module names or a regex of modules not to adapt.", source=Source.LORA, role=None
     )
     layers_to_transform: list[int] | int | None = option(
-        None, "Only adapt the decoder layers with these indices.", source=Source.LORA, role=Role.TARGETS
+        None, "Only adapt the decoder layers with these indices.", source=Source.LORA, role=None
     )
     layers_pattern: list[str] | str | None = option(
         None,
         "Name of the nn.ModuleList holding the layers (e.g. 'layers'), with layers_to_transform.",
         source=Source.LORA,
-        role=Role.TARGETS,
+        role=None,
     )
     modules_to_save: list[str] | None = option(
         None,
         "Modules besides the adapter layers to train fully and save (e.g. 'lm_head').",
         source=Source.LORA,
-        role=Role.TARGETS,
+        role=None,
     )
 
     def __post_init__(self) -> None:
@@ -258,8 +257,8 @@ def fields_from(*sources: Source) -> tuple[str, ...]:
     return tuple(name for name in own_field_types() if field_source(name) in sources)
 
 
-def fields_with_role(role: Role) -> tuple[str, ...]:
-    """`RLoraConfig`'s own fields that govern `role` (see `Role`)."""
+def fields_with_role(role: Role | None) -> tuple[str, ...]:
+    """`RLoraConfig`'s own fields that govern `role` (see `Role`; None: only a new adapter's)."""
     return tuple(name for name in own_field_types() if RLoraConfig.__dataclass_fields__[name].metadata["role"] is role)
 
 

@@ -14,23 +14,24 @@ host needs a `Host` and a hook that passes its config through `Host.refuse_plain
 
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import RLoraConfig, RLoraConfigError, Source, field_source, fields_from, own_field_types
+from .config import (
+    RLoraConfig,
+    Role,
+    Source,
+    field_source,
+    fields_from,
+    fields_with_role,
+    own_field_types,
+)
+from .errors import HostConfigError, RLoraConfigError
 from .layer import MERGE_WHY
-
-
-class HostConfigError(ValueError):
-    """A host config that R-LoRA refuses. The message names the host's key, the value and the fix."""
-
-    def __init__(self, selector: str, key: str, value: Any, problem: str, fix: str) -> None:
-        self.key, self.value, self.fix = key, value, fix
-        super().__init__(f"{selector}: `{key}: {value!r}` {problem}. Fix: {fix.rstrip('.')}.")
-
 
 # Plain-LoRA-only features -> (why R-LoRA refuses them, the fix). In the texts, `{key}` is the host's key that
 # turned the feature on, `{host}`, `{selector}`, `{plain_lora}`, `{adapter_key}` and `{merge_fix}` the `Host`'s
@@ -183,3 +184,25 @@ def absolute_base(path: str | None) -> str | None:
     if path and Path(path).is_dir():
         return str(Path(path).resolve())
     return None
+
+
+def unknown_key_error(host: Host, key: str, value: Any, known: Iterable[str]) -> HostConfigError:
+    """The error for a host key that looks like an R-LoRA key but is none of `known`: the close match, or the list."""
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean `{close[0]}`?" if close else f"the R-LoRA keys are {', '.join(known)}"
+    return host.error(key, value, "is not an R-LoRA key", hint)
+
+
+def adopt_saved_config(saved: RLoraConfig, run: Mapping[str, Any]) -> list[str]:
+    """A loaded adapter keeps its saved forward settings and takes the run's training-only ones: `run` (field ->
+    the run's value) is applied to `saved` for `Role.TRAINING` fields; returns, as "field: run X, saved Y", the
+    forward settings where the run differs from the saved adapter (ignored, for the host to warn about)."""
+    for name in fields_with_role(Role.TRAINING):
+        if name in run:
+            setattr(saved, name, run[name])
+    return [
+        f"{name}: run {run[name]!r}, saved {getattr(saved, name)!r}"
+        for name in fields_with_role(Role.FORWARD)
+        if name in run and run[name] != getattr(saved, name)
+    ]

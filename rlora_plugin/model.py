@@ -12,7 +12,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import RLoraConfig
+from .config import RLoraConfig, RLoraConfigError
 from .layer import MERGE_REFUSAL, RLoraLayer, RLoraLinear
 from .metrics import RouterAuxLoss
 
@@ -109,10 +109,12 @@ class RLoraModel(BaseTuner):
     def _check_new_adapter_config(self, config: RLoraConfig) -> None:
         super()._check_new_adapter_config(config)
         if config.router_aux_loss_coef > 0 and config.task_type is None and not config.inference_mode:
-            raise ValueError(
-                f"RLoraConfig: `router_aux_loss_coef` = {config.router_aux_loss_coef} needs a `task_type` (e.g. "
-                "'CAUSAL_LM'): the load-balancing loss is added to the loss in the tuner's forward, which a PeftModel "
-                "without a task type does not call. Fix: set task_type, or router_aux_loss_coef=0."
+            raise RLoraConfigError(
+                "router_aux_loss_coef",
+                config.router_aux_loss_coef,
+                "set task_type (e.g. 'CAUSAL_LM'), or router_aux_loss_coef=0",
+                problem="needs a `task_type`: the load-balancing loss is added to the loss in the tuner's forward, "
+                "which a PeftModel without a task type does not call",
             )
 
     def _create_and_replace(

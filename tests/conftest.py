@@ -13,11 +13,11 @@ def tiny(tmp_path_factory) -> dict:
     return tiny_assets.build_assets(tmp_path_factory.mktemp("tiny_assets"))
 
 
-HOST_MARKERS = ("llamafactory", "vllm")  # tests that need a host installed only in its own venv
+HOST_MARKERS = ("llamafactory", "vllm", "ms_swift")  # tests that need a host installed only in its own venv
 
 
 def pytest_collection_modifyitems(config, items):
-    """The `llamafactory` and `vllm` tests need a venv with that host: they run only when `-m` names their
+    """The `llamafactory`, `vllm` and `ms_swift` tests need a venv with that host: they run only when `-m` names their
     marker (`python -m pytest -m llamafactory tests/test_llamafactory.py`), never as part of another selection
     such as `-m "not cli"` (deselected, not skipped: nothing counts them as passed)."""
     named = config.getoption("markexpr") or ""

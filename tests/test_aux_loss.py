@@ -180,6 +180,8 @@ def test_gradient_checkpointing_non_reentrant_trains_the_router_and_reentrant_wa
 
 def test_a_peft_model_without_task_type_is_refused():
     """A PeftModel without a task type calls the base model directly, never the tuner's forward."""
-    with pytest.raises(ValueError, match=r"`router_aux_loss_coef` = 0.5 needs a `task_type`.*Fix: set task_type"):
+    with pytest.raises(
+        ValueError, match=r"RLoraConfig: `router_aux_loss_coef: 0.5` needs a `task_type`.*Fix: set task_type"
+    ):
         get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP, router_aux_loss_coef=0.5))
     get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP))  # off: nothing to add

@@ -1,6 +1,7 @@
-"""The Axolotl plugin's couplings to Axolotl's and accelerate's private state (docs/compatibility.md): each does
-what it is for on the installed versions, reads arguments by name, and fails loudly, naming the host, its
-version and what is missing, when the host has changed."""
+"""The Axolotl plugin's couplings to Axolotl's private state, and those of the test-only plugin
+`tests/cpu_distributed.py` to accelerate's (docs/compatibility.md): each does what it is for on the installed
+versions, reads arguments by name, and fails loudly, naming the host, its version and what is missing, when the
+host has changed."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import logging
 from importlib.metadata import version
 from types import SimpleNamespace
 
+import cpu_distributed
 import pytest
 import torch
 from axolotl.loaders.model import ModelLoader
 from axolotl.utils.dict import DictDefault
 
-from rlora_plugin.axolotl_plugin import LOG, cpu_distributed, quantization
+from rlora_plugin.axolotl_plugin import LOG, quantization
 from rlora_plugin.patching import HostChanged, wrap_once
 
 

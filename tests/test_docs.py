@@ -12,7 +12,7 @@ import pytest
 import yaml
 from peft.config import PeftConfig
 
-from rlora_plugin.config import RLoraConfig
+from rlora_plugin.config import RLoraConfig, Source, fields_from
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted([ROOT / "README.md", ROOT / "CHANGELOG.md", ROOT / "benchmarks" / "README.md", *ROOT.glob("docs/*.md")])
@@ -184,3 +184,11 @@ def test_llamafactory_table_is_the_config():
     assert set(rows) == {*HOST.rlora_keys(), METRICS_KEY}
     check_table(rows, "rlora_", yaml.safe_load, {"init_seed": "the run's `seed`"})
     assert rows[METRICS_KEY][0] == "`true`"
+
+
+def test_ms_swift_table_is_the_config():
+    """ms-swift's keys are `rlora_<field>` of `--model_kwargs` (rlora_plugin/ms_swift/tuner.py, which needs ms-swift
+    to import: the prefix is checked there, in tests/test_ms_swift_args.py)."""
+    rows = table("ms-swift.md", "The command line")
+    assert set(rows) == {f"rlora_{name}" for name in fields_from(Source.RLORA, Source.RUN_SEED)}
+    check_table(rows, "rlora_", yaml.safe_load, {"init_seed": "the run's `seed`"})

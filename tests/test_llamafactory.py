@@ -303,6 +303,38 @@ def test_a_later_plain_lora_config_in_the_same_process_builds_plain_lora(lf_patc
     assert type(built) is LoraConfig and built.r == RANK
 
 
+def test_training_on_from_a_saved_adapter_takes_the_runs_training_settings(lf_patches, tiny, tmp_path, caplog):
+    """Continuing to train a saved R-LoRA adapter (`adapter_name_or_path`): its own forward settings govern (a
+    different `rlora_num_heads` is named in a warning), this run's training-only ones apply (the load-balancing
+    loss's coefficient)."""
+    from types import SimpleNamespace
+
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlora_plugin import RLoraConfig
+
+    saved = tmp_path / "saved"
+    base = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    get_peft_model(base, RLoraConfig(target_modules=["q_proj"], num_heads=N_HEADS)).save_pretrained(saved)
+    cfg = _train_cfg(tiny, tmp_path / "out", adapter_name_or_path=str(saved), rlora_num_heads=N_HEADS + 1,
+                     rlora_router_aux_loss_coef=0.01)  # fmt: skip
+    patches = lf_patches.Patches()
+    patches.read_args(lambda args=None: cfg)()
+
+    def continue_training(model, model_args, is_trainable):  # what LLaMA-Factory does with a saved adapter
+        return PeftModel.from_pretrained(model, model_args.adapter_name_or_path[0], is_trainable=is_trainable)
+
+    model_args = SimpleNamespace(adapter_name_or_path=[str(saved)], adapter_folder=None, cache_dir=None,
+                                 model_revision="main", hf_hub_token=None)  # fmt: skip
+    base = AutoModelForCausalLM.from_pretrained(tiny["model"])
+    with caplog.at_level("WARNING", logger="llamafactory.rlora_plugin"):
+        model = patches.setup_lora_tuning(continue_training)(base, model_args, is_trainable=True)
+    config = model.peft_config["default"]
+    assert (config.num_heads, config.router_aux_loss_coef) == (N_HEADS, 0.01)
+    assert f"num_heads: run {N_HEADS + 1}, saved {N_HEADS}" in caplog.text
+
+
 def test_aux_loss_asks_for_non_reentrant_checkpointing(lf, tiny, tmp_path):
     """LLaMA-Factory checkpoints reentrantly by default, which would leave the router untrained by the loss."""
     cfg = _train_cfg(tiny, tmp_path, rlora_router_aux_loss_coef=0.01)
@@ -398,10 +430,35 @@ def test_rlora_flags_refused(lf_patches, monkeypatch, flags):
 
 
 def test_unknown_version_refused(lf_patches, monkeypatch):
-    monkeypatch.setattr(lf_patches, "version", lambda name: "0.9.6")
+    from rlora_plugin.patching import Checked, HostChanged
+
+    monkeypatch.setattr(Checked, "installed", lambda self: "0.9.6")
     monkeypatch.setattr(lf_patches, "_installed", [])
-    with pytest.raises(RuntimeError, match=r"checked against llamafactory 0\.9\.5 only, and 0\.9\.6 is installed"):
+    with pytest.raises(HostChanged, match=r"as llamafactory 0\.9\.5 has them, which llamafactory 0\.9\.6 does not"):
         lf_patches.install_patches()
+
+
+def test_every_patch_goes_through_wrap_once(lf_patches, monkeypatch):
+    """Each patch fails loudly, naming what is missing, when LLaMA-Factory no longer has the attribute or a
+    parameter the wrapper reads (`wrap_once`), before anything is replaced."""
+    import importlib
+
+    from rlora_plugin.patching import HostChanged
+
+    monkeypatch.setattr(lf_patches, "_installed", [])
+    for module_name, attribute, _, parameters in lf_patches.PATCHES:
+        module = importlib.import_module(module_name)
+        original = getattr(module, attribute)
+        monkeypatch.delattr(module, attribute)
+        with pytest.raises(HostChanged, match=rf"needs `{module_name}\.{attribute}`, which llamafactory 0\.9\.5"):
+            lf_patches.install_patches()
+        monkeypatch.setattr(module, attribute, original, raising=False)
+        if parameters:
+            monkeypatch.setattr(module, attribute, lambda: None)
+            with pytest.raises(HostChanged, match=rf"`{module_name}\.{attribute}` to take the parameter\(s\) '"):
+                lf_patches.install_patches()
+            monkeypatch.setattr(module, attribute, original)
+    assert not lf_patches._installed
 
 
 def test_misspelled_key_refused_by_the_command(lf, tiny, tmp_path):

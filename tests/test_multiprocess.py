@@ -34,7 +34,8 @@ from packaging.version import Version
 
 pytestmark = pytest.mark.cli
 
-PLUGINS = ["rlora_plugin.RLoraPlugin", "mp_probe.MultiProcessProbePlugin"]
+# cpu_distributed: the test-only plugin that lets Axolotl and accelerate train several processes on CPU.
+PLUGINS = ["rlora_plugin.RLoraPlugin", "cpu_distributed.CpuDistributedPlugin", "mp_probe.MultiProcessProbePlugin"]
 STEPS = 4
 # Two ranks with micro batch 1 see the same samples per step as one process with micro batch 2; measured
 # here, DDP, ZeRO-2, ZeRO-3 (offload) and FSDP2 match the single-process losses to < 1e-6 (reduction order).

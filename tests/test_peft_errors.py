@@ -18,35 +18,60 @@ from rlora_plugin.config import RLoraConfigError
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("r", 0, r"`r` = 0 is invalid: the rank must be an integer >= 1"),
-        ("num_heads", 0, r"`num_heads` = 0 is invalid: use an integer >= 1"),
-        ("lora_dropout", 1.0, r"`lora_dropout` = 1.0 is invalid: the dropout rate must be in \[0, 1\)"),
-        ("lora_dropout", -0.1, r"`lora_dropout` = -0.1 is invalid"),
-        ("init_gamma", 0, r"`init_gamma` = 0 is invalid: gamma must be a finite number > 0"),
-        ("init_gamma", math.inf, r"`init_gamma` = inf is invalid: gamma must be a finite number > 0"),
-        ("router_temperature", 0.0, r"`router_temperature` = 0.0 is invalid: .* must be a finite number > 0"),
-        ("router_temperature", math.inf, r"`router_temperature` = inf is invalid"),
-        ("lora_alpha", 0, r"`lora_alpha` = 0 is invalid: .* finite number > 0 \(0 would train nothing\)"),
-        ("lora_alpha", -16, r"`lora_alpha` = -16 is invalid"),
-        ("lora_alpha", math.nan, r"`lora_alpha` = nan is invalid"),
-        ("init_seed", -1, r"`init_seed` = -1 is invalid: the seed must be an integer >= 0"),
-        ("init_seed", 1.5, r"`init_seed` = 1.5 is invalid: use an integer"),
+        ("r", 0, r"RLoraConfig: `r: 0` is invalid. Fix: the rank must be an integer >= 1"),
+        ("num_heads", 0, r"RLoraConfig: `num_heads: 0` is invalid. Fix: use an integer >= 1"),
+        (
+            "lora_dropout",
+            1.0,
+            r"RLoraConfig: `lora_dropout: 1.0` is invalid. Fix: the dropout rate must be in \[0, 1\)",
+        ),
+        ("lora_dropout", -0.1, r"RLoraConfig: `lora_dropout: -0.1` is invalid"),
+        ("init_gamma", 0, r"RLoraConfig: `init_gamma: 0` is invalid. Fix: gamma must be a finite number > 0"),
+        ("init_gamma", math.inf, r"RLoraConfig: `init_gamma: inf` is invalid. Fix: gamma must be a finite number > 0"),
+        (
+            "router_temperature",
+            0.0,
+            r"RLoraConfig: `router_temperature: 0.0` is invalid. Fix: .* must be a finite number > 0",
+        ),
+        ("router_temperature", math.inf, r"RLoraConfig: `router_temperature: inf` is invalid"),
+        (
+            "lora_alpha",
+            0,
+            r"RLoraConfig: `lora_alpha: 0` is invalid. Fix: .* finite number > 0 \(0 would train nothing\)",
+        ),
+        ("lora_alpha", -16, r"RLoraConfig: `lora_alpha: -16` is invalid"),
+        ("lora_alpha", math.nan, r"RLoraConfig: `lora_alpha: nan` is invalid"),
+        ("init_seed", -1, r"RLoraConfig: `init_seed: -1` is invalid. Fix: the seed must be an integer >= 0"),
+        ("init_seed", 1.5, r"RLoraConfig: `init_seed: 1.5` is invalid. Fix: use an integer"),
         # strict types: no bool for a number, no string for a number (each used to end in a raw TypeError)
-        ("lora_dropout", "0.1", r"`lora_dropout` = '0.1' is invalid: use a number \(not a string or a boolean\)"),
-        ("lora_alpha", "16", r"`lora_alpha` = '16' is invalid: use a number"),
-        ("r", True, r"`r` = True is invalid: use an integer \(not a string, a float or a boolean\)"),
-        ("num_heads", True, r"`num_heads` = True is invalid: use an integer"),
-        ("num_heads", 2.0, r"`num_heads` = 2.0 is invalid: use an integer"),
-        ("use_rslora", "yes", r"`use_rslora` = 'yes' is invalid: use true or false"),
-        ("init", "gaussian", r"`init` = 'gaussian' is invalid: choose one of 'random', 'zero'"),
-        ("head_dropout", "each", r"`head_dropout` = 'each' is invalid: choose one of 'per_head', 'shared'"),
-        ("router_init", "normal", r"`router_init` = 'normal' is invalid: choose one of 'zero', 'kaiming'"),
+        (
+            "lora_dropout",
+            "0.1",
+            r"RLoraConfig: `lora_dropout: '0.1'` is invalid. Fix: use a number \(not a string or a boolean\)",
+        ),
+        ("lora_alpha", "16", r"RLoraConfig: `lora_alpha: '16'` is invalid. Fix: use a number"),
+        ("r", True, r"RLoraConfig: `r: True` is invalid. Fix: use an integer \(not a string, a float or a boolean\)"),
+        ("num_heads", True, r"RLoraConfig: `num_heads: True` is invalid. Fix: use an integer"),
+        ("num_heads", 2.0, r"RLoraConfig: `num_heads: 2.0` is invalid. Fix: use an integer"),
+        ("use_rslora", "yes", r"RLoraConfig: `use_rslora: 'yes'` is invalid. Fix: use true or false"),
+        ("init", "gaussian", r"RLoraConfig: `init: 'gaussian'` is invalid. Fix: choose one of 'random', 'zero'"),
+        (
+            "head_dropout",
+            "each",
+            r"RLoraConfig: `head_dropout: 'each'` is invalid. Fix: choose one of 'per_head', 'shared'",
+        ),
+        (
+            "router_init",
+            "normal",
+            r"RLoraConfig: `router_init: 'normal'` is invalid. Fix: choose one of 'zero', 'kaiming'",
+        ),
     ],
 )
 def test_bad_config_values(key, value, message):
     with pytest.raises(RLoraConfigError, match=message) as info:
         RLoraConfig(target_modules=MLP, **{key: value})
     assert info.value.key == key  # the field travels with the error: a host framework names its own key
+    assert info.value.value is value and str(info.value).endswith(f"Fix: {info.value.fix.rstrip('.')}.")
 
 
 def test_target_modules_that_match_nothing():
@@ -147,8 +172,8 @@ def test_loading_onto_a_base_of_other_shapes(tmp_path):
 
 
 def test_config_validation_of_routing_options():
-    with pytest.raises(ValueError, match=r"`router_top_k` = 4 is invalid"):
+    with pytest.raises(ValueError, match=r"RLoraConfig: `router_top_k: 4` is invalid"):
         RLoraConfig(num_heads=3, router_top_k=4)
-    with pytest.raises(ValueError, match=r"`router_aux_loss_coef` = -1 is invalid"):
+    with pytest.raises(ValueError, match=r"RLoraConfig: `router_aux_loss_coef: -1` is invalid"):
         RLoraConfig(router_aux_loss_coef=-1)
     assert RLoraConfig(router_top_k=0).router_top_k is None  # 0 means dense: one spelling, None

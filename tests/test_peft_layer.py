@@ -374,7 +374,7 @@ def test_init_weights_false_is_not_an_identity(init):
     assert (model(ids).logits - expected).abs().max() > 1e-3
     with model.disable_adapter():
         torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"`init_weights` = 'no' is invalid"):
+    with pytest.raises(ValueError, match=r"RLoraConfig: `init_weights: 'no'` is invalid. Fix: use true or false"):
         RLoraConfig(init_weights="no")
 
 

@@ -16,13 +16,14 @@ gets them; setting one to true explicitly is refused (they compute plain LoRA an
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation, create_model, model_validator
 
-from rlora_plugin.config import RLoraConfig, Source, fields_from
-from rlora_plugin.host import Host, absolute_base
+from rlora_plugin.config import RLoraConfig, Source, field_source, fields_from, own_field_types
+from rlora_plugin.host import Host, absolute_base, unknown_key_error
 from rlora_plugin.lm_eval import command as lm_eval_command
 from rlora_plugin.registration import PEFT_TYPE_NAME
 from rlora_plugin.saved import saved_peft_type
@@ -30,6 +31,7 @@ from rlora_plugin.saved import saved_peft_type
 from . import LOG
 
 ADAPTER_NAME = "rlora"
+METRICS_KEY = "rlora.metrics"  # the plugin's own switch for the router metrics callback
 LM_EVAL_PLUGIN = "axolotl.integrations.lm_eval.LMEvalPlugin"
 
 HOST = Host(
@@ -73,40 +75,48 @@ HOST = Host(
 )
 
 
-def _help(name: str, note: str = "") -> str:
-    """The help text of `RLoraConfig`'s field `name` (one source), with a note for Axolotl users."""
-    return f"{RLoraConfig.__dataclass_fields__[name].metadata['help']} {note}".strip()
+METRICS_HELP = (
+    "Log router and head-diversity metrics (`rlora/...`: router entropy, head load, head cosine similarities) "
+    "every `logging_steps`. false turns them off."
+)
 
 
-class RLoraOptions(BaseModel):
-    """R-LoRA's own settings, under the `rlora:` key: `RLoraConfig`'s R-LoRA fields (its types, defaults and
-    help texts; tests/test_axolotl_config.py holds them equal), plus `metrics`. Defaults are the paper's (the
-    authors' script). Strict types: `num_heads: true` or `init_gamma: "64"` is an error, not a coercion."""
+class RLoraBlock(BaseModel):
+    """R-LoRA's own settings, under the `rlora:` key: `RLoraConfig`'s R-LoRA fields, with its types, defaults and
+    help texts (`rlora_options_model` derives them), plus `metrics`. The values are not checked here but by
+    `RLoraConfig` (`Host.build_config`, from `RLoraArgs.rlora_check_values`), once, with errors that name the
+    `rlora.<key>`: strict types, so `num_heads: true` or `init_gamma: "64"` is an error, not a coercion. A key
+    that is none of them is refused with the close match."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid")
 
-    num_heads: int = Field(default=5, description=_help("num_heads", "Paper script: 5."))
-    head_dropout: Literal["per_head", "shared"] = Field(
-        default="per_head", description=_help("head_dropout", "The rate is `lora_dropout`.")
-    )
-    init: Literal["random", "zero"] = Field(default="random", description=_help("init"))
-    init_gamma: float = Field(default=64.0, description=_help("init_gamma"))
-    router_init: Literal["zero", "kaiming"] = Field(default="zero", description=_help("router_init"))
-    router_temperature: float = Field(default=1.0, description=_help("router_temperature"))
-    router_top_k: int | None = Field(default=None, description=_help("router_top_k"))
-    router_aux_loss_coef: float = Field(
-        default=0.0, description=_help("router_aux_loss_coef", "Logged as `rlora/aux_loss`; e.g. 0.01.")
-    )
-    init_seed: int | None = Field(  # `Source.RUN_SEED`: unset means the run's seed
-        default=None, description=_help("init_seed", "Default: the run's `seed`, or 0 if that is unset.")
-    )
-    metrics: bool = Field(
-        default=True,
-        description=(
-            "Log router and head-diversity metrics (`rlora/...`: router entropy, head load, head cosine "
-            "similarities) every `logging_steps`. false turns them off."
-        ),
-    )
+    @model_validator(mode="before")
+    @classmethod
+    def rlora_known_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            known = [*HOST.rlora_keys(), METRICS_KEY]
+            for key in sorted(data, key=str):
+                if f"{HOST.rlora_prefix}{key}" not in known:
+                    raise unknown_key_error(HOST, f"{HOST.rlora_prefix}{key}", data[key], known)
+        return data
+
+
+def rlora_options_model() -> type[RLoraBlock]:
+    """The `rlora:` block's model, built from `RLoraConfig`'s fields that hosts take from an R-LoRA key (`Source.RLORA`,
+    and `Source.RUN_SEED`, which may be unset: the run's seed). Adding such a field to `RLoraConfig` adds it here."""
+    fields: dict[str, Any] = {}
+    for name in fields_from(Source.RLORA, Source.RUN_SEED):
+        spec = RLoraConfig.__dataclass_fields__[name]
+        hint, default, note = own_field_types()[name], spec.default, ""
+        if field_source(name) is Source.RUN_SEED:
+            hint, default, note = hint | None, None, " Default: the run's `seed`, or 0 if that is unset."
+        description = spec.metadata["help"] + note
+        fields[name] = (Annotated[hint, SkipValidation], Field(default=default, description=description))
+    fields["metrics"] = (Annotated[bool, SkipValidation], Field(default=True, description=METRICS_HELP))
+    return create_model("RLoraOptions", __base__=RLoraBlock, __module__=__name__, **fields)
+
+
+RLoraOptions = rlora_options_model()
 
 
 def refuse_incompatible(data: dict, axolotl_keys: Any = ()) -> None:
@@ -190,6 +200,8 @@ class RLoraArgs(BaseModel):
             if self.rlora is None:
                 self.rlora = RLoraOptions()
             build_rlora_config(self)  # raises a HostConfigError naming the Axolotl key
+            if not isinstance(self.rlora.metrics, bool):
+                raise HOST.error(METRICS_KEY, self.rlora.metrics, "is invalid", "use true or false")
             if getattr(self, "lora_model_dir", None):
                 check_adapter_dir(self.lora_model_dir)
                 self._rlora_adapter_dir_is_loaded()

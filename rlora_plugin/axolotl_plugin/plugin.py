@@ -24,10 +24,10 @@ from peft import PeftModel, get_peft_model
 
 # Importing any rlora_plugin module runs the package __init__, which registers the RLORA PEFT type.
 from rlora_plugin.callbacks import RLoraMetricsCallback
-from rlora_plugin.config import RLoraConfig, Role, fields_with_role
-from rlora_plugin.host import absolute_base
+from rlora_plugin.config import RLoraConfig, own_field_types
+from rlora_plugin.host import absolute_base, adopt_saved_config
 
-from . import LOG, cpu_distributed, fsdp, quantization
+from . import LOG, fsdp, quantization
 from .args import ADAPTER_NAME, build_rlora_config, rlora_options, target_modules
 from .training import add_unadded_aux_loss
 
@@ -52,23 +52,9 @@ class RLoraPlugin(BasePlugin):
         return [AdapterCapabilities(name=ADAPTER_NAME, lora_like=False, relora=False)]
 
     def register(self, cfg):
-        # Every rank, before Axolotl creates accelerate's first PartialState: on a CPU-only host a
-        # multi-process launch (DDP, DeepSpeed or FSDP2) needs the gloo backend, and FSDP2 a CPU device mesh
-        # and accelerate's FSDP state (see cpu_distributed.py).
-        if (cfg or {}).get("adapter") == ADAPTER_NAME and cpu_distributed.cpu_multiprocess():
-            cpu_distributed.patch_cpu_backend()
-            cpu_distributed.patch_cpu_fsdp()
-            LOG.info("R-LoRA: CPU-only multi-process run: accelerate will use the gloo backend")
         if quantization.wants_kbit(cfg):
             # Axolotl builds the bitsandbytes config (and the kbit preparation) only for lora/qlora.
             quantization.patch_model_loader()
-
-    def load_datasets(self, cfg, preprocess: bool = False):
-        # The first hook after normalize_config, before the model loads: Axolotl's per-rank device_map
-        # {"": LOCAL_RANK} names an accelerator that a CPU-only host does not have.
-        if cfg.adapter == ADAPTER_NAME and cpu_distributed.cpu_multiprocess():
-            cpu_distributed.cpu_device_map(cfg)
-        return None  # Axolotl loads the datasets itself
 
     def pre_model_load(self, cfg):
         if cfg.adapter != ADAPTER_NAME:
@@ -95,18 +81,13 @@ class RLoraPlugin(BasePlugin):
             LOG.info("R-LoRA: loading the adapter in %s (trainable: %s)", cfg.lora_model_dir, not inference)
             model = PeftModel.from_pretrained(model, cfg.lora_model_dir, is_trainable=not inference, **model_kwargs)
             saved = model.peft_config[model.active_adapter]
-            differ = [
-                f"{f}: config {getattr(peft_config, f)!r}, saved {getattr(saved, f)!r}"
-                for f in fields_with_role(Role.FORWARD)  # the settings that define the saved adapter's forward pass
-                if getattr(peft_config, f) != getattr(saved, f)
-            ]
-            if differ:
+            # the saved adapter's forward settings govern it; this run's training settings apply to it
+            run = {name: getattr(peft_config, name) for name in own_field_types()}
+            if differ := adopt_saved_config(saved, run):
                 LOG.warning(
                     "R-LoRA: the adapter in lora_model_dir governs these settings, not the config: %s",
                     "; ".join(differ),
                 )
-            for field in fields_with_role(Role.TRAINING):  # this run's training settings apply to it
-                setattr(saved, field, getattr(peft_config, field))
             peft_config = saved
         else:
             model = get_peft_model(model, peft_config, **model_kwargs)

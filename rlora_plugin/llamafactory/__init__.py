@@ -17,7 +17,7 @@ the config is read, before any model or dataset loads.
   own launcher re-executes its own file under torchrun, where the patches would be missing). DeepSpeed
   (`deepspeed:` in the YAML) needs no patch, on a CPU-only host either: accelerate 1.11, LLaMA-Factory
   0.9.5's pin, gives a torchrun process group `gloo` by itself (1.13 and later do so only with `cpu=True`,
-  hence the Axolotl plugin's `cpu_distributed`).
+  hence the Axolotl tests' `tests/cpu_distributed.py`).
 """
 
 from .cli import main

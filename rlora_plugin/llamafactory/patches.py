@@ -1,6 +1,8 @@
 """Every patch of LLaMA-Factory's internals, checked against llamafactory 0.9.5 (`CHECKED_VERSION`; any other
-version is refused with an error before a patch is made). Patches 1 to 3 wrap a module attribute that
-LLaMA-Factory looks up at call time, for every command (`install_patches`):
+version is refused with `HostChanged` before a patch is made). Each goes through
+`rlora_plugin.patching.wrap_once`, which refuses a host that lacks the attribute or a parameter the wrapper
+reads. Patches 1 to 3 wrap a module attribute that LLaMA-Factory looks up at call time, for every command
+(`install_patches`):
 
 1. `llamafactory.hparams.parser.read_args`: every command's config passes through it (`_parse_args` looks
    it up at call time), so an `rlora` config is checked and rewritten there (translate.py), and the R-LoRA
@@ -24,16 +26,17 @@ import importlib
 import inspect
 import logging
 from collections.abc import Callable
-from importlib.metadata import version
 
 import rlora_plugin  # noqa: F401  (registers the RLORA PEFT type: building and loading need it)
+from rlora_plugin.host import adopt_saved_config
 from rlora_plugin.layer import MERGE_WHY
 from rlora_plugin.model import with_unadded_aux_loss
-from rlora_plugin.patching import Checked, wrap_once
+from rlora_plugin.patching import Checked, HostChanged, wrap_once
 
 from .translate import FINETUNING_TYPE, HOST, RLoraRun, hub_options, rlora_adapters, translate
 
 CHECKED_VERSION = "0.9.5"
+CHECKED = Checked("llamafactory", CHECKED_VERSION)
 # What `_setup_lora_tuning` passes to LoraConfig in 0.9.5; anything else means its code changed.
 _LORA_CONFIG_ARGUMENTS = {"task_type", "inference_mode", "use_dora", *HOST.lora_keys}
 
@@ -72,9 +75,11 @@ class Patches:
                 return original(**kwargs)
             unknown = set(kwargs) - _LORA_CONFIG_ARGUMENTS
             if unknown or kwargs.get("use_dora"):
-                raise RuntimeError(
-                    f"rlora_plugin.llamafactory: LLaMA-Factory passed {sorted(unknown) or 'use_dora=True'} to "
-                    f"LoraConfig, which its version {CHECKED_VERSION} does not: this version is not supported."
+                raise HostChanged(
+                    CHECKED,
+                    "`llamafactory.model.adapter._setup_lora_tuning` to pass LoraConfig only the arguments "
+                    f"{sorted(_LORA_CONFIG_ARGUMENTS)} and no `use_dora=True` (it passed "
+                    f"{sorted(unknown) or 'use_dora=True'})",
                 )
             fixed = {key: kwargs.pop(key) for key in ("task_type", "inference_mode") if key in kwargs}
             kwargs.pop("use_dora", None)
@@ -91,7 +96,14 @@ class Patches:
             hub = hub_options(model_args)
             rlora = rlora_adapters(model_args.adapter_name_or_path, model_args.adapter_folder, **hub)
             if not rlora or bound["is_trainable"]:  # training continues the adapter as LLaMA-Factory does
-                return original(*args, **kwargs)
+                model = original(*args, **kwargs)
+                if rlora and self.run is not None:  # its saved forward settings, this run's training ones
+                    ignored = adopt_saved_config(model.peft_config[model.active_adapter], self.run.options)
+                    if ignored:
+                        logging.getLogger("llamafactory.rlora_plugin").warning(
+                            f"R-LoRA: the adapter in {rlora[0]} governs these settings: {'; '.join(ignored)}"
+                        )
+                return model
             from peft import PeftModel
 
             model = PeftModel.from_pretrained(
@@ -109,11 +121,17 @@ class Patches:
         return setup
 
 
-# module, attribute, the `Patches` method that wraps it: every patch in one place (see the docstring).
+# module, attribute, the `Patches` method that wraps it, the parameters the wrapper reads by name: every patch in
+# one place (see the docstring).
 PATCHES = (
-    ("llamafactory.hparams.parser", "read_args", Patches.read_args),
-    ("llamafactory.model.adapter", "LoraConfig", Patches.lora_config),
-    ("llamafactory.model.adapter", "_setup_lora_tuning", Patches.setup_lora_tuning),
+    ("llamafactory.hparams.parser", "read_args", Patches.read_args, ("args",)),
+    ("llamafactory.model.adapter", "LoraConfig", Patches.lora_config, ()),
+    (
+        "llamafactory.model.adapter",
+        "_setup_lora_tuning",
+        Patches.setup_lora_tuning,
+        ("model", "model_args", "is_trainable"),
+    ),
 )
 _installed: list[Patches] = []
 
@@ -123,21 +141,15 @@ def install_patches() -> Patches:
     patches were not checked with."""
     if _installed:
         return _installed[0]
-    found = version("llamafactory")
-    if found != CHECKED_VERSION:
-        raise RuntimeError(
-            f"rlora_plugin.llamafactory patches LLaMA-Factory internals checked against llamafactory "
-            f"{CHECKED_VERSION} only, and {found} is installed. Fix: pip install llamafactory=={CHECKED_VERSION}."
+    if CHECKED.installed() != CHECKED_VERSION:
+        raise HostChanged(
+            CHECKED,
+            f"the LLaMA-Factory internals that its launcher patches, as llamafactory {CHECKED_VERSION} has them",
+            f"pip install llamafactory=={CHECKED_VERSION}",
         )
     patches = Patches()
-    for module_name, attribute, wrap in PATCHES:
-        module = importlib.import_module(module_name)
-        if not hasattr(module, attribute):
-            raise RuntimeError(
-                f"rlora_plugin.llamafactory: {module_name}.{attribute} is missing in llamafactory {found}; "
-                f"the patches were checked against {CHECKED_VERSION}."
-            )
-        setattr(module, attribute, wrap(patches, getattr(module, attribute)))
+    for module_name, attribute, wrap, parameters in PATCHES:
+        wrap_once(importlib.import_module(module_name), attribute, wrap.__get__(patches), CHECKED, parameters)
     _installed.append(patches)
     return patches
 
@@ -163,6 +175,5 @@ def add_unadded_aux_loss(original: Callable) -> Callable:
 
 def install_aux_loss() -> None:
     """Patch 4, in this process (once: `wrap_once`)."""
-    checked = Checked("llamafactory", CHECKED_VERSION)
     for module_name, name in PREFERENCE_TRAINERS:
-        wrap_once(getattr(importlib.import_module(module_name), name), "compute_loss", add_unadded_aux_loss, checked)
+        wrap_once(getattr(importlib.import_module(module_name), name), "compute_loss", add_unadded_aux_loss, CHECKED)

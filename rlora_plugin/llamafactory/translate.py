@@ -9,13 +9,12 @@ resuming, DPO's reference model as the adapter switched off, DDP's `find_unused_
 
 from __future__ import annotations
 
-import difflib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from rlora_plugin.config import Source, fields_from
-from rlora_plugin.host import Host, absolute_base
+from rlora_plugin.host import Host, absolute_base, unknown_key_error
 from rlora_plugin.layer import MERGE_WHY
 from rlora_plugin.registration import PEFT_TYPE_NAME
 from rlora_plugin.saved import saved_peft_type
@@ -102,12 +101,10 @@ def translate(config: dict[str, Any]) -> tuple[dict[str, Any], RLoraRun | None]:
                 f"set `finetuning_type: {FINETUNING_TYPE}`, or remove the `rlora_*` keys",
             )
         return config, None
-    known = [*HOST.rlora_keys(), METRICS_KEY]
+    known = [*HOST.rlora_keys(), METRICS_KEY]  # derived from RLoraConfig's fields (`Source`)
     for key in rlora_keys:
         if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"did you mean `{close[0]}`?" if close else f"the R-LoRA keys are {', '.join(known)}"
-            raise HOST.error(key, config[key], "is not an R-LoRA key", hint)
+            raise unknown_key_error(HOST, key, config[key], known)
     HOST.refuse_plain_lora_features(config)
     metrics = config.get(METRICS_KEY, True)
     if not isinstance(metrics, bool):

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from ..errors import ConfigError
 from ..patching import Checked, wrap_once
 
 ARCHITECTURE = "RLoraForCausalLM"  # the architecture to name in --hf-overrides, whatever the base's family
@@ -35,8 +36,9 @@ def _vllm_distribution() -> str:
 CHECKED = Checked(_vllm_distribution(), "0.32.0")  # docs/compatibility.md
 
 
-def refusal(problem: str, fix: str) -> ValueError:
-    return ValueError(f"vLLM R-LoRA: {problem}. Fix: {fix}")
+def refusal(key: str, value: Any, problem: str, fix: str) -> ConfigError:
+    """What the plugin cannot serve, refused at start-up: ``vLLM R-LoRA: `key: value` problem. Fix: fix.``"""
+    return ConfigError("vLLM R-LoRA", key, value, problem, fix)
 
 
 def register() -> None:
@@ -60,8 +62,10 @@ def _refusing_an_adapter_on_the_base(inspect_model_cls: Callable) -> Callable:
         source = getattr(call["model_config"].hf_config, ADAPTER_KEY, None)
         if source is not None and architecture != ARCHITECTURE:
             raise refusal(
-                f"`{ADAPTER_KEY}: {source}` is set in --hf-overrides, but the architecture served is "
-                f"`{architecture}`, which ignores it: vLLM would serve the base model",
+                ADAPTER_KEY,
+                source,
+                f"is set in --hf-overrides, but the architecture served is `{architecture}`, which ignores it: vLLM "
+                "would serve the base model",
                 f'add `"architectures": ["{ARCHITECTURE}"]` to --hf-overrides',
             )
         return info, architecture

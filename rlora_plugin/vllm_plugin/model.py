@@ -10,7 +10,9 @@ the layer's own weight loader as the base weight is: the heads' rows on column-p
 `A` and the router on row-parallel layers, whose down-projection is then summed over the ranks before the
 softmax. The frozen offset path of `init: random` (the constant `s * mean_i(B_i^0) A^0`) is subtracted from the
 base weight once, as PEFT does in its forwards without gradients, so per token only the trainable adapter weights
-are read. The adapter runs in the model's dtype, the router's softmax in fp32.
+are read. A quantized weight cannot absorb it exactly: on a quantized base (compressed-tensors' int8 W8A8, the one
+tested) the offset stays `r` more columns of the adapter's own product, as PEFT keeps it on a quantized layer. The
+adapter runs in the model's dtype, the router's softmax in fp32.
 """
 
 from __future__ import annotations
@@ -31,7 +33,21 @@ from vllm.model_executor.layers.linear import (
     QKVParallelLinear,
     ReplicatedLinear,
     RowParallelLinear,
+    UnquantizedLinearMethod,
 )
+from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig
+from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
+from vllm.model_executor.layers.quantization.base_config import QuantizeMethodBase
+from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import (
+    CompressedTensorsConfig,
+    CompressedTensorsLinearMethod,
+)
+from vllm.model_executor.layers.quantization.compressed_tensors.schemes import (
+    CompressedTensorsScheme,
+    CompressedTensorsW8A8Int8,
+)
+from vllm.model_executor.layers.quantization.fp8 import Fp8Config
+from vllm.model_executor.layers.quantization.online.base import OnlineQuantizationConfig
 from vllm.model_executor.model_loader import get_model_loader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.models import ModelRegistry
@@ -47,6 +63,22 @@ from ..saved import CONFIG, WEIGHTS, read_adapter
 from . import ADAPTER_KEY, ARCHITECTURE, CHECKED, refusal
 
 EXPORT_FIX = "serve the frozen-gate export as a plain LoRA (docs/export-and-serving.md)"
+QUANTIZED_FIX = f"serve an unquantized base or a compressed-tensors int8 W8A8 checkpoint, or {EXPORT_FIX}"
+# Why a quantization is not served (docs/export-and-serving.md#quantized-bases), by vLLM's config class.
+FP8_ON_CPU = (
+    "vLLM's CPU build runs fp8 only on CPUs with AMX (elsewhere its fp8 input quantization is missing, and vLLM "
+    "alone stops at `_C::static_scaled_fp8_quant() expected at most 0 argument(s)`)"
+)
+INT4_ON_CPU = (
+    "vLLM's CPU build runs 4-bit AWQ and GPTQ weights only with its AVX512 kernels (`cpu_gemm_wna16`, missing from "
+    "its AVX2 kernels, which the plugin is tested on)"
+)
+UNTESTED_QUANTIZATION = {
+    Fp8Config: f"not tested with the routed adapter: {FP8_ON_CPU}",
+    OnlineQuantizationConfig: f"online quantization is not tested with the routed adapter (fp8: {FP8_ON_CPU})",
+    AutoAWQConfig: f"not tested with the routed adapter: {INT4_ON_CPU}",
+    AutoGPTQConfig: f"not tested with the routed adapter: {INT4_ON_CPU}",
+}
 
 
 def adapter_dir(source: str) -> Path:
@@ -59,7 +91,9 @@ def adapter_dir(source: str) -> Path:
         return Path(snapshot_download(source, allow_patterns=[CONFIG, WEIGHTS]))
     except Exception as error:  # noqa: BLE001  (not a directory, not on the hub, not in the cache offline)
         raise refusal(
-            f"`{ADAPTER_KEY}: {source}` is neither a directory nor a model-hub id that could be fetched ({error})",
+            ADAPTER_KEY,
+            source,
+            f"is neither a directory nor a model-hub id that could be fetched ({error})",
             "give the directory of a saved R-LoRA adapter or its hub id",
         ) from error
 
@@ -67,7 +101,8 @@ def adapter_dir(source: str) -> Path:
 class RoutedPart(nn.Module):
     """One PEFT target inside a vLLM layer: this rank's slice of its adapter weights, in the model's dtype, and
     the rows `[start, stop)` of the layer's output it adds to; `reduce` sums the down-projection over the ranks
-    where the layer's input is split."""
+    where the layer's input is split. The frozen offset path `offset_A`, `offset_B` is among the weights only where
+    the base weight could not absorb it (a quantized layer): then it runs as `r` more columns of the update."""
 
     def __init__(self, weights: dict[str, torch.Tensor], config: RLoraConfig, start: int, stop: int,
                  reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> None:  # fmt: skip
@@ -75,6 +110,8 @@ class RoutedPart(nn.Module):
         self.register_buffer("lora_a", weights["A"], persistent=False)
         self.register_buffer("lora_b", weights["B"], persistent=False)
         self.register_buffer("router", weights.get("router"), persistent=False)  # none for one head
+        self.register_buffer("offset_a", weights.get("offset_A"), persistent=False)  # none where folded
+        self.register_buffer("offset_b", weights.get("offset_B"), persistent=False)
         self.start, self.stop = start, stop
         self.update = partial(
             routed_update, scaling=adapter_scaling(config),
@@ -86,7 +123,8 @@ class RoutedPart(nn.Module):
         return top_k_gates(probs, self.top_k)[0]
 
     def add_to(self, output: torch.Tensor, x: torch.Tensor) -> None:
-        output[..., self.start : self.stop] += self.update(x, self.lora_a, self.lora_b, self.router)
+        offset = None if self.offset_a is None else (self.offset_a, self.offset_b)
+        output[..., self.start : self.stop] += self.update(x, self.lora_a, self.lora_b, self.router, offset=offset)
 
 
 def add_routed_update(layer: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
@@ -106,32 +144,50 @@ class RoutedAdapter:
         source = getattr(hf_config, ADAPTER_KEY, None)
         if not isinstance(source, str) or not source:
             raise refusal(
-                f"the `{ARCHITECTURE}` architecture needs one adapter, `{ADAPTER_KEY}` in --hf-overrides, got "
-                f"{source!r}",
+                ADAPTER_KEY,
+                source,
+                f"is not one adapter: the `{ARCHITECTURE}` architecture needs one, `{ADAPTER_KEY}` in --hf-overrides",
                 f'--hf-overrides \'{{"architectures": ["{ARCHITECTURE}"], "{ADAPTER_KEY}": "ADAPTER_DIR_OR_HUB_ID"}}\' '
                 "(one R-LoRA adapter per server)",
             )
         size = vllm_config.parallel_config.pipeline_parallel_size
         if size > 1:
             raise refusal(
-                f"`pipeline_parallel_size: {size}` is not supported yet",
+                "pipeline_parallel_size",
+                size,
+                "is not supported yet",
                 "serve on one pipeline stage (tensor_parallel_size splits the model over devices)",
             )
-        if vllm_config.quant_config is not None:
+        quantization = vllm_config.quant_config
+        if quantization is not None and not isinstance(quantization, CompressedTensorsConfig):
+            why = next((why for kind, why in UNTESTED_QUANTIZATION.items() if isinstance(quantization, kind)),
+                       "not tested with the routed adapter")  # fmt: skip
             raise refusal(
-                f"a quantized base (`quantization: {vllm_config.model_config.quantization}`) is not supported yet",
-                f"serve an unquantized base, or {EXPORT_FIX}",
+                "quantization",
+                vllm_config.model_config.quantization,
+                f"is not served: {why}",
+                QUANTIZED_FIX,
+            )
+        if quantization is not None and vllm_config.parallel_config.tensor_parallel_size > 1:
+            raise refusal(
+                "tensor_parallel_size",
+                vllm_config.parallel_config.tensor_parallel_size,
+                "is not tested with the routed adapter on a quantized base",
+                f"serve it with tensor_parallel_size 1, or {EXPORT_FIX}",
             )
         if vllm_config.lora_config is not None:
             raise refusal(
-                "`enable_lora` cannot be combined with the routed adapter (vLLM's LoRA layers would replace the "
-                "hooked ones)",
+                "enable_lora",
+                True,
+                "cannot be combined with the routed adapter (vLLM's LoRA layers would replace the hooked ones)",
                 "drop --enable-lora; serve other LoRAs from another server",
             )
         load_format = vllm_config.load_config.load_format
         if not isinstance(get_model_loader(vllm_config.load_config), DefaultModelLoader):
             raise refusal(
-                f"`load_format: {load_format}` does not load weights through the model (where the adapter is attached)",
+                "load_format",
+                load_format,
+                "does not load weights through the model (where the adapter is attached)",
                 "use load_format auto (or safetensors, pt)",
             )
         super().__init__(vllm_config=vllm_config, prefix=prefix)
@@ -140,8 +196,10 @@ class RoutedAdapter:
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         if self.rlora_attached:
             raise refusal(
-                "reloading weights into a model with a routed adapter is not supported (its offset is folded "
-                "into the base weights at load)",
+                "load_weights",
+                "called again",
+                "is not supported: reloading weights into a model with a routed adapter would lose its offset, "
+                "folded into the base weights at load",
                 "start a new server to serve new weights",
             )
         loaded = super().load_weights(weights)
@@ -162,24 +220,27 @@ class RoutedAdapter:
         targets = {key: self.vllm_target(key.removeprefix(PEFT_PREFIX), layers) for key in modules}
         if others:
             raise refusal(
-                f"the adapter saves full tensors besides its R-LoRA layers ({', '.join(sorted(others)[:3])}; "
-                "e.g. `modules_to_save`), which the plugin does not serve",
+                "modules_to_save",
+                sorted(others)[:3],
+                "are full tensors the adapter saves besides its R-LoRA layers, which the plugin does not serve",
                 "train without modules_to_save, or serve the adapter with PEFT",
             )
         scaling = adapter_scaling(config)
         for key, weights in modules.items():
             vllm_name, shard = targets[key]
             layer = layers[vllm_name]
-            start, stop = self.output_rows(layer, shard)
+            quantized = self.quantized(layer, key)
+            start, stop = self.output_rows(layer, shard, quantized)
             expected = (config.r, layer.input_size), (self.output_size(layer, shard), config.num_heads * config.r)
             if (tuple(weights["A"].shape), tuple(weights["B"].shape)) != expected:
                 raise refusal(
-                    f"the adapter's `{key}` has A {tuple(weights['A'].shape)}, B {tuple(weights['B'].shape)}, but "
-                    f"this base's layer needs {expected[0]}, {expected[1]}",
+                    key,
+                    f"A {tuple(weights['A'].shape)}, B {tuple(weights['B'].shape)}",
+                    f"does not fit this base: its layer needs {expected[0]}, {expected[1]}",
                     "serve the adapter on the base model it was trained on",
                 )
             ours = self.rank_slices(layer, shard, weights, start, stop)
-            if "offset_A" in ours:  # fold -s * Bbar0 A0 into this rank's rows (columns) of the base, in fp32
+            if "offset_A" in ours and not quantized:  # fold -s * Bbar0 A0 into this rank's rows of the base, in fp32
                 base = layer.weight.data[start:stop]
                 base.copy_(fold_offsets(base, [(scaling, ours.pop("offset_A"), ours.pop("offset_B"))]))
             if not hasattr(layer, "rlora_parts"):
@@ -187,7 +248,12 @@ class RoutedAdapter:
                 layer.register_forward_hook(add_routed_update)
             split_input = isinstance(layer, RowParallelLinear) and layer.tp_size > 1
             reduce = tensor_model_parallel_all_reduce if split_input else None
-            ours = {name: tensor.to(layer.weight.device, layer.weight.dtype) for name, tensor in ours.items()}
+            if quantized:  # the dtype of the layer's input and output; its weight is integers
+                dtype = private_attribute(layer, "params_dtype", torch.dtype, CHECKED)
+                device = next(layer.parameters()).device
+            else:
+                dtype, device = layer.weight.dtype, layer.weight.device
+            ours = {name: tensor.to(device, dtype) for name, tensor in ours.items()}
             layer.rlora_parts.append(RoutedPart(ours, config, start, stop, reduce))
         self.rlora_attached = True
 
@@ -209,7 +275,10 @@ class RoutedAdapter:
                 ours[name] = tensor
                 continue
             shape = list(tensor.shape)
-            shape[dim] = layer.weight.shape[dim]  # this rank's rows or columns of the whole layer
+            shape[dim] = (  # this rank's rows or columns of the whole layer
+                sum(private_attribute(layer, "output_partition_sizes", list, CHECKED)) if dim == 0
+                else private_attribute(layer, "input_size_per_partition", int, CHECKED)
+            )  # fmt: skip
             sliced = tensor.new_zeros(shape)
             setattr(sliced, "output_dim" if dim == 0 else "input_dim", dim)
             layer.weight_loader(sliced, tensor, *([] if shard is None else [shard]))
@@ -217,19 +286,42 @@ class RoutedAdapter:
         return ours
 
     @staticmethod
-    def output_rows(layer: LinearBase, shard: str | int | None) -> tuple[int, int]:
+    def quantized(layer: LinearBase, target: str) -> bool:
+        """Whether `layer`'s weight is quantized (by a scheme the plugin serves: compressed-tensors' int8 W8A8),
+        so that the offset path cannot be folded into it; refused for the other schemes."""
+        method = private_attribute(layer, "quant_method", QuantizeMethodBase, CHECKED)
+        if isinstance(method, UnquantizedLinearMethod):
+            return False
+        scheme = None
+        if isinstance(method, CompressedTensorsLinearMethod):
+            scheme = private_attribute(layer, "scheme", CompressedTensorsScheme, CHECKED)
+        if not isinstance(scheme, CompressedTensorsW8A8Int8):
+            raise refusal(
+                target,
+                type(scheme or method).__name__,
+                "is a quantization of this adapted layer not tested with the routed adapter (tested: "
+                "compressed-tensors' int8 W8A8, `CompressedTensorsW8A8Int8`)",
+                QUANTIZED_FIX,
+            )
+        return True
+
+    @staticmethod
+    def output_rows(layer: LinearBase, shard: str | int | None, quantized: bool = False) -> tuple[int, int]:
         """The rows `[start, stop)` of this rank's output of `layer` that a target fills: its part of a fused
-        layer (`shard`), or all of them; checked against the layer's weight."""
+        layer (`shard`), or all of them; checked against the layer's weight (a `quantized` layer's size: its
+        weight may be packed)."""
         sizes = private_attribute(layer, "output_partition_sizes", list, CHECKED)
-        weight = private_attribute(layer, "weight", torch.Tensor, CHECKED)
         private_attribute(layer, "input_size", int, CHECKED)
-        if sum(sizes) != weight.shape[0]:
+        if quantized:
+            what, rows = "output_size", private_attribute(layer, "output_size", int, CHECKED)  # one rank only
+        else:
+            what, rows = "weight's rows", private_attribute(layer, "weight", torch.Tensor, CHECKED).shape[0]
+        if sum(sizes) != rows:
             raise HostChanged(
-                CHECKED, f"`{type(layer).__name__}.output_partition_sizes` {sizes} to add up to its weight's rows "
-                f"({weight.shape[0]})",
+                CHECKED, f"`{type(layer).__name__}.output_partition_sizes` {sizes} to add up to its {what} ({rows})",
             )  # fmt: skip
         if shard is None:
-            return 0, weight.shape[0]
+            return 0, rows
         part = "qkv".index(shard) if isinstance(shard, str) else shard
         return sum(sizes[:part]), sum(sizes[: part + 1])
 
@@ -261,13 +353,17 @@ class RoutedAdapter:
         layer = layers.get(vllm_name)
         if ".experts." in f".{name}.":
             raise refusal(
-                f"the adapter targets `{name}`, an expert of a mixture-of-experts layer, which vLLM runs inside one "
-                "fused kernel for all experts (no per-token hook on one expert)",
+                "target_modules",
+                name,
+                "is an expert of a mixture-of-experts layer, which vLLM runs inside one fused kernel for all experts "
+                "(no per-token hook on one expert)",
                 f"serve an adapter of the attention projections (q/k/v/o) of this model, or {EXPORT_FIX}",
             )
         if not isinstance(layer, (ColumnParallelLinear, RowParallelLinear, ReplicatedLinear)):
             raise refusal(
-                f"the adapter targets `{name}`, which is not a linear layer of this vLLM model",
+                "target_modules",
+                name,
+                "is not a linear layer of this vLLM model",
                 f"serve an adapter of the attention and MLP projections (q/k/v/o, gate/up/down), or {EXPORT_FIX}",
             )
         if isinstance(layer, QKVParallelLinear) and shard is not None:
@@ -276,8 +372,10 @@ class RoutedAdapter:
         if split and (getattr(layer, "gather_output", False) or not getattr(layer, "input_is_parallel", True)
                       or not getattr(layer, "reduce_results", True)):  # fmt: skip
             raise refusal(
-                f"the adapter targets `{name}`, whose vLLM layer gathers its output or its input, or leaves its "
-                "output unreduced, under tensor parallelism",
+                "target_modules",
+                name,
+                "is a vLLM layer that gathers its output or its input, or leaves its output unreduced, under tensor "
+                "parallelism",
                 f"serve it with tensor_parallel_size 1, or {EXPORT_FIX}",
             )
         return vllm_name, shard
@@ -297,8 +395,9 @@ def base_class(vllm_config) -> type[nn.Module]:  # noqa: ANN001
     architecture = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
     if architecture not in ModelRegistry.get_supported_archs():
         raise refusal(
-            f"a base of model_type `{model_type}` has no causal-LM architecture in vLLM's registry "
-            f"({architecture or 'none in transformers'})",
+            "model_type",
+            model_type,
+            f"has no causal-LM architecture in vLLM's registry ({architecture or 'none in transformers'})",
             EXPORT_FIX,
         )
     base, _ = ModelRegistry.resolve_model_cls([architecture], model_config)
@@ -306,8 +405,10 @@ def base_class(vllm_config) -> type[nn.Module]:  # noqa: ANN001
         check(base) for check in (supports_multimodal, is_hybrid, is_attention_free, has_inner_state)
     ):
         raise refusal(
-            f"vLLM serves a `{model_type}` base with `{architecture}`, which is not a text-only attention model "
-            "(multimodal, hybrid or state-space); the routed adapter serves text models",
+            "model_type",
+            model_type,
+            f"is served by vLLM with `{architecture}`, which is not a text-only attention model (multimodal, hybrid "
+            "or state-space); the routed adapter serves text models",
             EXPORT_FIX,
         )
     return base

@@ -1,4 +1,8 @@
-"""Multi-process training on a host without an accelerator (CPU only): DDP, DeepSpeed ZeRO and FSDP2 through Axolotl.
+"""A test-only Axolotl plugin: multi-process training (DDP, DeepSpeed ZeRO, FSDP2) through Axolotl on a host
+without an accelerator, which is how this project's CPU-only CI runs them. Not part of the package: Axolotl
+and accelerate do not support multi-process training on CPU, and this is no R-LoRA feature (it would make no
+difference to a plain LoRA run). Listed after `rlora_plugin.RLoraPlugin` in `plugins:` by
+tests/test_multiprocess.py and benchmarks/scale.py (with tests/ on PYTHONPATH).
 
 Launched with `torchrun --nproc_per_node N` (or `accelerate launch --multi_gpu --num_processes N`, or the
 `deepspeed` launcher), Axolotl on a CPU-only host otherwise fails or, worse, silently trains N independent
@@ -27,7 +31,8 @@ copies:
       FSDP config ignored. The state is switched to FSDP (with the FSDP plugin accelerate built) as that
       branch would do; `fully_shard` itself runs on CPU under gloo.
 
-All act only when no CUDA device is visible and WORLD_SIZE > 1; on GPU hosts nothing changes.
+All act only when no CUDA device is visible and WORLD_SIZE > 1. Each patch goes through
+`rlora_plugin.patching`, so an accelerate that changed fails with `HostChanged` (tests/test_axolotl_couplings.py).
 """
 
 from __future__ import annotations
@@ -36,8 +41,12 @@ import inspect
 import os
 from typing import Any
 
+from axolotl.integrations.base import BasePlugin
+from axolotl.utils.logging import get_logger
+
 from rlora_plugin.patching import Checked, HostChanged, private_attribute, wrap_once
 
+LOG = get_logger("axolotl.integrations.cpu_distributed")  # under "axolotl.": Axolotl's log filter shows its INFO
 CHECKED = Checked("accelerate", "1.13.0 and 1.15.0, with Axolotl 0.19.0 and 0.21.0")
 
 
@@ -142,3 +151,20 @@ def cpu_device_map(cfg: Any) -> None:
     device_map = cfg.device_map
     if isinstance(device_map, dict) and any(isinstance(v, int) for v in device_map.values()):
         cfg.device_map = {k: ("cpu" if isinstance(v, int) else v) for k, v in device_map.items()}
+
+
+class CpuDistributedPlugin(BasePlugin):
+    """The test-only plugin: the patches above for a launched multi-process run on a host without CUDA."""
+
+    def register(self, cfg):  # noqa: ANN001, ANN201
+        # Every rank, before Axolotl creates accelerate's first PartialState.
+        if cpu_multiprocess():
+            patch_cpu_backend()
+            patch_cpu_fsdp()
+            LOG.info("CPU-only multi-process run: accelerate will use the gloo backend (tests/cpu_distributed.py)")
+
+    def load_datasets(self, cfg, preprocess: bool = False):  # noqa: ANN001, ANN201
+        # The first hook after normalize_config, before the model loads.
+        if cpu_multiprocess():
+            cpu_device_map(cfg)
+        return None  # Axolotl loads the datasets itself
