@@ -4,12 +4,13 @@ and the `fix`, whichever host or engine raises it. Every message ends with ``Fix
     RLoraError                    key, value, fix
     ├── ConfigError (ValueError)  a setting refused: WHERE: `key: value` problem. Fix: fix.
     │   ├── RLoraConfigError      RLoraConfig's own validation (WHERE is "RLoraConfig")
-    │   └── HostConfigError       a host's config (WHERE is the line that selects R-LoRA: "adapter: rlora")
+    │   ├── HostConfigError       a host's config (WHERE is the line that selects R-LoRA: "adapter: rlora")
+    │   └── InputError            data, not a setting: a row of a data file, a saved adapter's tensor
     └── HostChanged (RuntimeError)  a host no longer has what a patch or coupling relies on (patching.py)
 
 `ConfigError` is a `ValueError`, so a pydantic validator turns it into a validation error and callers that catch
-`ValueError` keep working; `HostChanged` is a `RuntimeError`. This module imports nothing of the package, so every
-module can import it (config.py, host.py, patching.py and the hosts).
+`ValueError` (PEFT, transformers) keep working; `HostChanged` is a `RuntimeError`. This module imports nothing of
+the package, so every module can import it (config.py, host.py, layer.py, patching.py and the hosts).
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ class ConfigError(RLoraError, ValueError):
 
     def __init__(self, where: str, key: str, value: Any, problem: str, fix: str) -> None:
         self.where, self.problem = where, problem
-        super().__init__(f"{where}: `{key}: {value!r}` {problem}. Fix: {_sentence(fix)}", key, value, fix)
+        message = f"{where}: `{key}: {self.shown(value)}` {problem}. Fix: {_sentence(fix)}"
+        super().__init__(message, key, value, fix)
+
+    @staticmethod
+    def shown(value: Any) -> str:
+        """`value` as the message shows it."""
+        return repr(value)
 
 
 class RLoraConfigError(ConfigError):
@@ -46,6 +53,19 @@ class RLoraConfigError(ConfigError):
 
 class HostConfigError(ConfigError):
     """A host config that R-LoRA refuses; `where` is the host's selector (`adapter: rlora`), `key` its own key."""
+
+
+class InputError(ConfigError):
+    """Data that R-LoRA refuses, not a setting: a row of a data file (WHERE: the file and line, `key`: the field)
+    or a saved adapter's tensor (WHERE: the adapter and its file or layer, `key`: the tensor). A long value is
+    cut in the message, a tensor shown by its shape and dtype; `value` keeps it whole."""
+
+    @staticmethod
+    def shown(value: Any, limit: int = 80) -> str:
+        if hasattr(value, "shape") and hasattr(value, "dtype"):  # a tensor (errors.py imports no torch)
+            return f"a tensor of shape {tuple(value.shape)}, {value.dtype}"
+        text = repr(value)
+        return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 DEFAULT_FIX = (

@@ -26,35 +26,34 @@ from typing import Any
 
 import torch
 
+from .errors import ConfigError, InputError
 from .layer import adapter_scaling, frozen_gate_lora
 from .model_card import write_export_card
 from .routing import PEFT_PREFIX, parse_gates, record_gates
-from .saved import WEIGHTS, module_order, read_adapter, read_config
+from .saved import CONFIG, WEIGHTS, module_order, read_adapter, read_config
 
 FORMATS = (
     "give every row a `prompt` (the user's turn, as in examples/multitask_data.py's test.jsonl), `messages` (chat "
     "turns with `role` and `content`, as in its train.jsonl) or `instruction` with an optional `input` (alpaca)"
 )
+WHERE = "rlora_plugin.export"  # what starts the message of a refused argument
 PROGRESS_STEPS = 10  # progress lines on stderr per pass over the prompts
 
 
-def shown(value: Any, limit: int = 80) -> str:
-    """`value` as JSON, cut to `limit` characters: what an error found."""
-    text = json.dumps(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def chat_turns(turns: Any, where: str) -> list[dict]:
+def chat_turns(turns: Any, where: str, key: str) -> list[dict]:
     """The turns before the last assistant turn (all of them without one): the prompt of a chat row."""
     if not (isinstance(turns, list) and turns and all(isinstance(t, dict) and {"role", "content"} <= t.keys()
                                                       for t in turns)):  # fmt: skip
-        raise ValueError(
-            f"{where}: found {shown(turns)}, not a list of turns with `role` and `content`. Fix: write the turns as "
-            '[{"role": "user", "content": "..."}, ...] (sharegpt `from`/`value` turns are not read)'
+        raise InputError(
+            where,
+            key,
+            turns,
+            "is not a list of turns with `role` and `content`",
+            'write the turns as [{"role": "user", "content": "..."}, ...] (sharegpt `from`/`value` turns are not read)',
         )
     last = max((i for i, turn in enumerate(turns) if turn["role"] == "assistant"), default=len(turns))
     if last == 0:
-        raise ValueError(f"{where}: the first turn is the assistant's, so no prompt precedes it. Fix: {FORMATS}")
+        raise InputError(where, key, turns, "starts with the assistant's turn, so no prompt precedes it", FORMATS)
     return turns[:last]
 
 
@@ -62,23 +61,26 @@ def row_prompt(row: Any, where: str) -> str | list[dict]:
     """One row's prompt: alpaca text as it is, or chat turns for the tokenizer's chat template (a `prompt` text is
     the user's turn, as examples/evaluate.py prompts the model)."""
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: found {shown(row)}, not a JSON object. Fix: {FORMATS}")
+        raise InputError(where, "row", row, "is not a JSON object", FORMATS)
     for key in ("messages", "conversations"):
         if key in row:
-            return chat_turns(row[key], f"{where}, `{key}`")
+            return chat_turns(row[key], where, key)
     if "instruction" in row:
         parts = (row["instruction"], row.get("input") or "")
         if not all(isinstance(part, str) for part in parts) or not any(part.strip() for part in parts):
-            raise ValueError(
-                f"{where}: `instruction` {shown(parts[0])} and `input` {shown(parts[1])} give no prompt text. Fix: "
-                "give a non-empty text in `instruction` (and optionally `input`)"
+            raise InputError(
+                where,
+                "instruction",
+                parts[0],
+                f"with `input: {parts[1]!r}` gives no prompt text",
+                "give a non-empty text in `instruction` (and optionally `input`)",
             )
         return "\n\n".join(part for part in parts if part)
     if "prompt" in row:
         if isinstance(row["prompt"], str) and row["prompt"].strip():
             return [{"role": "user", "content": row["prompt"]}]
-        raise ValueError(f"{where}: `prompt` is {shown(row['prompt'])}, not a text. Fix: give the user's turn as text")
-    raise ValueError(f"{where}: no prompt field, found the fields {sorted(row)}. Fix: {FORMATS}")
+        raise InputError(where, "prompt", row["prompt"], "is not a text", "give the user's turn as text")
+    raise InputError(where, "fields", sorted(row), "include no prompt field", FORMATS)
 
 
 def read_prompts(data_file: str | Path) -> list[str | list[dict]]:
@@ -95,21 +97,25 @@ def read_prompts(data_file: str | Path) -> list[str | list[dict]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(
-                f"{where}: not JSON ({exc.msg}): {shown(line)}. Fix: write one JSON object per line (jsonl)"
+            raise InputError(
+                where, "row", line, f"is not JSON ({exc.msg})", "write one JSON object per line (jsonl)"
             ) from None
         prompts.append(row_prompt(row, where))
     if not prompts:
-        raise ValueError(f"--data {path} holds no rows. Fix: {FORMATS}")
+        raise InputError(WHERE, "--data", str(path), "holds no rows", FORMATS)
     return prompts
 
 
 def templated(prompts: list[str | list[dict]], tokenizer, data_file: str | Path) -> list[str]:  # noqa: ANN001
     """The prompt texts: chat turns in the tokenizer's chat template, with the assistant's turn opened."""
     if not getattr(tokenizer, "chat_template", None) and any(isinstance(p, list) for p in prompts):
-        raise ValueError(
-            f"--data {data_file}: chat rows (`messages` or `prompt`) need a chat template, and the tokenizer "
-            f"{tokenizer.name_or_path!r} has none. Fix: use a base model whose tokenizer has one, or alpaca rows"
+        raise ConfigError(
+            WHERE,
+            "--data",
+            str(data_file),
+            f"holds chat rows (`messages` or `prompt`), which need a chat template, and the tokenizer "
+            f"{tokenizer.name_or_path!r} has none",
+            "use a base model whose tokenizer has one, or alpaca rows",
         )
     return [
         p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
@@ -131,7 +137,13 @@ def mean_gates(
     prompts = read_prompts(data_file)
     base_model = base_model or read_config(adapter_dir).base_model_name_or_path
     if not base_model:
-        raise ValueError(f"{adapter_dir} records no base model: pass --base-model.")
+        raise ConfigError(
+            WHERE,
+            "--base-model",
+            base_model,
+            f"is needed: {Path(adapter_dir) / CONFIG} records no base model (`base_model_name_or_path`)",
+            "pass --base-model with the base model the adapter was trained on",
+        )
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -231,10 +243,21 @@ def resolve_gates(
     adapter_dir: str | Path, gates: str, data: str | None = None, base_model: str | None = None
 ) -> str | dict[str, torch.Tensor]:
     """`--gates mean` needs `--data`, and only it takes `--data`."""
-    if (gates == "mean") != (data is not None):
-        raise ValueError(
-            "--gates mean needs --data FILE (the prompts to average the gates over), and --data is "
-            f"used only with --gates mean (got --gates {gates!r}, --data {data!r})."
+    if gates == "mean" and data is None:
+        raise ConfigError(
+            WHERE,
+            "--data",
+            data,
+            "is needed by --gates mean (the prompts to average the gates over)",
+            "pass --data FILE, a jsonl file of prompts, or choose other --gates",
+        )
+    if gates != "mean" and data is not None:
+        raise ConfigError(
+            WHERE,
+            "--data",
+            data,
+            f"is used only with --gates mean, not with --gates {gates!r}",
+            "leave --data out, or pass --gates mean",
         )
     return mean_gates(adapter_dir, data, base_model) if gates == "mean" else gates
 

@@ -15,17 +15,26 @@ from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
 from .config import RLoraConfig
+from .errors import ConfigError, InputError
 
 MERGE_WHY = (
     "R-LoRA adapters cannot be merged into the base weights: each token mixes the heads B_i with its own "
     "router gates g(x) = softmax(W_g x), so the update sum_i g_i(x) B_i A x is not one fixed matrix"
 )
-MERGE_REFUSAL = (
-    f"{MERGE_WHY}. Run the model with the adapter attached (PeftModel.from_pretrained after `import rlora_plugin`), "
+MERGE_FIX = (
+    "run the model with the adapter attached (PeftModel.from_pretrained after `import rlora_plugin`), "
     "or call unload() to get the unchanged base model back. To merge, first export the adapter with its "
     "gates frozen to constants as a plain LoRA: `python -m rlora_plugin.export ADAPTER_DIR OUT_DIR --gates "
-    "uniform` (or `--gates mean --data FILE`); that LoRA merges exactly."
+    "uniform` (or `--gates mean --data FILE`); that LoRA merges exactly"
 )
+
+
+def merge_refusal() -> ConfigError:
+    """The one refusal of every merge (and unmerge) of PEFT's that reaches R-LoRA, its model's or a layer's."""
+    return ConfigError("RLoraModel", "merge", True, f"is refused: {MERGE_WHY}", MERGE_FIX)
+
+
+MERGE_REFUSAL = str(merge_refusal())  # its message
 
 
 def adapter_scaling(config: RLoraConfig) -> float:
@@ -244,7 +253,7 @@ class RLoraLayer(BaseTunerLayer):
     def unload_and_optionally_merge_module(self, merge: bool, safe_merge: bool, adapter_names: Any) -> nn.Module:
         """PEFT's `unload()` takes the base layer from here: it gets its bitsandbytes setting back."""
         if merge:
-            raise ValueError(MERGE_REFUSAL)
+            raise merge_refusal()
         base = self.get_base_layer()
         if self._bnb_cpu_packing:
             base.support_avx512bf16_for_cpu = True
@@ -383,10 +392,10 @@ class RLoraLinear(nn.Module, RLoraLayer):
         return super()._apply(fn, *args, **kwargs)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise ValueError(MERGE_REFUSAL)
+        raise merge_refusal()
 
     def unmerge(self) -> None:
-        raise ValueError(MERGE_REFUSAL)
+        raise merge_refusal()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         """Refuse an adapter trained on a base model of other shapes, with a message instead of torch's."""
@@ -394,12 +403,14 @@ class RLoraLinear(nn.Module, RLoraLayer):
             for adapter, tensor in getattr(self, name).items():
                 saved = state_dict.get(f"{prefix}{name}.{adapter}")
                 if saved is not None and saved.shape != tensor.shape:
-                    raise ValueError(
-                        f"Cannot load R-LoRA adapter '{adapter}' into '{prefix.rstrip('.')}': its `{name}` has "
-                        f"shape {tuple(saved.shape)}, but this base model's layer (in_features="
-                        f"{self.in_features}, out_features={self.out_features}) with r={self.r[adapter]}, "
-                        f"num_heads={self.num_heads[adapter]} needs {tuple(tensor.shape)}. Load the adapter "
-                        "onto the base model it was trained on."
+                    raise InputError(
+                        f"Cannot load R-LoRA adapter '{adapter}' into '{prefix.rstrip('.')}'",
+                        name,
+                        saved,
+                        f"does not fit: this base model's layer (in_features={self.in_features}, out_features="
+                        f"{self.out_features}) with r={self.r[adapter]}, num_heads={self.num_heads[adapter]} "
+                        f"needs {tuple(tensor.shape)}",
+                        "load the adapter onto the base model it was trained on",
                     )
         self._folded = None  # the offset path or the base weight may change
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -13,7 +13,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import RLoraConfig, RLoraConfigError
-from .layer import MERGE_REFUSAL, RLoraLayer, RLoraLinear
+from .errors import ConfigError, InputError
+from .layer import RLoraLayer, RLoraLinear, merge_refusal
 from .metrics import RouterAuxLoss
 
 # A saved R-LoRA tensor's key: `<module>.<tensor name>[.<adapter>]` (peft >= 0.21 leaves the adapter name off a key
@@ -143,13 +144,16 @@ class RLoraModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def _check_merge_allowed(self) -> None:
-        raise ValueError(MERGE_REFUSAL)
+        raise merge_refusal()
 
     def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
-        raise ValueError(
-            "R-LoRA adapters cannot be combined with add_weighted_adapter: each adapter routes every token "
-            "through its own router, so a weighted sum of two adapters' heads has no router that matches it. "
-            "Load the adapters side by side (load_adapter) and switch with set_adapter instead."
+        raise ConfigError(
+            "RLoraModel",
+            "adapters",
+            kwargs.get("adapters", args[0] if args else None),
+            "cannot be combined with add_weighted_adapter: each R-LoRA adapter routes every token through its own "
+            "router, so a weighted sum of two adapters' heads has no router that matches it",
+            "load the adapters side by side (load_adapter) and switch with set_adapter instead",
         )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
@@ -174,13 +178,15 @@ class RLoraModel(BaseTuner):
     def _check_adapter_tensors(
         self, loaded: dict[str, tuple[str | None, torch.Tensor]], adapters: set[str], prefix: str
     ) -> None:
-        def refuse(adapter: str, key: str, problem: str) -> None:
+        def refuse(adapter: str, key: str, value: Any, problem: str) -> None:
             source = getattr(self.peft_config.get(adapter), "source", None)
             where = f"{source}/adapter_model.safetensors" if source else "the saved adapter weights"
-            raise ValueError(
-                f"Cannot load R-LoRA adapter '{adapter}' from {where}: tensor `{prefix}{key}` {problem} The file is "
-                "damaged or does not belong to this adapter_config.json: save the adapter again from the "
-                "trained model, or restore both files together."
+            raise InputError(
+                f"Cannot load R-LoRA adapter '{adapter}' from {where}",
+                f"{prefix}{key}",
+                value,
+                f"{problem}: the file is damaged or does not belong to this adapter_config.json",
+                "save the adapter again from the trained model, or restore both files together",
             )
 
         expected = {}  # key without the adapter name -> adapter
@@ -195,13 +201,12 @@ class RLoraModel(BaseTuner):
             adapter = adapter or unnamed  # peft >= 0.21 leaves a key it cannot place without the adapter name
             if key not in expected:
                 config = self.peft_config.get(adapter)
-                refuse(
-                    adapter, key, f"is not part of this adapter (its config: init={getattr(config, 'init', None)!r})."
-                )
+                init = getattr(config, "init", None)
+                refuse(adapter, key, value, f"is not part of this adapter (its config: init={init!r})")
             if value.numel() and not torch.isfinite(value).all():
-                refuse(adapter, key, "holds NaN or infinite values.")
+                refuse(adapter, key, value, "holds NaN or infinite values")
         for key in sorted(set(expected) - set(loaded)):
-            refuse(expected[key], key, "is missing.")
+            refuse(expected[key], key, None, "is missing")
 
 
 def find_tuner(model: nn.Module) -> RLoraModel | None:

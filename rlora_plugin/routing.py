@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .metrics import GateObservers, rlora_layers, token_weights
 
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the base model's module names
@@ -31,7 +32,13 @@ def _layers(model: nn.Module) -> dict[str, nn.Module]:
     """The R-LoRA layers of `model` (a PeftModel or its base) by the base model's module names."""
     layers = {name.removeprefix(PEFT_PREFIX): layer for name, layer in rlora_layers(model)}
     if not layers:
-        raise ValueError("the model has no R-LoRA layers: load an R-LoRA adapter first (import rlora_plugin).")
+        raise ConfigError(
+            "routing",
+            "model",
+            type(model).__name__,
+            "has no R-LoRA layers",
+            "load an R-LoRA adapter first (PeftModel.from_pretrained after `import rlora_plugin`)",
+        )
     return layers
 
 
@@ -80,13 +87,13 @@ def routing(model: nn.Module, top_k: int | None = None, temperature: float | Non
         heads = layer.num_heads[adapter]
         if top_k is not None:
             if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= heads:
-                raise ValueError(
-                    f"routing: top_k={top_k!r} is invalid: use an integer in [1, {heads}], or 0 for dense."
+                raise ConfigError(
+                    "routing", "top_k", top_k, "is invalid", f"use an integer in [1, {heads}], or 0 for dense"
                 )
             layer.router_top_k[adapter] = top_k or None
         if temperature is not None:
             if isinstance(temperature, bool) or not (math.isfinite(temperature) and temperature > 0):
-                raise ValueError(f"routing: temperature={temperature!r} is invalid: use a finite number > 0.")
+                raise ConfigError("routing", "temperature", temperature, "is invalid", "use a finite number > 0")
             layer.router_temperature[adapter] = float(temperature)
     try:
         yield
@@ -106,10 +113,10 @@ def parse_gates(gates: str | Sequence[float] | torch.Tensor, num_heads: int) -> 
     except (TypeError, ValueError):
         values = None
     if not isinstance(values, list) or len(values) != num_heads:
-        raise ValueError(f"gates {gates!r} are invalid for an adapter with {num_heads} heads: {fix}.")
+        raise ConfigError("routing", "gates", gates, f"are invalid for an adapter with {num_heads} heads", fix)
     tensor = torch.tensor(values, dtype=torch.float32)
     if not torch.isfinite(tensor).all() or (tensor < 0).any() or abs(float(tensor.sum()) - 1.0) > 1e-4:
-        raise ValueError(f"gates {gates!r} are invalid: they must be >= 0 and sum to 1 ({fix}).")
+        raise ConfigError("routing", "gates", gates, "are invalid: they must be >= 0 and sum to 1", fix)
     return tensor
 
 
@@ -124,7 +131,15 @@ def fixed_gates(
     if isinstance(gates, dict):
         missing = sorted(set(layers) - set(gates))
         if missing:
-            raise ValueError(f"fixed_gates: no gates for the layers {missing[:3]}... ({len(missing)} in all).")
+            raise ConfigError(
+                "routing",
+                f"gates[{missing[0]!r}]",
+                None,
+                f"is missing: no gates for {len(missing)} of the model's {len(layers)} R-LoRA layers "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})",
+                "give one (N,) tensor for each R-LoRA layer, by its base model name (e.g. `GateRecord.mean()` "
+                "of `record_gates` on this model)",
+            )
     chosen = {
         name: parse_gates(gates[name] if isinstance(gates, dict) else gates, layer.num_heads[adapter])
         for name, layer in layers.items()

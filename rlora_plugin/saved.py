@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from .config import RLoraConfig
+from .errors import ConfigError
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
@@ -49,7 +50,14 @@ def read_config(adapter_dir: str | Path) -> RLoraConfig:
             )
     config = PeftConfig.from_pretrained(str(adapter_dir))
     if not isinstance(config, RLoraConfig):
-        raise ValueError(f"{adapter_dir} holds a {config.peft_type!r} adapter, not an R-LoRA (RLORA) one.")
+        peft_type = getattr(config.peft_type, "value", config.peft_type)
+        raise ConfigError(
+            str(adapter_dir / CONFIG),
+            "peft_type",
+            peft_type,
+            "is not an R-LoRA adapter's (RLORA)",
+            "give the directory of a saved R-LoRA adapter; an adapter of another PEFT type needs no rlora-plugin",
+        )
     return config
 
 

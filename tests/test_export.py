@@ -11,16 +11,18 @@ import sys
 import pytest
 import torch
 import transformers
-from peft import PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import MLP, SIZES, adapted_layers, perturb, tiny_llama, tokens
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.tiny_assets import write_jsonl
 from examples.multitask_data import generate
 from rlora_plugin import RLoraConfig
-from rlora_plugin.export import export_lora, main, mean_gates, prompts_of
+from rlora_plugin.errors import ConfigError, InputError
+from rlora_plugin.export import export_lora, main, mean_gates, prompts_of, read_prompts
 from rlora_plugin.layer import frozen_gate_lora
 from rlora_plugin.routing import parse_gates
+from rlora_plugin.saved import read_config
 
 
 def test_frozen_gate_lora_is_the_layer_update_with_constant_gates():
@@ -115,20 +117,29 @@ torch.save(merged(torch.tensor({tokens().tolist()!r})).logits, {str(work / "logi
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("0.5,0.5", r"gates '0.5,0.5' are invalid for an adapter with 3 heads"),
+        ("0.5,0.5", r"routing: `gates: '0.5,0.5'` are invalid for an adapter with 3 heads. Fix: give 'uniform'"),
         ("0.5,0.4,0.4", r"they must be >= 0 and sum to 1"),
         ("-0.1,0.6,0.5", r"they must be >= 0 and sum to 1"),
         ("mean-ish", r"give 'uniform' or 3 comma-separated numbers"),
     ],
 )
 def test_bad_gates_are_refused(text, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         parse_gates(text, 3)
 
 
 def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert main([str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "adapter_config.json not found" in capsys.readouterr().err
+
+
+def test_an_adapter_of_another_peft_type_is_refused(tmp_path):
+    get_peft_model(tiny_llama(), LoraConfig(target_modules=MLP)).save_pretrained(tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"adapter_config.json: `peft_type: 'LORA'` is not an R-LoRA adapter's"
+    ) as info:
+        read_config(tmp_path)
+    assert (info.value.key, info.value.value) == ("peft_type", "LORA")
 
 
 # --gates mean --data: the files the project writes, checked before a model loads ---------------------------------
@@ -171,26 +182,26 @@ def test_multitask_test_rows_give_the_gates_of_their_chat_rows(tiny, routed_adap
     ("lines", "message"),
     [
         (None, r"--data {data}: no such file. Fix: give a jsonl file of prompts"),
-        ([], r"--data {data} holds no rows. Fix: give every row a `prompt`"),
-        (['{"prompt": "Add 1 and 2."}', "", "{'prompt': 'x'}"], r"--data {data}, line 3: not JSON \(Expecting property "
-         r"name enclosed in double quotes\): \"{{'prompt': 'x'}}\". Fix: write one JSON object per line"),
-        (['{"prompt": "Add 1 and 2."}', '{"task": "addition", "answer": "3"}'], r"--data {data}, line 2: no prompt "
-         r"field, found the fields \['answer', 'task'\]. Fix: give every row a `prompt` \(the user's turn"),
-        (['{"prompt": ""}'], r"--data {data}, line 1: `prompt` is \"\", not a text. Fix: give the user's turn as text"),
-        (['{"conversations": [{"from": "human", "value": "hi"}]}'], r"--data {data}, line 1, `conversations`: found "
-         r'\[{{"from": "human", "value": "hi"}}\], not a list of turns with `role` and `content`. Fix: write'),
-        (['{"messages": [{"role": "assistant", "content": "4"}]}'], r"line 1, `messages`: the first turn is the "
-         r"assistant's, so no prompt precedes it"),
-        (['{"instruction": "", "input": ""}'], r"line 1: `instruction` \"\" and `input` \"\" give no prompt text. "
+        ([], r"rlora_plugin.export: `--data: '{data}'` holds no rows. Fix: give every row a `prompt`"),
+        (['{"prompt": "Add 1 and 2."}', "", "{'prompt': 'x'}"], r"--data {data}, line 3: `row: \"{{'prompt': 'x'}}\"` "
+         r"is not JSON \(Expecting property name enclosed in double quotes\). Fix: write one JSON object per line"),
+        (['{"prompt": "Add 1 and 2."}', '{"task": "addition", "answer": "3"}'], r"--data {data}, line 2: `fields: "
+         r"\['answer', 'task'\]` include no prompt field. Fix: give every row a `prompt` \(the user's turn"),
+        (['{"prompt": ""}'], r"--data {data}, line 1: `prompt: ''` is not a text. Fix: give the user's turn as text"),
+        (['{"conversations": [{"from": "human", "value": "hi"}]}'], r"--data {data}, line 1: `conversations: "
+         r"\[{{'from': 'human', 'value': 'hi'}}\]` is not a list of turns with `role` and `content`. Fix: write"),
+        (['{"messages": [{"role": "assistant", "content": "4"}]}'], r"line 1: `messages: \[{{'role': 'assistant', "
+         r"'content': '4'}}\]` starts with the assistant's turn, so no prompt precedes it"),
+        (['{"instruction": "", "input": ""}'], r"line 1: `instruction: ''` with `input: ''` gives no prompt text. "
          r"Fix: give"),
-        (["[1, 2]"], r"line 1: found \[1, 2\], not a JSON object. Fix: give every row"),
+        (["[1, 2]"], r"line 1: `row: \[1, 2\]` is not a JSON object. Fix: give every row"),
     ],
     ids=["missing", "empty", "not-json", "no-prompt-field", "empty-prompt", "sharegpt", "no-user-turn", "empty-alpaca",
          "not-an-object"],
 )  # fmt: skip
 def test_a_bad_data_file_is_refused_before_a_model_loads(tiny, routed_adapter, monkeypatch, capsys, lines, message):
     """`--gates mean --data FILE`: every row of FILE is checked before the model loads (minutes for a real one),
-    and the error names the file, the line, what it found and the fix."""
+    and the error (an `InputError`) names the file, the line, what it found and the fix."""
 
     def never(*args, **kwargs):
         raise AssertionError("a model was loaded before --data was checked")
@@ -204,6 +215,9 @@ def test_a_bad_data_file_is_refused_before_a_model_loads(tiny, routed_adapter, m
     err = capsys.readouterr().err
     assert re.search(message.format(data=re.escape(str(data))), err), err
     assert not (routed_adapter.parent / "lora").exists()
+    if lines is not None:
+        with pytest.raises(InputError):
+            read_prompts(data)
 
 
 def test_chat_rows_without_a_chat_template_are_refused_before_a_model_loads(tiny, routed_adapter, monkeypatch):
@@ -211,9 +225,19 @@ def test_chat_rows_without_a_chat_template_are_refused_before_a_model_loads(tiny
     tokenizer.chat_template = None
     tokenizer.save_pretrained(routed_adapter.parent / "plain")
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded"))
-    with pytest.raises(ValueError, match=r"chat rows \(`messages` or `prompt`\) need a chat template, and the "
-                                         r"tokenizer '.*plain' has none. Fix: use a base model"):  # fmt: skip
+    message = (
+        r"`--data: '.*'` holds chat rows \(`messages` or `prompt`\), which need a chat template, and the tokenizer "
+        r"'.*plain' has none. Fix: use a base model"
+    )
+    with pytest.raises(ConfigError, match=message):
         mean_gates(routed_adapter, tiny["chat"], base_model=str(routed_adapter.parent / "plain"))
+
+
+def test_an_adapter_without_its_base_model_needs_one_named(tiny, tmp_path):
+    get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP)).save_pretrained(tmp_path)  # a base built in memory
+    assert not read_config(tmp_path).base_model_name_or_path
+    with pytest.raises(ConfigError, match=r"`--base-model: None` is needed: .*adapter_config.json records no base"):
+        mean_gates(tmp_path, tiny["chat"])
 
 
 def test_mean_gates_show_their_progress(tiny, routed_adapter, capsys):

@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from rlora_plugin import RLoraConfig
 from rlora_plugin.config import RLoraConfigError
+from rlora_plugin.errors import ConfigError, InputError
 
 
 @pytest.mark.parametrize(
@@ -108,7 +109,10 @@ def test_gpt2_conv1d_layers_are_adapted(targets, tmp_path):
 def test_add_weighted_adapter_is_refused_with_the_reason():
     model = get_peft_model(tiny_llama(), RLoraConfig(target_modules=MLP))
     model.add_adapter("other", RLoraConfig(target_modules=MLP))
-    with pytest.raises(ValueError, match=r"cannot be combined with add_weighted_adapter: .* its own router"):
+    with pytest.raises(
+        ConfigError,
+        match=r"RLoraModel: `adapters: \['default', 'other'\]` cannot be combined with add_weighted_adapter: ",
+    ):
         model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")
 
 
@@ -130,25 +134,29 @@ KEY = "base_model.model.model.layers.1.mlp.up_proj"
 @pytest.mark.parametrize(
     ("edit", "problem"),
     [
-        (lambda t: t[f"{KEY}.rlora_B"].__setitem__((0, 0), math.nan), f"`{KEY}.rlora_B` holds NaN or infinite"),
-        (lambda t: t[f"{KEY}.rlora_A"].__setitem__((0, 0), math.inf), f"`{KEY}.rlora_A` holds NaN or infinite"),
-        (lambda t: t.pop(f"{KEY}.rlora_router"), f"`{KEY}.rlora_router` is missing"),
-        (lambda t: t.pop(f"{KEY}.rlora_offset_B"), f"`{KEY}.rlora_offset_B` is missing"),
+        (lambda t: t[f"{KEY}.rlora_B"].__setitem__((0, 0), math.nan), f"`{KEY}.rlora_B: a tensor of shape (48, 40), "
+         "torch.float32` holds NaN or infinite values"),
+        (lambda t: t[f"{KEY}.rlora_A"].__setitem__((0, 0), math.inf), f"`{KEY}.rlora_A: a tensor of shape (8, 32), "
+         "torch.float32` holds NaN or infinite values"),
+        (lambda t: t.pop(f"{KEY}.rlora_router"), f"`{KEY}.rlora_router: None` is missing"),
+        (lambda t: t.pop(f"{KEY}.rlora_offset_B"), f"`{KEY}.rlora_offset_B: None` is missing"),
     ],
-)
+)  # fmt: skip
 def test_damaged_adapter_weights_are_refused_at_load(saved_adapter, edit, problem):
     _edit_weights(saved_adapter, edit)
-    with pytest.raises(
-        ValueError, match=re.escape(f"from {saved_adapter}/adapter_model.safetensors: tensor {problem}")
-    ):
+    with pytest.raises(InputError, match=re.escape(f"from {saved_adapter}/adapter_model.safetensors: {problem}: the "
+                                                   "file is damaged")) as info:  # fmt: skip
         PeftModel.from_pretrained(tiny_llama(), saved_adapter)
+    assert info.value.key == problem[1:].split(":")[0]
 
 
 def test_config_edited_to_drop_the_offset_is_refused(saved_adapter):
     """`init: random` -> `zero` in adapter_config.json would load without the saved offset path."""
     config = json.loads((saved_adapter / "adapter_config.json").read_text())
     (saved_adapter / "adapter_config.json").write_text(json.dumps({**config, "init": "zero"}))
-    with pytest.raises(ValueError, match=r"down_proj.rlora_offset_A` is not part of this adapter .*init='zero'"):
+    with pytest.raises(
+        InputError, match=r"down_proj.rlora_offset_A: a tensor .*` is not part of this adapter .*init='zero'"
+    ):
         PeftModel.from_pretrained(tiny_llama(), saved_adapter)
 
 
@@ -164,9 +172,9 @@ def test_loading_onto_a_base_of_other_shapes(tmp_path):
     torch.manual_seed(0)
     wider = LlamaForCausalLM(LlamaConfig(num_key_value_heads=2, **(SIZES | {"intermediate_size": 64})))
     with pytest.raises(
-        ValueError,
-        match=r"Cannot load R-LoRA adapter 'default' into .*gate_proj.*`rlora_B` has "
-        r"shape \(48, 40\).*out_features=64.*needs \(64, 40\).*base model it was trained on",
+        InputError,
+        match=r"Cannot load R-LoRA adapter 'default' into .*gate_proj': `rlora_B: a tensor of shape \(48, 40\), "
+        r"torch.float32` does not fit: .*out_features=64.*needs \(64, 40\). Fix: load the adapter onto the base model",
     ):
         PeftModel.from_pretrained(wider, tmp_path)
 

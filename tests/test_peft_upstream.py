@@ -25,6 +25,7 @@ import pytest
 from peft import PeftModel
 
 from rlora_plugin import RLoraConfig
+from rlora_plugin.errors import ConfigError
 from rlora_plugin.layer import MERGE_REFUSAL
 
 try:
@@ -144,7 +145,7 @@ def _rerun(test, replacements: dict[str, tuple[list, list[str]]]):
         try:
             if not refused:
                 return test(self, *args, **kwargs)
-            with pytest.raises(ValueError, match=f"^{re.escape(MERGE_REFUSAL)}$"):
+            with pytest.raises(ConfigError, match=f"^{re.escape(MERGE_REFUSAL)}$"):
                 test(self, *args, **kwargs)
         except pytest.skip.Exception as skip:  # a skip is not a pass: leave the case out in LEFT_OUT instead
             pytest.fail(f"PEFT's {name} skipped itself for RLORA ({skip.msg}); list it in LEFT_OUT with the reason")

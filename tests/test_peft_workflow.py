@@ -15,6 +15,7 @@ from tiny_models import MLP, PAD, adapted_layers, greedy, perturb, tiny_llama, t
 
 import rlora_plugin
 from rlora_plugin import RLoraConfig, RLoraLinear
+from rlora_plugin.errors import ConfigError
 from rlora_plugin.layer import MERGE_REFUSAL
 from rlora_plugin.model_card import UNREGISTERED_ERROR
 from rlora_plugin.saved import saved_peft_type
@@ -216,7 +217,9 @@ def test_merge_is_refused_with_the_reason(call):
     """PEFT's merge calls raise the refusal that says why and what to do instead, and leave the model as it was."""
     model, ids = trained_model(), tokens()
     expected = model(ids).logits
-    with pytest.raises(ValueError, match="cannot be merged.*router gates") as info:
+    with pytest.raises(
+        ConfigError, match="RLoraModel: `merge: True` is refused: .*cannot be merged.*router gates"
+    ) as info:
         getattr(model, call)()
     assert str(info.value) == MERGE_REFUSAL
     assert not any(layer.merged for layer in adapted_layers(model))

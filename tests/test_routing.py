@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks import tiny_assets
 from rlora_plugin import RLoraConfig
+from rlora_plugin.errors import ConfigError
 from rlora_plugin.export import loaded_mean_gates, main, mean_gates, prompts_of
 from rlora_plugin.routing import fixed_gates, record_gates, routing
 
@@ -66,10 +67,10 @@ def test_routing_overrides_top_k_and_temperature_only_inside_the_block():
         assert all(g.max(dim=-1).values.median() > 0.99 for g in cold.gates.values())  # nearly one-hot
         torch.testing.assert_close(model(ids).logits, dense, rtol=0, atol=0)  # restored
     assert model.peft_config["default"].router_top_k is None and model.peft_config["default"].router_temperature == 1
-    with pytest.raises(ValueError, match=r"routing: top_k=4 is invalid: use an integer in \[1, 3\], or 0"):
+    with pytest.raises(ConfigError, match=r"routing: `top_k: 4` is invalid. Fix: use an integer in \[1, 3\], or 0"):
         with routing(model, top_k=4):
             pass
-    with pytest.raises(ValueError, match=r"routing: temperature=0 is invalid"):
+    with pytest.raises(ConfigError, match=r"routing: `temperature: 0` is invalid. Fix: use a finite number > 0"):
         with routing(model, temperature=0):
             pass
 
@@ -84,8 +85,14 @@ def test_fixed_uniform_gates_equal_a_zero_router():
         for layer in adapted_layers(model):
             layer.rlora_router["default"].zero_()
         torch.testing.assert_close(model(ids).logits, fixed)
-    with pytest.raises(ValueError, match=r"gates \[0.5, 0.5\] are invalid for an adapter with 3 heads"):
+    with pytest.raises(ConfigError, match=r"routing: `gates: \[0.5, 0.5\]` are invalid for an adapter with 3 heads"):
         with fixed_gates(model, [0.5, 0.5]):
+            pass
+    with pytest.raises(ConfigError, match=r"`gates\['model.layers.0.mlp.down_proj'\]: None` is missing: no gates for "):
+        with fixed_gates(model, {}):
+            pass
+    with pytest.raises(ConfigError, match=r"routing: `model: 'LlamaForCausalLM'` has no R-LoRA layers. Fix: load"):
+        with fixed_gates(tiny_llama(), "uniform"):
             pass
 
 
@@ -174,8 +181,8 @@ def test_mean_gate_export_equals_the_model_with_those_gates(tiny, adapter_on_dis
 
 def test_mean_needs_data_and_data_needs_mean(tiny, adapter_on_disk, capsys):
     assert main([str(adapter_on_disk / "rlora"), str(adapter_on_disk / "lora"), "--gates", "mean"]) == 2
-    assert "--gates mean needs --data FILE" in capsys.readouterr().err
+    assert "rlora_plugin.export: `--data: None` is needed by --gates mean" in capsys.readouterr().err
     args = [str(adapter_on_disk / "rlora"), str(adapter_on_disk / "lora"), "--data", str(tiny["chat"])]
     assert main(args) == 2
-    assert "--data is used only with --gates mean (got --gates 'uniform'" in capsys.readouterr().err
+    assert "` is used only with --gates mean, not with --gates 'uniform'. Fix: leave" in capsys.readouterr().err
     assert not (adapter_on_disk / "lora").exists()
