@@ -102,7 +102,7 @@ def read_prompts(data_file: str | Path) -> list[str | list[dict]]:
             ) from None
         prompts.append(row_prompt(row, where))
     if not prompts:
-        raise InputError(WHERE, "--data", str(path), "holds no rows", FORMATS)
+        raise ConfigError(WHERE, "--data", str(path), "holds no rows", FORMATS)
     return prompts
 
 
@@ -135,12 +135,12 @@ def mean_gates(
     model (`base_model`, or the one the adapter records); one task's prompts give a per-task LoRA. The file is
     checked before the model loads."""
     prompts = read_prompts(data_file)
-    base_model = base_model or read_config(adapter_dir).base_model_name_or_path
+    given, base_model = base_model, base_model or read_config(adapter_dir).base_model_name_or_path
     if not base_model:
         raise ConfigError(
             WHERE,
             "--base-model",
-            base_model,
+            given,
             f"is needed: {Path(adapter_dir) / CONFIG} records no base model (`base_model_name_or_path`)",
             "pass --base-model with the base model the adapter was trained on",
         )

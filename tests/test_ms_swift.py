@@ -210,9 +210,10 @@ def test_export_merge_is_refused_and_its_fix_merges(trained, tiny):
     plain = work / "plain-lora"
     export = [sys.executable, "-m", "rlora_plugin.export", str(trained["ckpt"]), str(plain), "--gates", "uniform"]
     subprocess.run(export, check=True, capture_output=True, timeout=TIMEOUT)
-    proc = swift(work, "export", "--model", str(tiny["model"]), "--adapters", str(plain), "--merge_lora", "true")
+    base = ("--model", str(tiny["model"]), "--model_type", "llama", "--template", "chatml")  # not auto-matched
+    proc = swift(work, "export", *base, "--adapters", str(plain), "--merge_lora", "true")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    merged = next(work.rglob("plain-lora-merged"))
+    merged = next(work.glob("*-merged"))  # ms-swift names it after the base model, in the working directory
     assert (merged / "model.safetensors").exists()
 
 
