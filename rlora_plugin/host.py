@@ -143,6 +143,16 @@ class Host:
         }
         return self.error(key, value, f"is not supported: {why.format(**names)}", self._host_keys(fix).format(**names))
 
+    def refuse_unknown_keys(self, keys: Mapping[str, Any], extra: Iterable[str] = ()) -> None:
+        """Raise for the first of `keys` (host keys that look like R-LoRA's -> their values; in sorted order) that
+        is none of the host's R-LoRA keys or its own `extra` ones, naming the close match or every key."""
+        known = sorted({*self.rlora_keys(), *extra})
+        for key in sorted(keys, key=str):
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"did you mean `{close[0]}`?" if close else f"the R-LoRA keys are {', '.join(known)}"
+                raise self.error(key, keys[key], "is not an R-LoRA key", hint)
+
     def refuse_plain_lora_features(self, config: Mapping[str, Any]) -> None:
         """Raise for the first key of a raw host config (in sorted order) that turns on a plain-LoRA-only
         feature (a truthy value)."""
@@ -184,14 +194,6 @@ def absolute_base(path: str | None) -> str | None:
     if path and Path(path).is_dir():
         return str(Path(path).resolve())
     return None
-
-
-def unknown_key_error(host: Host, key: str, value: Any, known: Iterable[str]) -> HostConfigError:
-    """The error for a host key that looks like an R-LoRA key but is none of `known`: the close match, or the list."""
-    known = sorted(known)
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"did you mean `{close[0]}`?" if close else f"the R-LoRA keys are {', '.join(known)}"
-    return host.error(key, value, "is not an R-LoRA key", hint)
 
 
 def adopt_saved_config(saved: RLoraConfig, run: Mapping[str, Any]) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, SkipValidation, create_model, model_validator
 
 from rlora_plugin.config import RLoraConfig, Source, field_source, fields_from, own_field_types
-from rlora_plugin.host import Host, absolute_base, unknown_key_error
+from rlora_plugin.host import Host, absolute_base
 from rlora_plugin.lm_eval import command as lm_eval_command
 from rlora_plugin.registration import PEFT_TYPE_NAME
 from rlora_plugin.saved import saved_peft_type
@@ -94,10 +94,7 @@ class RLoraBlock(BaseModel):
     @classmethod
     def rlora_known_keys(cls, data: Any) -> Any:
         if isinstance(data, Mapping):
-            known = [*HOST.rlora_keys(), METRICS_KEY]
-            for key in sorted(data, key=str):
-                if f"{HOST.rlora_prefix}{key}" not in known:
-                    raise unknown_key_error(HOST, f"{HOST.rlora_prefix}{key}", data[key], known)
+            HOST.refuse_unknown_keys({f"{HOST.rlora_prefix}{key}": value for key, value in data.items()}, [METRICS_KEY])
         return data
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlora_plugin.config import Source, fields_from
-from rlora_plugin.host import Host, absolute_base, unknown_key_error
+from rlora_plugin.host import Host, absolute_base
 from rlora_plugin.layer import MERGE_WHY
 from rlora_plugin.registration import PEFT_TYPE_NAME
 from rlora_plugin.saved import saved_peft_type
@@ -101,10 +101,7 @@ def translate(config: dict[str, Any]) -> tuple[dict[str, Any], RLoraRun | None]:
                 f"set `finetuning_type: {FINETUNING_TYPE}`, or remove the `rlora_*` keys",
             )
         return config, None
-    known = [*HOST.rlora_keys(), METRICS_KEY]  # derived from RLoraConfig's fields (`Source`)
-    for key in rlora_keys:
-        if key not in known:
-            raise unknown_key_error(HOST, key, config[key], known)
+    HOST.refuse_unknown_keys({key: config[key] for key in rlora_keys}, [METRICS_KEY])
     HOST.refuse_plain_lora_features(config)
     metrics = config.get(METRICS_KEY, True)
     if not isinstance(metrics, bool):

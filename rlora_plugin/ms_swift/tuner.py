@@ -22,7 +22,7 @@ from swift.utils import get_logger, json_parse_to_dict
 
 from rlora_plugin.callbacks import RLoraMetricsCallback
 from rlora_plugin.config import RLoraConfig
-from rlora_plugin.host import Host, absolute_base, adopt_saved_config, unknown_key_error
+from rlora_plugin.host import Host, absolute_base, adopt_saved_config
 
 TUNER_TYPE = "rlora"
 METRICS_CALLBACK = "rlora_metrics"
@@ -75,10 +75,8 @@ def rlora_options(model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     string (ms-swift writes `str(v)`): JSON where it parses ("4", "0.01", "true", "null"), else the string."""
     raw = {name.lower(): _decode(text) for name, text in os.environ.items() if name.startswith(ENV_PREFIX)}
     raw |= {key.lower(): value for key, value in (model_kwargs or {}).items() if key.upper().startswith(ENV_PREFIX)}
+    HOST.refuse_unknown_keys(raw)
     known = HOST.rlora_keys()
-    for key in sorted(raw):
-        if key not in known:
-            raise unknown_key_error(HOST, key, raw[key], known)
     return {known[key]: value for key, value in raw.items()}
 
 
@@ -114,17 +112,20 @@ def refuse_unsupported(args: Any, options: dict[str, Any]) -> None:
         raise HOST.error(
             "task_type", args.task_type, "is not supported with R-LoRA", f"use one of {', '.join(TASK_TYPES)}"
         )
-    if options.get("router_aux_loss_coef"):
-        refuse_lost_aux_loss(args, options["router_aux_loss_coef"])
+    refuse_lost_aux_loss(args, options)
 
 
 def _task_type(args: Any) -> str:
     return str(args.task_type or "causal_lm").lower()  # None until ms-swift resolves it from the model: causal_lm
 
 
-def refuse_lost_aux_loss(args: Any, coef: Any) -> None:
-    """With the load-balancing loss on, refuse a run that would train without it: the router would silently stay
-    unbalanced. The model adds it to its own loss; these runs drop that loss or record none."""
+def refuse_lost_aux_loss(args: Any, options: dict[str, Any]) -> None:
+    """With the load-balancing loss on (`options`: the run's R-LoRA settings), refuse a run that would train without
+    it: the router would silently stay unbalanced. The model adds it to its own loss; these runs drop that loss or
+    record none."""
+    coef = options.get("router_aux_loss_coef")
+    if not coef:
+        return
     key = HOST.key("router_aux_loss_coef")
     if hasattr(args, "rlhf_type"):
         raise HOST.error(
@@ -231,9 +232,7 @@ def check_arguments(args: Any) -> None:
         return
     model_kwargs = json_parse_to_dict(args.model_kwargs)
     if args.adapters or getattr(args, "resume_from_checkpoint", None):  # the saved adapter's config governs
-        options = rlora_options(model_kwargs)
-        if options.get("router_aux_loss_coef"):
-            refuse_lost_aux_loss(args, options["router_aux_loss_coef"])
+        refuse_lost_aux_loss(args, rlora_options(model_kwargs))
     else:
         build_config(args, model_kwargs=model_kwargs)
 
