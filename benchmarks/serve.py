@@ -77,7 +77,7 @@ BIND = "VLLM_CPU_OMP_THREADS_BIND"
 
 def stem(args: argparse.Namespace) -> str:
     """The results' file name: dtype, tensor parallelism and the thread mode, so that runs do not overwrite
-    each other (results/serve.md is the earlier fp32, one-thread measurement)."""
+    each other (results/serve.md sums them up)."""
     return f"serve-{args.dtype}-tp{args.tensor_parallel_size}" + ("-1thread" if args.one_thread else "")
 
 
@@ -286,6 +286,43 @@ def tables(all_results: dict) -> list[str]:
     return lines
 
 
+def summary(out: Path) -> list[str]:
+    """results/serve.md: the targeted ratios and the routed engine's throughput of every
+    `serve-<dtype>-tp<k>.json` in `out`, one column per configuration, so that TP=2 stands beside TP=1."""
+    runs = {}
+    for path in sorted(out.glob("serve-*-tp[12].json"), key=lambda p: (p.stem[-1], "float32" not in p.stem)):
+        record = json.loads(path.read_text())  # JSON keys: the concurrencies as strings
+        runs[path.stem] = {m: {int(n): v for n, v in per.items()} for m, per in record["results"].items()}
+    columns = [stem.removeprefix("serve-").replace("-tp", ", TP=") for stem in runs]
+    lines = ["# Serving throughput: the routed plugin inside vLLM, every configuration measured", "",
+             "Written by `python -m benchmarks.serve` after each run, from the files below (each with its command,"
+             " machine, threads, load, and every variant's tokens/s and time to first token). Paired medians"
+             " over rounds, range in brackets; TP=1 and TP=2 are separate runs: compare their columns, not"
+             " paired.", "", *(f"- [{stem}.md]({stem}.md)" for stem in runs), "",
+             f"| model | concurrent requests | measure | target | {' | '.join(columns)} |",
+             "|---|---|---|---|" + "---|" * len(runs)]  # fmt: skip
+    rows = sorted({(model, n) for results in runs.values() for model, per in results.items() for n in per},
+                  key=lambda row: (list(MODELS).index(row[0]), row[1]))  # fmt: skip
+    for model, n in rows:
+        for name in ("routed / vLLM base", "routed / export", "routed", "base"):  # ratios, then tokens/s
+            (a, b), at, target = RATIOS.get(name, ((name, None), (), None))
+            cells = []
+            for results in runs.values():
+                variants = results.get(model, {}).get(n, {})
+                if a not in variants or (b is not None and b not in variants):
+                    cells.append("-")
+                elif b is None:
+                    cells.append(f"{statistics.median(variants[a]['tokens_per_s']):.1f}")
+                else:
+                    med, low, high = paired({n: variants}, n, a, b)
+                    missed = n in at and med < target
+                    cells.append(f"{med:.2f} ({low:.2f}-{high:.2f})" + (" **missed**" if missed else ""))
+            goal = f">= {target:g}x" if n in at else "-"
+            label = name if b else f"{VARIANTS[name]}: tokens/s"
+            lines.append(f"| {MODELS[model]} | {n} | {label} | {goal} | {' | '.join(cells)} |")
+    return lines
+
+
 def plot(all_results: dict, path: Path, title: str) -> None:
     try:
         import matplotlib
@@ -392,6 +429,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
         (args.out / f"{name}.md").write_text("\n".join(lines))
         plot(all_results, args.out / f"{name}.png", setting)
+        (args.out / "serve.md").write_text("\n".join(summary(args.out)) + "\n")
     print("\n".join(lines))
 
 
