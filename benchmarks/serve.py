@@ -15,7 +15,8 @@ All variants run side by side in one process (the vLLM engines stay up; each rou
 concurrency in turn, the order rotated every round), so load from other jobs hits them alike: every ratio is
 the median over rounds of a paired ratio. `N` concurrent requests are `N` prompts submitted at once (vLLM
 schedules them with continuous batching; PEFT decodes them as one batch). Greedy, prompts of random token ids,
-every reply exactly `--new-tokens` long (`ignore_eos`, `min_new_tokens`), eager mode (`enforce_eager`) for
+every reply exactly `--new-tokens` long (`ignore_eos`, `min_new_tokens`), eager mode (`enforce_eager`; `--compiled`:
+vLLM's default `torch.compile` mode, compiled when each engine starts) for
 every engine, every engine and PEFT in `--dtype`. Threads: vLLM's own CPU binding (`VLLM_CPU_OMP_THREADS_BIND`
 unset is vLLM's `auto`: each rank's cores of one NUMA node, one core left to the scheduler) and torch's default
 for PEFT; with more ranks than NUMA nodes (TP=2 on one node, where `auto` stops), the allowed cores are split
@@ -78,7 +79,8 @@ BIND = "VLLM_CPU_OMP_THREADS_BIND"
 def stem(args: argparse.Namespace) -> str:
     """The results' file name: dtype, tensor parallelism and the thread mode, so that runs do not overwrite
     each other (results/serve.md sums them up)."""
-    return f"serve-{args.dtype}-tp{args.tensor_parallel_size}" + ("-1thread" if args.one_thread else "")
+    mode = ("-1thread" if args.one_thread else "") + ("-compiled" if args.compiled else "")
+    return f"serve-{args.dtype}-tp{args.tensor_parallel_size}{mode}"
 
 
 def thread_binding(tp: int, one_thread: bool) -> str | None:
@@ -127,7 +129,7 @@ def engine(variant: str, base: Path, adapter: Path, args: argparse.Namespace, **
     from vllm import LLM
 
     common = dict(model=str(base), dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
-                  enforce_eager=True, max_model_len=256, max_num_seqs=32, kv_cache_memory_bytes=256 << 20,
+                  enforce_eager=not args.compiled, max_model_len=256, max_num_seqs=32, kv_cache_memory_bytes=256 << 20,
                   enable_prefix_caching=False,  # every round's prompts are the same: each prefill is computed
                   skip_tokenizer_init=True, disable_log_stats=False, seed=0)  # fmt: skip
     if variant == "export":
@@ -288,12 +290,13 @@ def tables(all_results: dict) -> list[str]:
 
 def summary(out: Path) -> list[str]:
     """results/serve.md: the targeted ratios and the routed engine's throughput of every
-    `serve-<dtype>-tp<k>.json` in `out`, one column per configuration, so that TP=2 stands beside TP=1."""
+    `serve-<dtype>-tp<k>[-compiled].json` in `out`, one column per configuration, so that TP=2 stands beside TP=1."""
     runs = {}
-    for path in sorted(out.glob("serve-*-tp[12].json"), key=lambda p: (p.stem[-1], "float32" not in p.stem)):
+    paths = [*out.glob("serve-*-tp[12].json"), *out.glob("serve-*-tp[12]-compiled.json")]
+    for path in sorted(paths, key=lambda p: (p.stem.split("-tp")[1], "float32" not in p.stem)):
         record = json.loads(path.read_text())  # JSON keys: the concurrencies as strings
         runs[path.stem] = {m: {int(n): v for n, v in per.items()} for m, per in record["results"].items()}
-    columns = [stem.removeprefix("serve-").replace("-tp", ", TP=") for stem in runs]
+    columns = [stem.removeprefix("serve-").replace("-tp", ", TP=").replace("-", ", ") for stem in runs]
     lines = ["# Serving throughput: the routed plugin inside vLLM, every configuration measured", "",
              "Written by `python -m benchmarks.serve` after each run, from the files below (each with its command,"
              " machine, threads, load, and every variant's tokens/s and time to first token). Paired medians"
@@ -356,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="default: all five; at TP=2 the three vLLM engines")  # fmt: skip
     parser.add_argument("--one-thread", action="store_true",
                         help="the old mode: one torch thread for PEFT, one bound core per vLLM rank")  # fmt: skip
+    parser.add_argument("--compiled", action="store_true", help="vLLM's default torch.compile mode, not eager")
     parser.add_argument("--concurrency", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--prompt", type=int, default=32, help="prompt length in tokens")
@@ -390,7 +394,9 @@ def main(argv: list[str] | None = None) -> None:
     started, load = time.time(), os.getloadavg()
     command = " ".join(["python -m benchmarks.serve", *(argv if argv is not None else sys.argv[1:])])
     name = stem(args)
-    setting = f"{args.dtype}, TP={tp}" + (", one thread" if args.one_thread else "")
+    setting = (
+        f"{args.dtype}, TP={tp}" + (", one thread" if args.one_thread else "") + (", compiled" if args.compiled else "")
+    )
     if args.profile:
         lines = [f"# Where the time goes: vLLM engines, {setting}", "",
                  f"Generated by `{command}` in {{minutes}} min; {BIND}={binding}.", "", *machine(), ""]  # fmt: skip
@@ -416,7 +422,8 @@ def main(argv: list[str] | None = None) -> None:
             f"Generated by `{command}` in {(time.time() - started) / 60:.1f} min.",
             "",
             *machine(),
-            f"- vllm {vllm.__version__}, {args.dtype}, tensor parallelism {tp} (vLLM engines), eager mode, greedy; "
+            f"- vllm {vllm.__version__}, {args.dtype}, tensor parallelism {tp} (vLLM engines), "
+            f"{'compiled' if args.compiled else 'eager'} mode, greedy; "
             f"prompts of {args.prompt} random token ids, {args.new_tokens} new tokens per request; "
             f"{args.rounds} timed rounds after one warm-up round",
             f"- threads: {BIND}={binding}; each vLLM rank's cores {cores or '-'}; "
