@@ -77,8 +77,8 @@ BIND = "VLLM_CPU_OMP_THREADS_BIND"
 
 
 def stem(args: argparse.Namespace) -> str:
-    """The results' file name: dtype, tensor parallelism and the thread mode, so that runs do not overwrite
-    each other (results/serve.md sums them up)."""
+    """The results' file name: dtype, tensor parallelism, the thread mode and the compile mode, so that runs do
+    not overwrite each other (results/serve.md sums them up)."""
     mode = ("-1thread" if args.one_thread else "") + ("-compiled" if args.compiled else "")
     return f"serve-{args.dtype}-tp{args.tensor_parallel_size}{mode}"
 
